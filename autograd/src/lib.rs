@@ -1,0 +1,66 @@
+//! # tapelora-autograd — a reverse-mode autodiff engine you can read
+//!
+//! A tape (Wengert list) of ops over `ndarray` arrays, with each op's forward computation and
+//! backward rule written side by side.
+//!
+//! ## Map of the crate
+//! | module | what it holds |
+//! |---|---|
+//! | [`tape`] | [`Tape`], [`Var`], [`Node`] records, [`Tape::backward`], [`Gradients`], `no_grad`, anomaly mode |
+//! | `ops/` | every op, one file per family (see [`ops`]), each with its gradcheck tests |
+//! | [`gemm`] | the one strided matmul kernel (matrixmultiply) and the GEMM call/FLOP counters |
+//! | [`gradcheck`](mod@gradcheck) | central-difference gradient checking in `f64` |
+//! | `display` | the tape as a text table (`Display`) and as Graphviz DOT ([`Tape::to_dot`]) |
+//! | [`element`] | the [`Float`] trait: `f32` for training, `f64` for checking |
+//! | [`error`] | [`AutogradError`], typed errors naming the op and shapes |
+//!
+//! ## One step, end to end
+//! ```
+//! use tapelora_autograd::{Tape, Var};
+//! use ndarray::array;
+//!
+//! let tape = Tape::<f32>::new();
+//! let w = tape.frozen("w0", array![[1.0f32, 2.0], [3.0, 4.0]].into_dyn()); // frozen base
+//! let a = tape.param("a", array![[0.5f32, 0.0], [0.0, 0.5]].into_dyn());   // trainable
+//! let x = tape.constant(array![[1.0f32, 1.0]].into_dyn());                 // data
+//! let y = x.matmul(&w)?.add(&x.matmul(&a)?)?;
+//! let loss = y.mul(&y)?.mean_all()?;
+//! let grads = tape.backward(&loss)?;
+//! assert!(grads.get(&a).is_some());    // the parameter's gradient
+//! assert!(grads.get(&w).is_none());    // never computed for the frozen weight
+//! println!("{tape}");                  // the tape as a table
+//! # Ok::<(), tapelora_autograd::AutogradError>(())
+//! ```
+//!
+//! ## Element types
+//! Everything is generic over [`Float`] (`f32`, `f64`); `Tape` and `Var` default to `f32`.
+//! Gradient checks run the same op code in `f64`.
+//!
+//! ## Design rules
+//! * A backward rule computes only the input gradients asked for (`needs[i]`); an input needs a
+//!   gradient iff a trainable leaf lies behind it. A sub-graph reaching no trainable leaf records
+//!   no backward rule and saves nothing.
+//! * Transposes, permutes and narrows are views (shared buffers with new strides); matmul reads
+//!   any strides, so no op copies to transpose.
+//! * Elementwise and row-wise loops use rayon above [`ops::PARALLEL_MIN_LEN`] elements; large
+//!   GEMMs are split into blocks on the same pool. Reductions are ordered, so results are
+//!   deterministic for a given thread count.
+
+pub mod display;
+pub mod element;
+pub mod error;
+pub mod gemm;
+pub mod gradcheck;
+pub mod ops;
+pub mod tape;
+
+pub use display::DotOptions;
+pub use element::Float;
+pub use error::{AutogradError, Result};
+pub use gradcheck::{gradcheck, GradcheckOptions, GradcheckReport};
+pub use ops::attention::attention;
+pub use ops::concat;
+pub use ops::unary::{gelu_derivative, gelu_scalar};
+pub use tape::{GradStatus, Gradients, Node, NodeId, SavedInfo, Tape, Tensor, Var};
+
+pub use ndarray;

@@ -1,0 +1,181 @@
+//! The ops, one file per family. Each op computes its output and defines its backward rule in
+//! the same function, side by side (micrograd's layout), and each file carries its own tests.
+//!
+//! | file | ops |
+//! |---|---|
+//! | `arith.rs` | add, sub, mul, div (NumPy broadcasting), neg, scale, add_scalar, pow |
+//! | `unary.rs` | exp, log, sqrt, tanh, relu, gelu (GPT-2's tanh form) |
+//! | `reduce.rs` | sum, mean over axes (keepdim or not), sum_all, mean_all |
+//! | `shape.rs` | reshape, permute, transpose, narrow (slice), concat |
+//! | `matmul.rs` | matmul: 2-D, batched, and activations × shared weight |
+//! | `embedding.rs` | embedding lookup (scatter-add backward) |
+//! | `softmax.rs` | softmax, log_softmax on the last axis |
+//! | `loss.rs` | fused cross-entropy from logits with integer targets and an ignore index |
+//! | `layer_norm.rs` | fused layer norm with weight and bias |
+//! | `attention.rs` | fused multi-head scaled dot-product attention, causal or not |
+//! | `dropout.rs` | seeded inverted dropout (identity in eval) |
+//!
+//! The helpers below are shared by the ops: broadcasting rules, reducing a gradient back to
+//! an input's shape, and elementwise loops that switch to rayon above a size threshold.
+
+mod arith;
+pub mod attention;
+mod dropout;
+mod embedding;
+mod layer_norm;
+mod loss;
+mod matmul;
+mod reduce;
+mod shape;
+mod softmax;
+pub mod unary;
+
+pub use shape::concat;
+
+use ndarray::{ArrayBase, ArrayD, Axis, Data, IxDyn, Zip};
+
+use crate::error::{shape_err, Result};
+use crate::Float;
+
+/// Elementwise loops over at least this many elements run on rayon's pool.
+pub const PARALLEL_MIN_LEN: usize = 1 << 15;
+
+/// NumPy's broadcasting rule: align shapes on the right; each pair of dims must be equal or 1.
+pub(crate) fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n {
+            a[i + a.len() - n]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= n {
+            b[i + b.len() - n]
+        } else {
+            1
+        };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => {
+                return shape_err(
+                    op,
+                    a,
+                    b,
+                    format!("dimension {i} differs ({da} vs {db}) and neither is 1"),
+                )
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// Sums a gradient of the broadcast shape back down to an input's `shape`: over the leading
+/// dims the input did not have, and over the dims where the input had size 1.
+pub(crate) fn reduce_to_shape<T: Float>(g: ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
+    if g.shape() == shape {
+        return g;
+    }
+    let mut r = g;
+    while r.ndim() > shape.len() {
+        r = r.sum_axis(Axis(0));
+    }
+    for (axis, &size) in shape.iter().enumerate() {
+        if size == 1 && r.shape()[axis] != 1 {
+            r = r.sum_axis(Axis(axis)).insert_axis(Axis(axis));
+        }
+    }
+    r
+}
+
+/// `f` applied to every element, in parallel for large arrays.
+pub(crate) fn map<T: Float, S: Data<Elem = T>>(
+    a: &ArrayBase<S, IxDyn>,
+    f: impl Fn(T) -> T + Sync + Send,
+) -> ArrayD<T> {
+    if a.len() >= PARALLEL_MIN_LEN {
+        Zip::from(a).par_map_collect(|&x| f(x))
+    } else {
+        a.mapv(f)
+    }
+}
+
+/// `f(a, b)` elementwise over the broadcast `shape`.
+pub(crate) fn zip_map<T: Float, S1: Data<Elem = T>, S2: Data<Elem = T>>(
+    shape: &[usize],
+    a: &ArrayBase<S1, IxDyn>,
+    b: &ArrayBase<S2, IxDyn>,
+    f: impl Fn(T, T) -> T + Sync + Send,
+) -> ArrayD<T> {
+    let a = a.broadcast(IxDyn(shape)).expect("checked broadcast");
+    let b = b.broadcast(IxDyn(shape)).expect("checked broadcast");
+    let zip = Zip::from(&a).and(&b);
+    if a.len() >= PARALLEL_MIN_LEN {
+        zip.par_map_collect(|&x, &y| f(x, y))
+    } else {
+        zip.map_collect(|&x, &y| f(x, y))
+    }
+}
+
+/// `g ← f(g, x)` elementwise, reusing the gradient's buffer (`x` has `g`'s shape).
+pub(crate) fn zip_inplace<T: Float, S: Data<Elem = T>>(
+    mut g: ArrayD<T>,
+    x: &ArrayBase<S, IxDyn>,
+    f: impl Fn(T, T) -> T + Sync + Send,
+) -> ArrayD<T> {
+    let zip = Zip::from(&mut g).and(x);
+    if x.len() >= PARALLEL_MIN_LEN {
+        zip.par_for_each(|g, &x| *g = f(*g, x));
+    } else {
+        zip.for_each(|g, &x| *g = f(*g, x));
+    }
+    g
+}
+
+/// `acc += g` in place (gradient accumulation when a value feeds several ops).
+pub(crate) fn add_assign_into<T: Float>(acc: &mut ArrayD<T>, g: &ArrayD<T>) {
+    let zip = Zip::from(acc).and(g);
+    if g.len() >= PARALLEL_MIN_LEN {
+        zip.par_for_each(|a, &b| *a += b);
+    } else {
+        zip.for_each(|a, &b| *a += b);
+    }
+}
+
+/// Checks an axis argument against a rank.
+pub(crate) fn check_axis(op: &'static str, axis: usize, ndim: usize) -> Result<()> {
+    if axis >= ndim {
+        return crate::error::arg_err(
+            op,
+            format!("axis {axis} is out of range for a tensor of rank {ndim}"),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    //! Helpers for the per-op tests: deterministic inputs and a one-line gradcheck assertion.
+    use ndarray::ArrayD;
+    use rand::{Rng, SeedableRng};
+
+    use crate::gradcheck::{gradcheck, GradcheckOptions};
+    use crate::{Result, Var};
+
+    /// Uniform values in [-1, 1) of the given shape, from a fixed seed.
+    pub fn rand_array(shape: &[usize], seed: u64) -> ArrayD<f64> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        ArrayD::from_shape_simple_fn(ndarray::IxDyn(shape), || rng.random_range(-1.0..1.0))
+    }
+
+    /// Asserts that the tape's gradients of `f` match central differences.
+    pub fn assert_gradcheck<F>(f: F, inputs: &[ArrayD<f64>])
+    where
+        F: for<'t> Fn(&[Var<'t, f64>]) -> Result<Var<'t, f64>>,
+    {
+        let report = gradcheck(f, inputs, &GradcheckOptions::default()).expect("op runs");
+        assert!(report.passed, "gradcheck failed: {report:?}");
+    }
+}
