@@ -1,1 +1,9 @@
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let cli = tapelora::cli::Cli::parse();
+    if let Err(message) = tapelora::cli::run(cli) {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}

@@ -35,6 +35,9 @@ impl<T: Float> Node<T> {
         join(self.inputs.iter().map(|i| i.to_string()), ",")
     }
     fn saved_text(&self) -> String {
+        if self.backward.is_none() && !self.saved.is_empty() {
+            return "(freed by backward)".into();
+        }
         join(
             self.saved
                 .iter()

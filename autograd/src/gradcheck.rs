@@ -118,7 +118,8 @@ where
             if numeric.abs() > opts.atol {
                 report.max_rel_err = report.max_rel_err.max(abs_err / numeric.abs().max(1e-12));
             }
-            if !(abs_err <= opts.atol + opts.rtol * numeric.abs()) {
+            let within = abs_err <= opts.atol + opts.rtol * numeric.abs();
+            if !within {
                 report.passed = false;
                 report.first_failure.get_or_insert((input, e, got, numeric));
             }

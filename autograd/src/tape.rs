@@ -371,6 +371,16 @@ impl<T: Float> Default for Gradients<T> {
     }
 }
 
+impl<T: Float> std::fmt::Debug for Gradients<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.id_by_name.iter().collect();
+        names.sort();
+        f.debug_map()
+            .entries(names.iter().map(|(n, id)| (n, self.by_id[id].shape())))
+            .finish()
+    }
+}
+
 impl<T: Float> Gradients<T> {
     fn insert(&mut self, id: NodeId, name: String, grad: ArrayD<T>) {
         if !name.is_empty() {

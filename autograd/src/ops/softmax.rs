@@ -45,9 +45,9 @@ pub(crate) fn update_rows<T: Float>(
     let parallel = g2.len() >= PARALLEL_MIN_LEN;
     let zip = Zip::from(g2.rows_mut()).and(y2.rows());
     if parallel {
-        zip.par_for_each(|g, y| f(g, y));
+        zip.par_for_each(&f);
     } else {
-        zip.for_each(|g, y| f(g, y));
+        zip.for_each(f);
     }
     g2.into_shape_with_order(IxDyn(&shape)).expect("same size")
 }
