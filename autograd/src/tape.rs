@@ -399,6 +399,12 @@ impl<T: Float> Gradients<T> {
         self.id_by_name.get(name).and_then(|id| self.by_id.get(id))
     }
 
+    /// Mutable access to the gradient for `name` (clipping, scaling).
+    pub fn get_mut_by_name(&mut self, name: &str) -> Option<&mut ArrayD<T>> {
+        let id = self.id_by_name.get(name)?;
+        self.by_id.get_mut(id)
+    }
+
     /// Moves the gradient for `name` out (no copy).
     pub fn take_by_name(&mut self, name: &str) -> Option<ArrayD<T>> {
         let id = self.id_by_name.remove(name)?;

@@ -1,0 +1,236 @@
+//! Layers: Linear (both weight layouts), Embedding, LayerNorm, Dropout, GELU.
+
+use ndarray::{ArrayD, IxDyn};
+use tapelora_autograd::Var;
+
+use crate::module::{LinearAdapter, Module};
+use crate::parameter::Parameter;
+use crate::{Ctx, Result};
+
+/// How a linear layer stores its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[in, out]`, y = x·W + b — GPT-2's `Conv1D` (what Hugging Face GPT-2 checkpoints hold).
+    InOut,
+    /// `[out, in]`, y = x·Wᵀ + b — PyTorch's `nn.Linear`. Wᵀ is a stride view, not a copy.
+    OutIn,
+}
+
+/// An affine map, optionally with an adapter (e.g. LoRA) that adds to its output.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Parameter,
+    pub bias: Option<Parameter>,
+    pub layout: WeightLayout,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub adapter: Option<Box<dyn LinearAdapter>>,
+}
+
+impl Linear {
+    /// A zero-initialised layer named `prefix.weight` / `prefix.bias`.
+    pub fn new(
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        layout: WeightLayout,
+    ) -> Self {
+        let shape = match layout {
+            WeightLayout::InOut => [in_features, out_features],
+            WeightLayout::OutIn => [out_features, in_features],
+        };
+        Linear {
+            weight: Parameter::new(format!("{prefix}.weight"), ArrayD::zeros(IxDyn(&shape))),
+            bias: bias.then(|| {
+                Parameter::new(
+                    format!("{prefix}.bias"),
+                    ArrayD::zeros(IxDyn(&[out_features])),
+                )
+            }),
+            layout,
+            in_features,
+            out_features,
+            adapter: None,
+        }
+    }
+
+    /// `x·W + b` over the last axis of `x` (`[..., in] → [..., out]`), then the adapter if any.
+    pub fn forward<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
+        let base = self.forward_base(ctx, x)?;
+        match &self.adapter {
+            Some(adapter) => adapter.forward(ctx, x, base),
+            None => Ok(base),
+        }
+    }
+
+    /// The layer without its adapter.
+    pub fn forward_base<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
+        let w = self.weight.on(ctx.tape);
+        let w = match self.layout {
+            WeightLayout::InOut => w,
+            WeightLayout::OutIn => w.transpose(0, 1)?,
+        };
+        let y = x.matmul(&w)?;
+        Ok(match &self.bias {
+            Some(b) => y.add(&b.on(ctx.tape))?,
+            None => y,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {
+        f(&self.weight);
+        if let Some(b) = &self.bias {
+            f(b);
+        }
+        if let Some(a) = &self.adapter {
+            a.visit(f);
+        }
+    }
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Parameter)) {
+        f(&mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(b);
+        }
+        if let Some(a) = &mut self.adapter {
+            a.visit_mut(f);
+        }
+    }
+}
+
+/// A lookup table `[num, dim]`.
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Parameter,
+}
+
+impl Embedding {
+    pub fn new(name: &str, num: usize, dim: usize) -> Self {
+        Embedding {
+            weight: Parameter::new(format!("{name}.weight"), ArrayD::zeros(IxDyn(&[num, dim]))),
+        }
+    }
+
+    pub fn forward<'t>(&self, ctx: &Ctx<'t>, ids: &ArrayD<usize>) -> Result<Var<'t, f32>> {
+        Ok(self.weight.on(ctx.tape).embedding(ids)?)
+    }
+}
+
+impl Module for Embedding {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {
+        f(&self.weight);
+    }
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Parameter)) {
+        f(&mut self.weight);
+    }
+}
+
+/// Layer norm over the last axis; weight 1 and bias 0 at init. Without a bias parameter
+/// (nanoGPT's `bias=False`) a zero bias is used.
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Parameter,
+    pub bias: Option<Parameter>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(prefix: &str, dim: usize, bias: bool, eps: f64) -> Self {
+        LayerNorm {
+            weight: Parameter::new(format!("{prefix}.weight"), ArrayD::ones(IxDyn(&[dim]))),
+            bias: bias
+                .then(|| Parameter::new(format!("{prefix}.bias"), ArrayD::zeros(IxDyn(&[dim])))),
+            eps,
+        }
+    }
+
+    pub fn forward<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
+        let w = self.weight.on(ctx.tape);
+        let b = match &self.bias {
+            Some(b) => b.on(ctx.tape),
+            None => ctx.tape.constant(ArrayD::zeros(IxDyn(self.weight.shape()))),
+        };
+        Ok(x.layer_norm(&w, &b, self.eps)?)
+    }
+}
+
+impl Module for LayerNorm {
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {
+        f(&self.weight);
+        if let Some(b) = &self.bias {
+            f(b);
+        }
+    }
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Parameter)) {
+        f(&mut self.weight);
+        if let Some(b) = &mut self.bias {
+            f(b);
+        }
+    }
+}
+
+/// Inverted dropout with probability `p` (active only in training mode).
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f64,
+}
+
+impl Dropout {
+    pub fn forward<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
+        ctx.dropout(x, self.p)
+    }
+}
+
+/// GELU, GPT-2's tanh approximation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gelu;
+
+impl Gelu {
+    pub fn forward<'t>(&self, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
+        Ok(x.gelu()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tapelora_autograd::Tape;
+
+    #[test]
+    fn both_layouts_compute_the_same_map() {
+        let mut conv = Linear::new("c", 3, 2, true, WeightLayout::InOut);
+        let mut lin = Linear::new("l", 3, 2, true, WeightLayout::OutIn);
+        let w = ndarray::arr2(&[[1.0f32, 2.0], [3.0, 4.0], [5.0, 6.0]]);
+        conv.weight.value = w.clone().into_dyn().into_shared();
+        lin.weight.value = w.t().to_owned().into_dyn().into_shared();
+        for b in [&mut conv.bias, &mut lin.bias] {
+            b.as_mut().unwrap().value = ndarray::arr1(&[0.5f32, -0.5]).into_dyn().into_shared();
+        }
+        let tape = Tape::new();
+        let ctx = Ctx::eval(&tape);
+        let x = tape.constant(ndarray::arr2(&[[1.0f32, 0.0, -1.0]]).into_dyn());
+        let a = conv.forward(&ctx, &x).unwrap();
+        let b = lin.forward(&ctx, &x).unwrap();
+        assert_eq!(a.value(), b.value());
+        assert_eq!(a.value()[[0, 0]], 1.0 - 5.0 + 0.5);
+        let names: Vec<_> = conv.parameters().iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["c.weight", "c.bias"]);
+    }
+
+    #[test]
+    fn frozen_parameters_get_no_gradient() {
+        let mut lin = Linear::new("l", 2, 2, true, WeightLayout::OutIn);
+        lin.weight.trainable = false;
+        let tape = Tape::new();
+        let ctx = Ctx::train(&tape, 0);
+        let x = tape.constant(ndarray::arr2(&[[1.0f32, 2.0]]).into_dyn());
+        let loss = lin.forward(&ctx, &x).unwrap().sum_all().unwrap();
+        let grads = tape.backward(&loss).unwrap();
+        assert!(grads.get_by_name("l.weight").is_none());
+        assert!(grads.get_by_name("l.bias").is_some());
+        assert_eq!(lin.num_trainable_params(), 2);
+        assert_eq!(lin.num_params(), 6);
+    }
+}
