@@ -114,6 +114,9 @@ impl<T: Float> Node<T> {
 /// A recording of one forward pass. Create one per step; it is cheap.
 pub struct Tape<T: Float = f32> {
     nodes: RefCell<Vec<Node<T>>>,
+    /// Named leaves already on the tape: a parameter used twice (GPT-2's tied wte/lm_head) is
+    /// one leaf with two uses, so its gradients accumulate in backward.
+    leaves_by_name: RefCell<HashMap<String, NodeId>>,
     grad_enabled: Cell<bool>,
     anomaly: Cell<bool>,
     track_norms: Cell<bool>,
@@ -138,6 +141,7 @@ impl<T: Float> Tape<T> {
     pub fn new() -> Self {
         Tape {
             nodes: RefCell::new(Vec::new()),
+            leaves_by_name: RefCell::new(HashMap::new()),
             grad_enabled: Cell::new(true),
             anomaly: Cell::new(false),
             track_norms: Cell::new(false),
@@ -145,7 +149,8 @@ impl<T: Float> Tape<T> {
     }
 
     /// A trainable leaf (a parameter). Its gradient is returned by [`Tape::backward`] and can be
-    /// looked up by `name`.
+    /// looked up by `name`. Registering the same name again returns the same leaf, so a
+    /// parameter used in several places gets one, accumulated, gradient.
     pub fn param(&self, name: impl Into<String>, value: impl Into<Tensor<T>>) -> Var<'_, T> {
         self.leaf("param", name.into(), value.into(), true)
     }
@@ -177,7 +182,23 @@ impl<T: Float> Tape<T> {
             };
         }
         let mut nodes = self.nodes.borrow_mut();
+        if !name.is_empty() {
+            if let Some(&index) = self.leaves_by_name.borrow().get(&name) {
+                let node = &nodes[index];
+                if node.op == op && node.shape == value.shape() {
+                    return Var {
+                        tape: self,
+                        id: Some(index),
+                        requires_grad: trainable,
+                        value,
+                    };
+                }
+            }
+        }
         let index = nodes.len();
+        if !name.is_empty() {
+            self.leaves_by_name.borrow_mut().insert(name.clone(), index);
+        }
         nodes.push(Node {
             index,
             op,

@@ -160,3 +160,15 @@ fn records_after_the_loss_and_off_the_loss_path_get_no_gradient() {
     assert_eq!(nodes[unused.id().unwrap()].input_grads, vec![NoGradFlowed]);
     assert_eq!(nodes[after.id().unwrap()].input_grads, vec![NoGradFlowed]);
 }
+
+#[test]
+fn a_parameter_registered_twice_is_one_leaf_with_accumulated_gradient() {
+    let tape = Tape::<f64>::new();
+    let value: Tensor<f64> = arr1(&[3.0]).into_dyn().into_shared();
+    let first = tape.param("tied", value.clone());
+    let second = tape.param("tied", value);
+    assert_eq!(first.id(), second.id());
+    let loss = first.mul(&second).unwrap().sum_all().unwrap(); // x² → 2x
+    let grads = tape.backward(&loss).unwrap();
+    assert_eq!(grads.get_by_name("tied").unwrap()[[0]], 6.0);
+}

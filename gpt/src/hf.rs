@@ -1,0 +1,252 @@
+//! Hugging Face GPT-2 model folders: `config.json` + `model.safetensors`.
+//!
+//! Reading accepts tensor names with or without the `transformer.` prefix, ignores the
+//! `attn.bias` / `attn.masked_bias` buffers older transformers versions saved, and accepts an
+//! `lm_head.weight` only if it equals `wte` (GPT-2 ties them). Missing, extra, mis-shaped or
+//! non-float tensors are errors naming the tensor and the file.
+//!
+//! Writing produces what `GPT2LMHeadModel.save_pretrained` produces (names with the
+//! `transformer.` prefix, Conv1D `[in, out]` weights, `{"format": "pt"}` metadata), into a
+//! temporary folder that is renamed into place only when complete.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+use tapelora_nn::{save_safetensors, write_atomic, Module, TensorFile};
+
+use crate::config::GptConfig;
+use crate::error::io_err;
+use crate::model::Gpt;
+use crate::{GptError, Result};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+const PREFIX: &str = "transformer.";
+
+fn format_err(path: &Path, msg: impl Into<String>) -> GptError {
+    GptError::Format {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Reads `dir/config.json`.
+pub fn load_config(dir: &Path) -> Result<GptConfig> {
+    if !dir.is_dir() {
+        return Err(format_err(
+            dir,
+            "not a folder (expected a model folder with config.json and model.safetensors)",
+        ));
+    }
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| format_err(&path, format!("not valid JSON: {e}")))?;
+    GptConfig::from_hf_json(&value, &path)
+}
+
+/// Loads a model folder written by transformers or by tapelora.
+pub fn load_model(dir: &Path) -> Result<Gpt> {
+    let config = load_config(dir)?;
+    let path = dir.join(WEIGHTS_FILE);
+    let file = TensorFile::open(&path)?;
+    let mut model = Gpt::zeros(config)?;
+    let mut by_name: BTreeMap<String, String> = BTreeMap::new(); // our name → name in file
+    let mut lm_head = None;
+    for stored in file.names() {
+        let name = stored.strip_prefix(PREFIX).unwrap_or(&stored).to_string();
+        if name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") {
+            continue; // causal-mask buffers, not parameters
+        }
+        if name == "lm_head.weight" {
+            lm_head = Some(stored.clone());
+            continue;
+        }
+        if by_name.insert(name.clone(), stored.clone()).is_some() {
+            return Err(format_err(
+                &path,
+                format!("tensor `{name}` appears both with and without the `{PREFIX}` prefix"),
+            ));
+        }
+    }
+    let expected: Vec<String> = model.parameters().iter().map(|p| p.name.clone()).collect();
+    for p in model.parameters_mut() {
+        let stored = by_name
+            .remove(&p.name)
+            .ok_or_else(|| format_err(&path, format!("tensor `{PREFIX}{}` is missing", p.name)))?;
+        let t = file.f32(&stored)?;
+        if t.shape() != p.shape() {
+            return Err(format_err(
+                &path,
+                format!(
+                    "tensor `{stored}` has shape {:?}, expected {:?}",
+                    t.shape(),
+                    p.shape()
+                ),
+            ));
+        }
+        p.value = t.into_shared();
+    }
+    for (name, stored) in by_name {
+        // A bias-free tapelora model is saved with zero biases for transformers' sake.
+        let is_zero_bias = !model.config.bias
+            && name.ends_with(".bias")
+            && file.f32(&stored)?.iter().all(|&v| v == 0.0);
+        if !is_zero_bias {
+            let known = expected.len();
+            return Err(format_err(&path, format!("unexpected tensor `{stored}` (the config describes a model of {known} tensors)")));
+        }
+    }
+    if let Some(stored) = lm_head {
+        let head = file.f32(&stored)?;
+        if head != model.wte.weight.value.view() {
+            return Err(format_err(&path, format!("`{stored}` differs from the token embedding; untied lm_heads are not supported")));
+        }
+    }
+    let non_finite = model
+        .parameters()
+        .into_iter()
+        .find(|p| p.value.iter().any(|v| !v.is_finite()));
+    if let Some(p) = non_finite {
+        return Err(format_err(
+            &path,
+            format!("tensor `{PREFIX}{}` holds NaN or infinite values", p.name),
+        ));
+    }
+    Ok(model)
+}
+
+/// The tensors to save under Hugging Face names: the model's parameters plus, for a bias-free
+/// model, zero biases (transformers' GPT-2 always has them; zeros compute the same function).
+fn hf_tensors(model: &Gpt) -> Vec<(String, ArrayD<f32>)> {
+    let mut out: Vec<(String, ArrayD<f32>)> = model
+        .parameters()
+        .iter()
+        .map(|p| (format!("{PREFIX}{}", p.name), p.value.to_owned()))
+        .collect();
+    if !model.config.bias {
+        let mut zeros = |name: String, len: usize| {
+            out.push((format!("{PREFIX}{name}"), ArrayD::zeros(IxDyn(&[len]))))
+        };
+        let c = model.config.n_embd;
+        for i in 0..model.config.n_layer {
+            for (layer, len) in [
+                ("ln_1", c),
+                ("attn.c_attn", 3 * c),
+                ("attn.c_proj", c),
+                ("ln_2", c),
+                ("mlp.c_fc", model.config.n_inner),
+                ("mlp.c_proj", c),
+            ] {
+                zeros(format!("h.{i}.{layer}.bias"), len);
+            }
+        }
+        zeros("ln_f.bias".into(), c);
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Writes `config.json` and `model.safetensors` into `dir`.
+pub fn write_model_files(model: &Gpt, dir: &Path) -> Result<()> {
+    let config =
+        serde_json::to_string_pretty(&model.config.to_hf_json()).expect("JSON value serialises");
+    write_atomic(&dir.join(CONFIG_FILE), config.as_bytes())?;
+    let tensors = hf_tensors(model);
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save_safetensors(
+        &dir.join(WEIGHTS_FILE),
+        tensors.iter().map(|(n, t)| (n.as_str(), t.view())),
+        Some(metadata),
+    )?;
+    Ok(())
+}
+
+/// Builds a folder atomically: `fill` writes into a temporary sibling folder, which then
+/// replaces `dir` (an existing `dir` is moved aside first and removed after). On error the
+/// temporary folder is removed and `dir` is untouched.
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| format_err(dir, "not a valid folder name"))?;
+    let parent: PathBuf = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old).map_err(io_err(dir))?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io_err(dir)(e));
+    }
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+/// Saves a model folder atomically; `extra` may add files (tokenizer, training state).
+pub fn save_model(model: &Gpt, dir: &Path, extra: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    write_dir_atomic(dir, |tmp| {
+        write_model_files(model, tmp)?;
+        extra(tmp)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn temp(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("tapelora-gpt-hf-{tag}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn bias_free_model_round_trips_through_a_folder() {
+        let cfg = GptConfig {
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 4,
+            n_positions: 8,
+            vocab_size: 7,
+            n_inner: 16,
+            layer_norm_epsilon: 1e-5,
+            bias: false,
+            dropout: 0.0,
+        };
+        let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
+        let dir = temp("roundtrip");
+        save_model(&model, &dir, |_| Ok(())).unwrap();
+        let file = TensorFile::open(&dir.join(WEIGHTS_FILE)).unwrap();
+        assert!(file
+            .names()
+            .contains(&"transformer.h.0.attn.c_attn.bias".to_string()));
+        let back = load_model(&dir).unwrap();
+        for (a, b) in model.parameters().iter().zip(back.parameters()) {
+            assert_eq!((&a.name, &a.value), (&b.name, &b.value));
+        }
+        // A failing writer leaves the previous folder as it was.
+        let err = save_model(&model, &dir, |_| Err(GptError::Input("boom".into())));
+        assert!(err.is_err());
+        assert!(load_model(&dir).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
