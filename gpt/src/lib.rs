@@ -4,13 +4,19 @@
 //! |---|---|
 //! | [`config`] | [`GptConfig`], presets (`nanogpt-cpu`, `gpt2`), Hugging Face `config.json` |
 //! | [`model`] | [`Gpt`]: embeddings, pre-LN blocks, fused c_attn, causal attention, tied lm_head; [`KvCache`] |
+//! | [`data`] | the 90/10 split, random batches, evaluation windows |
+//! | [`train`] | the training loop (AdamW, warmup + cosine, clipping, evaluation) and `evaluate` |
+//! | [`generate`] | sampling (temperature, top-k, top-p) with the KV cache |
 //! | [`hf`] | Hugging Face GPT-2 folders: load (with or without `transformer.`), save atomically |
 //! | [`error`] | [`GptError`] |
 
 pub mod config;
+pub mod data;
 pub mod error;
+pub mod generate;
 pub mod hf;
 pub mod model;
+pub mod train;
 
 pub use config::GptConfig;
 pub use error::{GptError, Result};
