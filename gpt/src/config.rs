@@ -70,7 +70,7 @@ impl GptConfig {
                 return bad(field, "must be at least 1".into());
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(
                 "n_embd",
                 format!(

@@ -7,6 +7,7 @@
 //! | [`data`] | the 90/10 split, random batches, evaluation windows |
 //! | [`train`] | the training loop (AdamW, warmup + cosine, clipping, evaluation) and `evaluate` |
 //! | [`generate`] | sampling (temperature, top-k, top-p) with the KV cache |
+//! | [`tokenizer`] | char-level and GPT-2 byte-level BPE (built in, or vocab.json + merges.txt) |
 //! | [`hf`] | Hugging Face GPT-2 folders: load (with or without `transformer.`), save atomically |
 //! | [`error`] | [`GptError`] |
 
@@ -16,6 +17,7 @@ pub mod error;
 pub mod generate;
 pub mod hf;
 pub mod model;
+pub mod tokenizer;
 pub mod train;
 
 pub use config::GptConfig;

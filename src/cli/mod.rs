@@ -2,6 +2,12 @@
 //! errors arrive here as typed errors and leave as one-line messages.
 
 pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod progress;
+pub mod train;
+
+use std::path::Path;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -20,6 +26,12 @@ pub struct Cli {
 pub enum Command {
     /// The end-to-end LoRA demo (for now: what exists and how to try it).
     Demo,
+    /// Train a GPT on a text file and write a Hugging Face-style model folder.
+    Train(train::TrainArgs),
+    /// Loss and perplexity of a model on a text file.
+    Eval(eval::EvalArgs),
+    /// Continue a prompt.
+    Generate(generate::GenerateArgs),
     /// Speed measurements, side by side in one run.
     Bench {
         /// What to measure.
@@ -43,8 +55,55 @@ pub enum BenchMode {
     Matmul,
 }
 
+pub type CliResult = Result<(), String>;
+
+/// Reads a UTF-8 text file; errors name the file.
+pub fn read_text(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.is_empty() {
+        return Err(format!("{}: the file is empty", path.display()));
+    }
+    Ok(text)
+}
+
+/// Refuses to replace a folder that is not a model/adapter folder (so a mistyped `--out`
+/// never deletes someone's files).
+pub fn check_out_dir(dir: &Path) -> Result<(), String> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if !dir.is_dir() {
+        return Err(format!(
+            "--out {}: exists and is not a folder",
+            dir.display()
+        ));
+    }
+    let empty = std::fs::read_dir(dir)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false);
+    let ours = dir.join("config.json").exists() || dir.join("adapter_config.json").exists();
+    if empty || ours {
+        Ok(())
+    } else {
+        Err(format!(
+            "--out {}: exists and is not a model folder; choose a new or empty folder",
+            dir.display()
+        ))
+    }
+}
+
 pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Demo => {
             demo_overview();
             Ok(())
