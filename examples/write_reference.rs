@@ -16,9 +16,22 @@ use tapelora_nn::{init, Ctx, Module};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let dir = std::path::PathBuf::from(args.next().ok_or("usage: write_reference DIR [--no-bias]")?);
+    let dir = std::path::PathBuf::from(
+        args.next()
+            .ok_or("usage: write_reference DIR [--no-bias]")?,
+    );
     let bias = args.next().as_deref() != Some("--no-bias");
-    let config = GptConfig { n_layer: 2, n_head: 3, n_embd: 24, n_positions: 16, vocab_size: 53, n_inner: 40, layer_norm_epsilon: 1e-5, bias, dropout: 0.0 };
+    let config = GptConfig {
+        n_layer: 2,
+        n_head: 3,
+        n_embd: 24,
+        n_positions: 16,
+        vocab_size: 53,
+        n_inner: 40,
+        layer_norm_epsilon: 1e-5,
+        bias,
+        dropout: 0.0,
+    };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let mut model = Gpt::new(config, &mut rng)?;
     // Move every parameter away from its init so that no tensor can be silently ignored.
@@ -34,14 +47,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let logits = tape.no_grad(|| model.forward(&Ctx::eval(&tape), &tokens))?;
     save_model(&model, &dir, |_| Ok(()))?;
     // The reference file: tokens as I64 (raw little-endian), logits as F32.
-    let token_bytes: Vec<u8> = tokens.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
-    let logit_bytes: Vec<u8> = logits.value().iter().flat_map(|v| v.to_le_bytes()).collect();
+    let token_bytes: Vec<u8> = tokens
+        .iter()
+        .flat_map(|&t| (t as i64).to_le_bytes())
+        .collect();
+    let logit_bytes: Vec<u8> = logits
+        .value()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let views = vec![
-        ("tokens".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![2, 9], &token_bytes)?),
-        ("logits".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, logits.shape().to_vec(), &logit_bytes)?),
+        (
+            "tokens".to_string(),
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::I64,
+                vec![2, 9],
+                &token_bytes,
+            )?,
+        ),
+        (
+            "logits".to_string(),
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                logits.shape().to_vec(),
+                &logit_bytes,
+            )?,
+        ),
     ];
-    let bytes = safetensors::serialize(views, Some(HashMap::from([("format".into(), "pt".into())])))?;
+    let bytes =
+        safetensors::serialize(views, Some(HashMap::from([("format".into(), "pt".into())])))?;
     std::fs::write(dir.join("tapelora_reference.safetensors"), bytes)?;
-    println!("wrote {} (bias: {bias}); check with: python tools/make_fixtures.py --check-model {}", dir.display(), dir.display());
+    println!(
+        "wrote {} (bias: {bias}); check with: python tools/make_fixtures.py --check-model {}",
+        dir.display(),
+        dir.display()
+    );
     Ok(())
 }

@@ -543,6 +543,16 @@ python tools/make_fixtures.py --check-adapter BASE_DIR ADAPTER_DIR
 Both print max abs and relative (`max|diff| / max|ref logits|`) differences and exit 1 if the
 relative difference is above {REL_TOL:g}, or if transformers reports missing/unexpected weight
 keys, or if the adapter's keys do not exactly match the LoRA parameters PEFT creates.
+
+## The reverse direction, committed: `tapelora-qv-adapter/`
+
+Written by tapelora (`cargo run --release --example write_adapter_reference -- tests/fixtures/tapelora-qv-adapter`):
+LoRA r=3, alpha=7 on the q and v slices of c_attn — exported as a zero-padded rank-6 c_attn
+adapter with alpha 14 so the scale stays 7/3 — plus c_fc at r=2, alpha=5 (rank_pattern /
+alpha_pattern). `tapelora_reference.safetensors` holds tapelora's logits before export;
+`peft_reference.safetensors` holds PEFT's float64 logits for the same tokens, written by
+`python tools/make_fixtures.py --peft-logits tests/fixtures/gpt2-tiny tests/fixtures/tapelora-qv-adapter`.
+`cargo test` checks that both agree with tapelora reading the folder back.
 """
     (FIXTURES / "README.md").write_text(text)
 
@@ -611,6 +621,22 @@ def check_adapter(base_dir: Path, adapter_dir: Path) -> int:
         model, adapter_dir / TAPELORA_REFERENCE_NAME, f"check-adapter {adapter_dir}"
     )
     return 0 if ok else 1
+
+
+def peft_logits(base_dir: Path, adapter_dir: Path) -> int:
+    """Run PEFT on the tokens of ADAPTER_DIR/tapelora_reference.safetensors (an adapter written
+    by tapelora) and write PEFT's float64 logits to ADAPTER_DIR/peft_reference.safetensors, so
+    that `cargo test` can prove PEFT reads tapelora's file exactly as tapelora does."""
+    model = load_adapter_model(base_dir, adapter_dir, trainable=False)
+    ref = load_file(str(adapter_dir / TAPELORA_REFERENCE_NAME))
+    tokens = ref["tokens"].to(torch.int64)
+    with torch.no_grad():
+        logits, _ = forward_loss(model, tokens, None)
+    out = adapter_dir / "peft_reference.safetensors"
+    save_file({"tokens": tokens, "logits": logits.to(torch.float64).contiguous()}, str(out),
+              metadata={"fixture": json.dumps({"what": "PEFT logits of a tapelora-written adapter"})})
+    print(f"wrote {out}")
+    return 0
 
 
 def self_test() -> int:
@@ -697,6 +723,8 @@ def main() -> int:
                        help="compare a tapelora-written HF GPT-2 folder with transformers")
     group.add_argument("--check-adapter", nargs=2, metavar=("BASE_DIR", "ADAPTER_DIR"), type=Path,
                        help="compare a tapelora-written PEFT adapter with PEFT")
+    group.add_argument("--peft-logits", nargs=2, metavar=("BASE_DIR", "ADAPTER_DIR"), type=Path,
+                       help="write PEFT's logits for a tapelora-written adapter (peft_reference.safetensors)")
     group.add_argument("--self-test", action="store_true",
                        help="exercise the check modes on temporary copies of the fixtures")
     args = parser.parse_args()
@@ -706,6 +734,8 @@ def main() -> int:
         return check_model(args.check_model)
     if args.check_adapter:
         return check_adapter(*args.check_adapter)
+    if args.peft_logits:
+        return peft_logits(*args.peft_logits)
     if args.self_test:
         return self_test()
     return generate()

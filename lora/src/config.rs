@@ -58,7 +58,8 @@ pub struct LoraConfig {
     pub layers_to_transform: Option<Vec<usize>>,
     pub bias: LoraBias,
     pub init_a: InitA,
-    /// Start B random instead of zero (tests and debugging: a non-trivial adapter at step 0).
+    /// Start B ~ N(0, 0.02²)·… random instead of zero (tests and debugging: a non-trivial
+    /// adapter at step 0).
     pub random_b: bool,
     /// Per-module rank and alpha overrides (PEFT's `rank_pattern` / `alpha_pattern`), keyed by
     /// a target name matched like `target_modules`.
