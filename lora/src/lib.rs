@@ -6,9 +6,13 @@
 //! | [`target`] | target names → GPT-2 modules (PEFT's suffix rule; c_attn q/k/v slices) |
 //! | [`layer`] | [`LoraLinear`]: adapters on a frozen Linear, `y = W₀x + b + s·B(A(dropout(x)))` |
 //! | [`model`] | [`LoraModel`]: add, set active, disable, delete, merge, unmerge, merge_and_unload |
+//! | [`analysis`] | ΔW, singular values (nalgebra SVD), numerical rank, per-module reports |
+//! | [`combine`] | weighted combination of adapters: linear, cat, svd |
 //! | [`peft`] | PEFT adapter folders, both ways (q/v slices exported exactly as rank-k·r c_attn) |
 //! | [`error`] | [`LoraError`] |
 
+pub mod analysis;
+pub mod combine;
 pub mod config;
 pub mod error;
 pub mod layer;
@@ -16,6 +20,7 @@ pub mod model;
 pub mod peft;
 pub mod target;
 
+pub use combine::Combination;
 pub use config::{scaling, InitA, LoraBias, LoraConfig};
 pub use error::{LoraError, Result};
 pub use layer::{LoraAdapter, LoraLinear, LoraPart, OutSlice};
