@@ -434,3 +434,76 @@ pub fn load_adapter(lm: &mut LoraModel, name: &str, dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// What `tapelora inspect` reports for an adapter folder, computed from its files alone.
+#[derive(Clone, Debug)]
+pub struct AdapterReport {
+    pub trainable_params: usize,
+    pub config: LoraConfig,
+    pub modules: Vec<crate::analysis::ModuleReport>,
+}
+
+/// Reads a PEFT adapter folder and computes, per module, ΔW = s·B·A, its Frobenius norm,
+/// numerical rank and singular values (no base model needed).
+pub fn inspect_adapter(dir: &Path) -> Result<AdapterReport> {
+    use crate::analysis::{frobenius, numerical_rank, singular_values};
+    use crate::target::{matches, normalize};
+    let config = read_adapter_config(dir)?;
+    let path = dir.join(ADAPTER_WEIGHTS);
+    let file = TensorFile::open(&path)?;
+    let mut trainable_params = 0;
+    let mut modules = Vec::new();
+    for key in file.names() {
+        let Some(a_key_stem) = key.strip_suffix(".lora_A.weight") else {
+            continue;
+        };
+        let b_key = format!("{a_key_stem}.lora_B.weight");
+        let a = file.f64(&key)?;
+        let b = file
+            .f64(&b_key)
+            .map_err(|_| format_err(&path, format!("`{key}` has no matching `{b_key}`")))?;
+        let (a, b) = match (
+            a.into_dimensionality::<ndarray::Ix2>(),
+            b.into_dimensionality::<ndarray::Ix2>(),
+        ) {
+            (Ok(a), Ok(b)) if a.nrows() == b.ncols() => (a, b),
+            _ => {
+                return Err(format_err(
+                    &path,
+                    format!("`{key}` and `{b_key}` are not [r, in] and [out, r]"),
+                ))
+            }
+        };
+        let module = a_key_stem
+            .strip_prefix("base_model.model.")
+            .unwrap_or(a_key_stem);
+        let module = module
+            .strip_prefix("transformer.")
+            .unwrap_or(module)
+            .to_string();
+        let r = a.nrows();
+        let alpha = config
+            .alpha_pattern
+            .iter()
+            .find(|(k, _)| matches(normalize(k), &module))
+            .map_or(config.lora_alpha, |(_, v)| *v);
+        let delta = b.dot(&a) * crate::config::scaling(alpha, r, config.use_rslora);
+        let sv = singular_values(&delta);
+        trainable_params += a.len() + b.len();
+        modules.push(crate::analysis::ModuleReport {
+            name: module,
+            r,
+            rank: numerical_rank(&sv),
+            delta_fro_norm: frobenius(&delta),
+            singular_values: sv.into_iter().take(r).collect(),
+        });
+    }
+    if modules.is_empty() {
+        return Err(format_err(&path, "holds no lora_A / lora_B tensors"));
+    }
+    Ok(AdapterReport {
+        trainable_params,
+        config,
+        modules,
+    })
+}

@@ -68,11 +68,11 @@ impl Target {
 /// Target names accepted, for error messages.
 pub const VALID_TARGETS: &str = "c_attn, c_attn.q, c_attn.k, c_attn.v, attn.c_proj, c_fc, mlp.c_proj, c_proj (both projections), wte, or a full name such as h.0.attn.c_attn";
 
-fn matches(target: &str, name: &str) -> bool {
+pub(crate) fn matches(target: &str, name: &str) -> bool {
     name == target || name.ends_with(&format!(".{target}"))
 }
 
-fn normalize(target: &str) -> &str {
+pub(crate) fn normalize(target: &str) -> &str {
     let t = target.strip_prefix("base_model.model.").unwrap_or(target);
     t.strip_prefix("transformer.").unwrap_or(t)
 }

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde_json::json;
-use tapelora_gpt::hf::load_model;
 use tapelora_gpt::tokenizer::Tokenizer;
 use tapelora_gpt::train::evaluate;
 
@@ -15,6 +14,9 @@ pub struct EvalArgs {
     /// Model folder (Hugging Face GPT-2 layout).
     #[arg(long)]
     pub model: PathBuf,
+    /// LoRA adapter folder(s) (PEFT format), `DIR` or `DIR:WEIGHT`; several are summed.
+    #[arg(long)]
+    pub adapter: Vec<String>,
     /// Text to evaluate on (all of it).
     #[arg(long)]
     pub data: PathBuf,
@@ -26,7 +28,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> CliResult {
-    let model = load_model(&args.model).map_err(|e| e.to_string())?;
+    let model = super::lora::load_with_adapters(&args.model, &args.adapter)?;
     let tokenizer = Tokenizer::from_model_dir(&args.model, model.config.vocab_size)
         .map_err(|e| e.to_string())?;
     let text = read_text(&args.data)?;

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 use tapelora_gpt::generate::{generate, SamplingConfig};
-use tapelora_gpt::hf::load_model;
 use tapelora_gpt::tokenizer::Tokenizer;
 
 use super::CliResult;
@@ -13,6 +12,9 @@ use super::CliResult;
 pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
+    /// LoRA adapter folder(s) (PEFT format), `DIR` or `DIR:WEIGHT`; several are summed.
+    #[arg(long)]
+    pub adapter: Vec<String>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value_t = 200)]
@@ -29,7 +31,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> CliResult {
-    let model = load_model(&args.model).map_err(|e| e.to_string())?;
+    let model = super::lora::load_with_adapters(&args.model, &args.adapter)?;
     let tokenizer = Tokenizer::from_model_dir(&args.model, model.config.vocab_size)
         .map_err(|e| e.to_string())?;
     let prompt = tokenizer

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod eval;
 pub mod generate;
+pub mod lora;
 pub mod progress;
 pub mod train;
 
@@ -32,6 +33,12 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Continue a prompt.
     Generate(generate::GenerateArgs),
+    /// LoRA-fine-tune a model on a text file and write a PEFT adapter folder (or `--full`).
+    Finetune(lora::FinetuneArgs),
+    /// Merge adapter(s) into a model and write a plain model folder.
+    Merge(lora::MergeArgs),
+    /// Describe an adapter (ΔW per module: norm, rank, singular values) or a model folder.
+    Inspect(lora::InspectArgs),
     /// Speed measurements, side by side in one run.
     Bench {
         /// What to measure.
@@ -104,6 +111,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Finetune(args) => lora::finetune(args),
+        Command::Merge(args) => lora::merge(args),
+        Command::Inspect(args) => lora::inspect(args),
         Command::Demo => {
             demo_overview();
             Ok(())
