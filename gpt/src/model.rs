@@ -301,8 +301,7 @@ impl Gpt {
 
     fn lm_head<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
         let x = self.ln_f.forward(ctx, x)?;
-        let wte = self.wte.weight.on(ctx.tape);
-        Ok(x.matmul(&wte.transpose(0, 1)?)?)
+        Ok(self.wte.forward_tied_output(ctx, &x)?)
     }
 }
 

@@ -70,11 +70,21 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
-/// All adapters attached to one Linear layer, and which of them act.
+/// What a [`LoraLinear`] is attached to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LayerKind {
+    #[default]
+    Linear,
+    /// The token embedding: A `[r, vocab]`, B `[dim, r]`; the row of Aᵀ for each id, times Bᵀ.
+    Embedding,
+}
+
+/// All adapters attached to one layer (a Linear, or the token embedding), and which act.
 #[derive(Debug, Default)]
 pub struct LoraLinear {
     /// The layer's path, e.g. `h.0.attn.c_attn`.
     pub module: String,
+    pub kind: LayerKind,
     pub in_features: usize,
     pub out_features: usize,
     pub adapters: BTreeMap<String, LoraAdapter>,
@@ -133,17 +143,9 @@ impl LinearAdapter for LoraLinear {
         x: &Var<'t, f32>,
         base: Var<'t, f32>,
     ) -> tapelora_nn::Result<Var<'t, f32>> {
-        if self.disabled {
-            return Ok(base);
-        }
         let mut out = base;
-        for (name, weight) in &self.active {
-            if self.merged.contains(name) {
-                continue;
-            }
-            if let Some(adapter) = self.adapters.get(name) {
-                out = out.add(&self.adapter_delta(ctx, x, adapter, *weight)?)?;
-            }
+        for (adapter, weight) in self.acting() {
+            out = out.add(&self.adapter_delta(ctx, x, adapter, weight)?)?;
         }
         Ok(out)
     }
@@ -172,5 +174,73 @@ impl LinearAdapter for LoraLinear {
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+}
+
+impl tapelora_nn::EmbeddingAdapter for LoraLinear {
+    /// rows + Σ w·s·(Aᵀ[ids])·Bᵀ — the embedding's LoRA (loralib's `Embedding`), no dropout.
+    fn forward<'t>(
+        &self,
+        ctx: &Ctx<'t>,
+        ids: &ndarray::ArrayD<usize>,
+        base: Var<'t, f32>,
+    ) -> tapelora_nn::Result<Var<'t, f32>> {
+        let mut out = base;
+        for (adapter, weight) in self.acting() {
+            for part in &adapter.parts {
+                let rows = part.a.on(ctx.tape).transpose(0, 1)?.embedding(ids)?;
+                let delta = rows
+                    .matmul(&part.b.on(ctx.tape).transpose(0, 1)?)?
+                    .scale(part.scaling() * weight)?;
+                out = out.add(&delta)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tied lm_head sees the same adapted table: x·(W + s·(B·A)ᵀ)ᵀ = x·Wᵀ + s·(x·B)·A.
+    fn tied_output_delta<'t>(
+        &self,
+        ctx: &Ctx<'t>,
+        x: &Var<'t, f32>,
+    ) -> tapelora_nn::Result<Option<Var<'t, f32>>> {
+        let mut total: Option<Var<'t, f32>> = None;
+        for (adapter, weight) in self.acting() {
+            for part in &adapter.parts {
+                let delta = x
+                    .matmul(&part.b.on(ctx.tape))?
+                    .matmul(&part.a.on(ctx.tape))?
+                    .scale(part.scaling() * weight)?;
+                total = Some(match total {
+                    Some(t) => t.add(&delta)?,
+                    None => delta,
+                });
+            }
+        }
+        Ok(total)
+    }
+
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {
+        <Self as LinearAdapter>::visit(self, f)
+    }
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Parameter)) {
+        <Self as LinearAdapter>::visit_mut(self, f)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+impl LoraLinear {
+    /// The adapters that act in forward, with their weights (none when disabled; merged ones
+    /// are already in the base weight).
+    fn acting(&self) -> impl Iterator<Item = (&LoraAdapter, f64)> {
+        self.active
+            .iter()
+            .filter(move |(name, _)| !self.disabled && !self.merged.contains(name))
+            .filter_map(move |(name, w)| self.adapters.get(name).map(|a| (a, *w)))
     }
 }

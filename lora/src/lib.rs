@@ -23,6 +23,6 @@ pub mod target;
 pub use combine::Combination;
 pub use config::{scaling, InitA, LoraBias, LoraConfig};
 pub use error::{LoraError, Result};
-pub use layer::{LoraAdapter, LoraLinear, LoraPart, OutSlice};
+pub use layer::{LayerKind, LoraAdapter, LoraLinear, LoraPart, OutSlice};
 pub use model::{thousands, LoraModel};
 pub use target::{ModuleKind, Qkv, Target};

@@ -7,11 +7,11 @@ use ndarray::{s, Ix2};
 use rand::Rng;
 use tapelora_autograd::gemm::gemm;
 use tapelora_gpt::Gpt;
-use tapelora_nn::{init, Linear, Module, Parameter, WeightLayout};
+use tapelora_nn::{init, Embedding, Linear, Module, Parameter, WeightLayout};
 
 use crate::config::{InitA, LoraBias, LoraConfig};
 use crate::error::{config_err, LoraError, Result};
-use crate::layer::{LoraAdapter, LoraLinear, LoraPart, OutSlice};
+use crate::layer::{LayerKind, LoraAdapter, LoraLinear, LoraPart, OutSlice};
 use crate::target::{resolve, ModuleKind, Target};
 
 /// A base model whose weights are frozen, plus LoRA adapters by name.
@@ -33,22 +33,83 @@ fn linear_mut(model: &mut Gpt, kind: ModuleKind, layer: usize) -> Option<&mut Li
     })
 }
 
-fn all_linears(model: &Gpt) -> impl Iterator<Item = &Linear> {
-    model
-        .h
-        .iter()
-        .flat_map(|b| [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj])
+/// A layer LoRA can attach to: one of the block Linears, or the token embedding.
+enum Host<'a> {
+    Linear(&'a mut Linear),
+    Wte(&'a mut Embedding),
 }
 
-fn all_linears_mut(model: &mut Gpt) -> impl Iterator<Item = &mut Linear> {
-    model.h.iter_mut().flat_map(|b| {
-        [
-            &mut b.attn.c_attn,
-            &mut b.attn.c_proj,
-            &mut b.mlp.c_fc,
-            &mut b.mlp.c_proj,
-        ]
-    })
+impl Host<'_> {
+    fn lora(&self) -> Option<&LoraLinear> {
+        match self {
+            Host::Linear(l) => lora_of(l),
+            Host::Wte(e) => e
+                .adapter
+                .as_ref()
+                .and_then(|a| a.as_any().downcast_ref::<LoraLinear>()),
+        }
+    }
+    fn lora_mut(&mut self) -> Option<&mut LoraLinear> {
+        match self {
+            Host::Linear(l) => l
+                .adapter
+                .as_mut()
+                .and_then(|a| a.as_any_mut().downcast_mut::<LoraLinear>()),
+            Host::Wte(e) => e
+                .adapter
+                .as_mut()
+                .and_then(|a| a.as_any_mut().downcast_mut::<LoraLinear>()),
+        }
+    }
+    fn remove_adapter(&mut self) {
+        match self {
+            Host::Linear(l) => l.adapter = None,
+            Host::Wte(e) => e.adapter = None,
+        }
+    }
+    /// `W ← W + sign·s·ΔW` for one part, in the layer's own weight layout, in place.
+    fn apply_delta(&mut self, part: &LoraPart, sign: f32) {
+        // The embedding table [vocab, dim] takes ΔWᵀ like a Conv1D weight [in, out].
+        let (weight, layout) = match self {
+            Host::Linear(l) => (&mut l.weight, l.layout),
+            Host::Wte(e) => (&mut e.weight, WeightLayout::InOut),
+        };
+        let scale = sign * part.scaling() as f32;
+        let a = part
+            .a
+            .value
+            .view()
+            .into_dimensionality::<Ix2>()
+            .expect("A is 2-D");
+        let b = part
+            .b
+            .value
+            .view()
+            .into_dimensionality::<Ix2>()
+            .expect("B is 2-D");
+        let (start, end) = (part.slice.start, part.slice.start + part.slice.len);
+        let mut w = weight.value_mut();
+        let mut w = w.view_mut().into_dimensionality::<Ix2>().expect("W is 2-D");
+        match layout {
+            // Conv1D [in, out]: W[:, slice] += s·Aᵀ·Bᵀ
+            WeightLayout::InOut => gemm(scale, a.t(), b.t(), 1.0, w.slice_mut(s![.., start..end])),
+            // nn.Linear [out, in]: W[slice, :] += s·B·A
+            WeightLayout::OutIn => gemm(scale, b, a, 1.0, w.slice_mut(s![start..end, ..])),
+        }
+    }
+}
+
+fn hosts(model: &mut Gpt) -> Vec<Host<'_>> {
+    let mut out = vec![Host::Wte(&mut model.wte)];
+    for b in &mut model.h {
+        out.extend([
+            Host::Linear(&mut b.attn.c_attn),
+            Host::Linear(&mut b.attn.c_proj),
+            Host::Linear(&mut b.mlp.c_fc),
+            Host::Linear(&mut b.mlp.c_proj),
+        ]);
+    }
+    out
 }
 
 pub(crate) fn lora_of(linear: &Linear) -> Option<&LoraLinear> {
@@ -58,38 +119,19 @@ pub(crate) fn lora_of(linear: &Linear) -> Option<&LoraLinear> {
         .and_then(|a| a.as_any().downcast_ref::<LoraLinear>())
 }
 
-fn lora_of_mut(linear: &mut Linear) -> Option<&mut LoraLinear> {
-    linear
+/// Every LoRA layer of a model, embedding first, then block by block.
+pub(crate) fn lora_layers_of(model: &Gpt) -> Vec<&LoraLinear> {
+    let wte = model
+        .wte
         .adapter
-        .as_mut()
-        .and_then(|a| a.as_any_mut().downcast_mut::<LoraLinear>())
-}
-
-/// `W ← W + sign·s·ΔW` for one part, in the layer's own weight layout, in place.
-fn apply_delta(linear: &mut Linear, part: &LoraPart, sign: f32) {
-    let scale = sign * part.scaling() as f32;
-    let a = part
-        .a
-        .value
-        .view()
-        .into_dimensionality::<Ix2>()
-        .expect("A is 2-D");
-    let b = part
-        .b
-        .value
-        .view()
-        .into_dimensionality::<Ix2>()
-        .expect("B is 2-D");
-    let (start, end) = (part.slice.start, part.slice.start + part.slice.len);
-    let layout = linear.layout;
-    let mut w = linear.weight.value_mut();
-    let mut w = w.view_mut().into_dimensionality::<Ix2>().expect("W is 2-D");
-    match layout {
-        // Conv1D [in, out]: W[:, slice] += s·Aᵀ·Bᵀ
-        WeightLayout::InOut => gemm(scale, a.t(), b.t(), 1.0, w.slice_mut(s![.., start..end])),
-        // nn.Linear [out, in]: W[slice, :] += s·B·A
-        WeightLayout::OutIn => gemm(scale, b, a, 1.0, w.slice_mut(s![start..end, ..])),
-    }
+        .as_ref()
+        .and_then(|a| a.as_any().downcast_ref::<LoraLinear>());
+    let linears = model
+        .h
+        .iter()
+        .flat_map(|b| [&b.attn.c_attn, &b.attn.c_proj, &b.mlp.c_fc, &b.mlp.c_proj])
+        .filter_map(lora_of);
+    wte.into_iter().chain(linears).collect()
 }
 
 impl LoraModel {
@@ -131,10 +173,11 @@ impl LoraModel {
         // Check every target before changing anything.
         let mut plans: Vec<(Target, Vec<OutSlice>, usize)> = Vec::new();
         for t in targets {
-            let Some(linear) = linear_mut(&mut self.model, t.kind, t.layer) else {
-                return config_err("target_modules", "LoRA on `wte` (the tied embedding) is not supported yet; adapt c_attn, c_proj or c_fc");
+            let (d_in, d_out) = match linear_mut(&mut self.model, t.kind, t.layer) {
+                Some(linear) => (linear.in_features, linear.out_features),
+                // The embedding: A [r, vocab], B [dim, r] (PEFT's lora_embedding_A / _B).
+                None => (self.model.config.vocab_size, c),
             };
-            let (d_in, d_out) = (linear.in_features, linear.out_features);
             let slices: Vec<OutSlice> = if t.slices.is_empty() {
                 vec![OutSlice {
                     label: None,
@@ -181,14 +224,22 @@ impl LoraModel {
                         format!("{stem}.lora_B.{name}.weight"),
                         ndarray::ArrayD::zeros(ndarray::IxDyn(&[slice.len, t.r])),
                     );
-                    match config.init_a {
-                        InitA::KaimingUniform => {
-                            init::kaiming_uniform_(&mut a, 5f64.sqrt(), d_in, rng)
+                    if t.kind == ModuleKind::Wte {
+                        // loralib / PEFT for embeddings: A = 0, B ~ N(0, 1).
+                        init::normal_(&mut b, 1.0, rng);
+                        if config.random_b {
+                            init::normal_(&mut a, 0.02, rng);
                         }
-                        InitA::Gaussian => init::normal_(&mut a, 1.0 / t.r as f64, rng),
-                    }
-                    if config.random_b {
-                        init::normal_(&mut b, 0.02, rng);
+                    } else {
+                        match config.init_a {
+                            InitA::KaimingUniform => {
+                                init::kaiming_uniform_(&mut a, 5f64.sqrt(), d_in, rng)
+                            }
+                            InitA::Gaussian => init::normal_(&mut a, 1.0 / t.r as f64, rng),
+                        }
+                        if config.random_b {
+                            init::normal_(&mut b, 0.02, rng);
+                        }
                     }
                     LoraPart {
                         slice,
@@ -200,28 +251,58 @@ impl LoraModel {
                     }
                 })
                 .collect();
-            let linear = linear_mut(&mut self.model, t.kind, t.layer).expect("checked above");
-            if linear.adapter.is_none() {
-                linear.adapter = Some(Box::new(LoraLinear {
-                    module: module.clone(),
-                    in_features: linear.in_features,
-                    out_features: linear.out_features,
-                    ..Default::default()
-                }));
-            }
-            let lora = lora_of_mut(linear).ok_or_else(|| {
-                LoraError::Adapter(format!("`{module}` already has a non-LoRA adapter"))
-            })?;
-            lora.adapters.insert(
-                name.to_string(),
-                LoraAdapter {
-                    parts,
-                    dropout: config.lora_dropout,
-                },
-            );
-            if config.bias == LoraBias::LoraOnly {
-                if let Some(bias) = &mut linear.bias {
-                    bias.trainable = true;
+            let kind = if t.kind == ModuleKind::Wte {
+                LayerKind::Embedding
+            } else {
+                LayerKind::Linear
+            };
+            let fresh = || LoraLinear {
+                module: module.clone(),
+                kind,
+                in_features: d_in,
+                ..Default::default()
+            };
+            let adapter = LoraAdapter {
+                parts,
+                dropout: config.lora_dropout,
+            };
+            match linear_mut(&mut self.model, t.kind, t.layer) {
+                Some(linear) => {
+                    let out_features = linear.out_features;
+                    let slot = linear.adapter.get_or_insert_with(|| {
+                        Box::new(LoraLinear {
+                            out_features,
+                            ..fresh()
+                        })
+                    });
+                    let lora = slot
+                        .as_any_mut()
+                        .downcast_mut::<LoraLinear>()
+                        .ok_or_else(|| {
+                            LoraError::Adapter(format!("`{module}` already has a non-LoRA adapter"))
+                        })?;
+                    lora.adapters.insert(name.to_string(), adapter);
+                    if config.bias == LoraBias::LoraOnly {
+                        if let Some(bias) = &mut linear.bias {
+                            bias.trainable = true;
+                        }
+                    }
+                }
+                None => {
+                    let out_features = self.model.config.n_embd;
+                    let slot = self.model.wte.adapter.get_or_insert_with(|| {
+                        Box::new(LoraLinear {
+                            out_features,
+                            ..fresh()
+                        })
+                    });
+                    let lora = slot
+                        .as_any_mut()
+                        .downcast_mut::<LoraLinear>()
+                        .ok_or_else(|| {
+                            LoraError::Adapter("`wte` already has a non-LoRA adapter".into())
+                        })?;
+                    lora.adapters.insert(name.to_string(), adapter);
                 }
             }
         }
@@ -240,8 +321,8 @@ impl LoraModel {
     /// are frozen (PEFT's `set_adapter`).
     pub fn set_adapter(&mut self, name: &str) -> Result<()> {
         self.set_weighted_adapters(&[(name.to_string(), 1.0)])?;
-        for linear in all_linears_mut(&mut self.model) {
-            if let Some(lora) = lora_of_mut(linear) {
+        for mut host in hosts(&mut self.model) {
+            if let Some(lora) = host.lora_mut() {
                 for (adapter_name, adapter) in lora.adapters.iter_mut() {
                     for part in &mut adapter.parts {
                         part.a.trainable = adapter_name == name;
@@ -264,8 +345,8 @@ impl LoraModel {
                 )));
             }
         }
-        for linear in all_linears_mut(&mut self.model) {
-            if let Some(lora) = lora_of_mut(linear) {
+        for mut host in hosts(&mut self.model) {
+            if let Some(lora) = host.lora_mut() {
                 lora.active = adapters
                     .iter()
                     .filter(|(n, _)| lora.adapters.contains_key(n))
@@ -278,8 +359,8 @@ impl LoraModel {
 
     /// The names of the active adapters.
     pub fn active_adapters(&self) -> Vec<String> {
-        let mut names: Vec<String> = all_linears(&self.model)
-            .filter_map(lora_of)
+        let mut names: Vec<String> = lora_layers_of(&self.model)
+            .into_iter()
             .flat_map(|l| l.active.iter().map(|(n, _)| n.clone()))
             .collect();
         names.sort();
@@ -289,8 +370,8 @@ impl LoraModel {
 
     /// With `disabled`, forward computes exactly the base model (adapters kept).
     pub fn set_adapters_disabled(&mut self, disabled: bool) {
-        for linear in all_linears_mut(&mut self.model) {
-            if let Some(lora) = lora_of_mut(linear) {
+        for mut host in hosts(&mut self.model) {
+            if let Some(lora) = host.lora_mut() {
                 lora.disabled = disabled;
             }
         }
@@ -304,8 +385,8 @@ impl LoraModel {
         if self.is_merged(name) {
             self.unmerge_adapter(name)?;
         }
-        for linear in all_linears_mut(&mut self.model) {
-            let now_empty = match lora_of_mut(linear) {
+        for mut host in hosts(&mut self.model) {
+            let now_empty = match host.lora_mut() {
                 Some(lora) => {
                     lora.adapters.remove(name);
                     lora.active.retain(|(n, _)| n != name);
@@ -314,7 +395,7 @@ impl LoraModel {
                 None => false,
             };
             if now_empty {
-                linear.adapter = None;
+                host.remove_adapter();
             }
         }
         self.configs.remove(name);
@@ -322,8 +403,8 @@ impl LoraModel {
     }
 
     pub fn is_merged(&self, name: &str) -> bool {
-        all_linears(&self.model)
-            .filter_map(lora_of)
+        lora_layers_of(&self.model)
+            .into_iter()
             .any(|l| l.merged.iter().any(|m| m == name))
     }
 
@@ -348,14 +429,14 @@ impl LoraModel {
                 if merge { "already" } else { "not" }
             )));
         }
-        for linear in all_linears_mut(&mut self.model) {
-            let Some(adapter) = lora_of(linear).and_then(|l| l.adapters.get(name)).cloned() else {
+        for mut host in hosts(&mut self.model) {
+            let Some(adapter) = host.lora().and_then(|l| l.adapters.get(name)).cloned() else {
                 continue;
             };
             for part in &adapter.parts {
-                apply_delta(linear, part, if merge { 1.0 } else { -1.0 });
+                host.apply_delta(part, if merge { 1.0 } else { -1.0 });
             }
-            let lora = lora_of_mut(linear).expect("has the adapter");
+            let lora = host.lora_mut().expect("has the adapter");
             if merge {
                 lora.merged.push(name.to_string());
             } else {
@@ -368,21 +449,21 @@ impl LoraModel {
     /// Merges the active adapters (with their weights) and returns the plain model, all its
     /// parameters frozen no longer: a standalone model folder can be written from it.
     pub fn merge_and_unload(mut self) -> Result<Gpt> {
-        for linear in all_linears_mut(&mut self.model) {
-            if let Some(lora) = lora_of(linear) {
+        for mut host in hosts(&mut self.model) {
+            if let Some(lora) = host.lora() {
                 let todo: Vec<(LoraAdapter, f64)> = lora
                     .active
                     .iter()
-                    .filter(|(n, _)| !lora.merged.contains(n))
+                    .filter(|(n, _)| !lora.merged.contains(n) && !lora.disabled)
                     .filter_map(|(n, w)| lora.adapters.get(n).map(|a| (a.clone(), *w)))
                     .collect();
                 for (adapter, weight) in todo {
                     for part in &adapter.parts {
-                        apply_delta(linear, part, weight as f32);
+                        host.apply_delta(part, weight as f32);
                     }
                 }
             }
-            linear.adapter = None;
+            host.remove_adapter();
         }
         self.model.unfreeze();
         Ok(self.model)
@@ -390,7 +471,7 @@ impl LoraModel {
 
     /// The LoRA layers, in model order.
     pub fn lora_layers(&self) -> Vec<&LoraLinear> {
-        all_linears(&self.model).filter_map(lora_of).collect()
+        lora_layers_of(&self.model)
     }
 
     /// PEFT's line: `trainable params: 2,304 || all params: … || trainable%: …`.

@@ -95,6 +95,22 @@ fn export_module(
     }
 }
 
+/// PEFT's keys for a module's A and B (`lora_embedding_A` / `_B`, without `.weight`, on the
+/// embedding).
+fn peft_keys(module: &str) -> (String, String) {
+    if module == "wte" {
+        (
+            format!("{KEY_PREFIX}wte.lora_embedding_A"),
+            format!("{KEY_PREFIX}wte.lora_embedding_B"),
+        )
+    } else {
+        (
+            format!("{KEY_PREFIX}{module}.lora_A.weight"),
+            format!("{KEY_PREFIX}{module}.lora_B.weight"),
+        )
+    }
+}
+
 /// Writes adapter `name` as a PEFT folder into `dir` (atomically: a temporary folder renamed).
 pub fn save_adapter(lm: &LoraModel, name: &str, dir: &Path, base_model_name: &str) -> Result<()> {
     let config = lm
@@ -132,6 +148,9 @@ pub fn save_adapter(lm: &LoraModel, name: &str, dir: &Path, base_model_name: &st
     // each module by its full path.
     let n_layer = lm.model.config.n_layer;
     let mut targets: Vec<String> = Vec::new();
+    if exported.iter().any(|e| e.module == "wte") {
+        targets.push("wte".into());
+    }
     for (suffix, kind) in [
         ("attn.c_attn", ModuleKind::CAttn),
         ("attn.c_proj", ModuleKind::AttnCProj),
@@ -170,14 +189,9 @@ pub fn save_adapter(lm: &LoraModel, name: &str, dir: &Path, base_model_name: &st
     });
     let mut tensors: Vec<(String, ArrayD<f32>)> = Vec::new();
     for e in exported {
-        tensors.push((
-            format!("{KEY_PREFIX}{}.lora_A.weight", e.module),
-            e.a.into_dyn(),
-        ));
-        tensors.push((
-            format!("{KEY_PREFIX}{}.lora_B.weight", e.module),
-            e.b.into_dyn(),
-        ));
+        let (a_key, b_key) = peft_keys(&e.module);
+        tensors.push((a_key, e.a.into_dyn()));
+        tensors.push((b_key, e.b.into_dyn()));
     }
     if config.bias != LoraBias::None {
         for p in lm.model.parameters() {
@@ -333,9 +347,15 @@ pub fn load_adapter(lm: &mut LoraModel, name: &str, dir: &Path) -> Result<()> {
             .strip_prefix("transformer.")
             .unwrap_or(short)
             .to_string();
-        if let Some(module) = short.strip_suffix(".lora_A.weight") {
+        if let Some(module) = short
+            .strip_suffix(".lora_A.weight")
+            .or_else(|| short.strip_suffix(".lora_embedding_A"))
+        {
             lora_tensors.entry(module.to_string()).or_default().0 = key.clone();
-        } else if let Some(module) = short.strip_suffix(".lora_B.weight") {
+        } else if let Some(module) = short
+            .strip_suffix(".lora_B.weight")
+            .or_else(|| short.strip_suffix(".lora_embedding_B"))
+        {
             lora_tensors.entry(module.to_string()).or_default().1 = key.clone();
         } else if short.ends_with(".bias") && config.bias != LoraBias::None {
             biases.push((short, key.clone()));
@@ -454,10 +474,14 @@ pub fn inspect_adapter(dir: &Path) -> Result<AdapterReport> {
     let mut trainable_params = 0;
     let mut modules = Vec::new();
     for key in file.names() {
-        let Some(a_key_stem) = key.strip_suffix(".lora_A.weight") else {
-            continue;
+        let (a_key_stem, b_key) = match (
+            key.strip_suffix(".lora_A.weight"),
+            key.strip_suffix(".lora_embedding_A"),
+        ) {
+            (Some(stem), _) => (stem, format!("{stem}.lora_B.weight")),
+            (None, Some(stem)) => (stem, format!("{stem}.lora_embedding_B")),
+            _ => continue,
         };
-        let b_key = format!("{a_key_stem}.lora_B.weight");
         let a = file.f64(&key)?;
         let b = file
             .f64(&b_key)

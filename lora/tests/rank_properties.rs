@@ -356,3 +356,64 @@ fn weighted_combinations_cat_svd_linear() {
         "the q and v slices (rank 2 each) are summed slice by slice, then stacked"
     );
 }
+
+#[test]
+fn lora_on_the_tied_embedding_trains_merges_and_round_trips() {
+    let base = model(8, 21);
+    let base_logits = logits(&base, 2);
+    let mut lm = LoraModel::new(base);
+    lm.add_adapter(
+        "e",
+        &LoraConfig::new(2, 4.0, &["wte", "c_attn.v"]),
+        &mut ChaCha8Rng::seed_from_u64(4),
+    )
+    .unwrap();
+    assert_eq!(
+        logits(&lm.model, 2),
+        base_logits,
+        "A = 0 at start: the base exactly"
+    );
+    assert_eq!(lm.lora_layers()[0].module, "wte");
+    // Train a few steps so A moves away from zero.
+    let mut opt = AdamW::new(lm.model.parameters(), AdamWConfig::default());
+    for step in 0..5u64 {
+        let grads = {
+            let tape = Tape::new();
+            let targets: Vec<i64> = ids(step + 1).iter().map(|&t| t as i64).collect();
+            let loss = lm
+                .model
+                .forward_loss(&Ctx::eval(&tape), &ids(step), &targets)
+                .unwrap();
+            tape.backward(&loss).unwrap()
+        };
+        assert!(grads.get_by_name("wte.lora_A.e.weight").is_some());
+        assert!(
+            grads.get_by_name("wte.weight").is_none(),
+            "the tied table stays frozen"
+        );
+        opt.step(&mut lm.model.parameters_mut(), &grads, 1e-2)
+            .unwrap();
+    }
+    let adapted = logits(&lm.model, 2);
+    assert!(adapted != base_logits);
+    let dir = std::env::temp_dir().join(format!("tapelora-wte-lora-{}", std::process::id()));
+    tapelora_lora::peft::save_adapter(&lm, "e", &dir, "tiny").unwrap();
+    let file = tapelora_nn::TensorFile::open(&dir.join("adapter_model.safetensors")).unwrap();
+    assert!(file
+        .names()
+        .contains(&"base_model.model.transformer.wte.lora_embedding_A".to_string()));
+    let mut again = LoraModel::new(model(8, 21));
+    tapelora_lora::peft::load_adapter(&mut again, "e", &dir).unwrap();
+    assert_eq!(
+        logits(&again.model, 2),
+        adapted,
+        "reloaded adapter: same logits"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The lm_head is tied to the adapted table, so merging changes nothing.
+    lm.merge_adapter("e").unwrap();
+    assert!(max_rel(&logits(&lm.model, 2), &adapted) < 1e-5);
+    lm.unmerge_adapter("e").unwrap();
+    let merged = lm.merge_and_unload().unwrap();
+    assert!(max_rel(&logits(&merged, 2), &adapted) < 1e-5);
+}

@@ -3,7 +3,7 @@
 use ndarray::{ArrayD, IxDyn};
 use tapelora_autograd::Var;
 
-use crate::module::{LinearAdapter, Module};
+use crate::module::{EmbeddingAdapter, LinearAdapter, Module};
 use crate::parameter::Parameter;
 use crate::{Ctx, Result};
 
@@ -104,26 +104,50 @@ impl Module for Linear {
 #[derive(Debug)]
 pub struct Embedding {
     pub weight: Parameter,
+    pub adapter: Option<Box<dyn EmbeddingAdapter>>,
 }
 
 impl Embedding {
     pub fn new(name: &str, num: usize, dim: usize) -> Self {
         Embedding {
             weight: Parameter::new(format!("{name}.weight"), ArrayD::zeros(IxDyn(&[num, dim]))),
+            adapter: None,
         }
     }
 
     pub fn forward<'t>(&self, ctx: &Ctx<'t>, ids: &ArrayD<usize>) -> Result<Var<'t, f32>> {
-        Ok(self.weight.on(ctx.tape).embedding(ids)?)
+        let base = self.weight.on(ctx.tape).embedding(ids)?;
+        match &self.adapter {
+            Some(adapter) => adapter.forward(ctx, ids, base),
+            None => Ok(base),
+        }
+    }
+
+    /// `x · Wᵀ` (the table used as a tied output layer), plus the adapter's share if any.
+    pub fn forward_tied_output<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
+        let logits = x.matmul(&self.weight.on(ctx.tape).transpose(0, 1)?)?;
+        match &self.adapter {
+            Some(adapter) => match adapter.tied_output_delta(ctx, x)? {
+                Some(delta) => Ok(logits.add(&delta)?),
+                None => Ok(logits),
+            },
+            None => Ok(logits),
+        }
     }
 }
 
 impl Module for Embedding {
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {
         f(&self.weight);
+        if let Some(a) = &self.adapter {
+            a.visit(f);
+        }
     }
     fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Parameter)) {
         f(&mut self.weight);
+        if let Some(a) = &mut self.adapter {
+            a.visit_mut(f);
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`parameter`] | [`Parameter`]: a named tensor, trainable or frozen, that enters a tape as a leaf |
-//! | [`module`] | the [`Module`] trait (visit parameters in order, by hierarchical name) and [`LinearAdapter`], the hook LoRA attaches through |
+//! | [`module`] | the [`Module`] trait (visit parameters in order, by hierarchical name) and [`LinearAdapter`] / [`EmbeddingAdapter`], the hooks LoRA attaches through |
 //! | [`ctx`] | [`Ctx`]: the tape being recorded, train/eval mode, the dropout RNG |
 //! | [`layers`] | [`Linear`] (Conv1D `[in, out]` or nn.Linear `[out, in]` layout), [`Embedding`], [`LayerNorm`], [`Dropout`], [`Gelu`] |
 //! | [`init`] | normal, uniform, kaiming-uniform, zeros, ones |
@@ -25,7 +25,7 @@ pub mod state;
 pub use ctx::Ctx;
 pub use error::{NnError, Result};
 pub use layers::{Dropout, Embedding, Gelu, LayerNorm, Linear, WeightLayout};
-pub use module::{LinearAdapter, Module};
+pub use module::{EmbeddingAdapter, LinearAdapter, Module};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, DecayFilter, Optimizer, Sgd, SgdConfig};
 pub use parameter::Parameter;
 pub use schedule::CosineSchedule;

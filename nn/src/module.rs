@@ -66,3 +66,26 @@ pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> &dyn std::any::Any;
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
+
+/// A hook on an [`crate::Embedding`] (LoRA on a token embedding). Because GPT-2 ties its
+/// lm_head to the token embedding, the adapter also says what it adds to the tied output
+/// projection, so that the adapted embedding is used consistently in both places.
+pub trait EmbeddingAdapter: Send + Sync + std::fmt::Debug {
+    /// The embedding's output given the looked-up `ids` and the base rows `base`.
+    fn forward<'t>(
+        &self,
+        ctx: &crate::Ctx<'t>,
+        ids: &ndarray::ArrayD<usize>,
+        base: Var<'t, f32>,
+    ) -> crate::Result<Var<'t, f32>>;
+    /// What the adapter adds to `x · Wᵀ` when the table W is used as a tied output layer.
+    fn tied_output_delta<'t>(
+        &self,
+        ctx: &crate::Ctx<'t>,
+        x: &Var<'t, f32>,
+    ) -> crate::Result<Option<Var<'t, f32>>>;
+    fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter));
+    fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Parameter));
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
