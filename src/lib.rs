@@ -12,3 +12,4 @@
 pub use tapelora_autograd as autograd;
 
 pub mod cli;
+pub mod plot;
