@@ -149,6 +149,40 @@ impl<T: Float> Tape<T> {
     }
 }
 
+impl<T: Float> Tape<T> {
+    /// "Follow the gradient": the records in the order backward visited them (reverse), each
+    /// with the norm of the gradient that arrived (needs [`Tape::set_track_norms`]) and which
+    /// of its inputs it passed a gradient to.
+    pub fn backward_walk(&self) -> String {
+        let nodes = self.nodes();
+        let mut out = String::from(
+            "backward, from the loss down (‖g‖ = norm of ∂loss/∂output arriving at the record):\n",
+        );
+        for n in nodes.iter().rev() {
+            let Some(g) = n.grad_norm else { continue };
+            let what = if n.is_leaf() {
+                format!("{} {}", n.op, n.attrs)
+            } else {
+                n.op.to_string()
+            };
+            let _ = write!(out, "{:>4}  {:<28} ‖g‖ = {:<11.4e}", n.index, what, g);
+            if !n.is_leaf() {
+                let passes: Vec<String> = n
+                    .inputs
+                    .iter()
+                    .zip(&n.input_grads)
+                    .map(|(i, st)| format!("#{i} {}", status_word(*st)))
+                    .collect();
+                let _ = write!(out, " → {}", passes.join(", "));
+            } else if n.requires_grad {
+                out.push_str(" (gradient handed to the optimizer)");
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::DotOptions;
@@ -187,6 +221,15 @@ mod tests {
             "{second_matmul}"
         );
         assert!(table.contains("|grad|="));
+        let walk = tape.backward_walk();
+        assert!(
+            walk.contains("param lora_a") && walk.contains("(gradient handed to the optimizer)"),
+            "{walk}"
+        );
+        assert!(
+            !walk.contains("frozen w0"),
+            "no gradient reaches the frozen weight: {walk}"
+        );
         let dot = tape.to_dot(&DotOptions { norms: true });
         assert!(dot.starts_with("digraph tape {") && dot.trim_end().ends_with('}'));
         assert!(dot.contains("label=\"no grad\"") && dot.contains("fillcolor=\"#cfe2ff\""));

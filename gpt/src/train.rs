@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tapelora_autograd::Tape;
+use tapelora_autograd::{Gradients, Tape};
 use tapelora_nn::{clip_grad_norm, AdamW, AdamWConfig, CosineSchedule, Ctx, Module, Optimizer};
 
 use crate::data::{num_windows, random_batch, window_batch, Dataset};
@@ -202,6 +202,26 @@ pub fn evaluate(
     })
 }
 
+/// Observes the inside of each optimizer step (audit trails, tape printing). Every method has
+/// a do-nothing default.
+pub trait StepHook {
+    /// Whether to record value/gradient norms on this step's tape (for [`StepHook::on_tape`]).
+    fn wants_tape(&self, _step: usize) -> bool {
+        false
+    }
+    /// The step's tape right after backward (its records, with norms if asked for).
+    fn on_tape(&mut self, _step: usize, _tape: &Tape<f32>) {}
+    /// After backward and clipping, before the optimizer changes the parameters.
+    fn before_update(&mut self, _step: usize, _model: &Gpt, _grads: &Gradients<f32>) {}
+    /// After the update.
+    fn after_update(&mut self, _step: usize, _loss: f64, _lr: f64, _model: &Gpt) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct NoHook;
+impl StepHook for NoHook {}
+
 /// The per-step seed of dropout masks, so a resumed run draws the same masks.
 fn step_seed(seed: u64, step: usize) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -214,6 +234,17 @@ pub fn train(
     data: &Dataset,
     cfg: &TrainConfig,
     on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<TrainSummary> {
+    train_with_hook(model, data, cfg, on_event, &mut NoHook)
+}
+
+/// [`train`] with a [`StepHook`] looking inside every step.
+pub fn train_with_hook(
+    model: &mut Gpt,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    on_event: &mut dyn FnMut(&TrainEvent),
+    hook: &mut dyn StepHook,
 ) -> Result<TrainSummary> {
     cfg.validate(model.config.n_positions)?;
     if model.num_trainable_params() == 0 {
@@ -241,6 +272,7 @@ pub fn train(
         let (ids, targets) = random_batch(&data.train, cfg.batch, cfg.block, &mut rng)?;
         let (loss, mut grads) = {
             let tape = Tape::new();
+            tape.set_track_norms(hook.wants_tape(step));
             let ctx = Ctx::train(&tape, step_seed(cfg.seed, step));
             let loss = model.forward_loss(&ctx, &ids, &targets)?;
             let value = loss.item().unwrap_or(f32::NAN) as f64;
@@ -249,7 +281,9 @@ pub fn train(
                     "training diverged: the loss is {value} at step {step}"
                 )));
             }
-            (value, tape.backward(&loss)?)
+            let grads = tape.backward(&loss)?;
+            hook.on_tape(step, &tape);
+            (value, grads)
         };
         let grad_norm = match cfg.clip {
             Some(max) => clip_grad_norm(&mut grads, trainable.iter().map(String::as_str), max),
@@ -260,7 +294,9 @@ pub fn train(
             ),
         };
         let lr = schedule.lr(step);
+        hook.before_update(step, model, &grads);
         optimizer.step(&mut model.parameters_mut(), &grads, lr)?;
+        hook.after_update(step, loss, lr, model)?;
         last_loss = loss;
         let elapsed = start.elapsed().as_secs_f64();
         on_event(&TrainEvent::Step {

@@ -24,5 +24,5 @@ pub use combine::Combination;
 pub use config::{scaling, InitA, LoraBias, LoraConfig};
 pub use error::{LoraError, Result};
 pub use layer::{LayerKind, LoraAdapter, LoraLinear, LoraPart, OutSlice};
-pub use model::{thousands, LoraModel};
+pub use model::{lora_layers_of, thousands, LoraModel};
 pub use target::{ModuleKind, Qkv, Target};

@@ -120,7 +120,7 @@ pub(crate) fn lora_of(linear: &Linear) -> Option<&LoraLinear> {
 }
 
 /// Every LoRA layer of a model, embedding first, then block by block.
-pub(crate) fn lora_layers_of(model: &Gpt) -> Vec<&LoraLinear> {
+pub fn lora_layers_of(model: &Gpt) -> Vec<&LoraLinear> {
     let wte = model
         .wte
         .adapter

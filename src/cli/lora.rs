@@ -9,7 +9,7 @@ use serde_json::json;
 use tapelora_gpt::data::{num_windows, Dataset};
 use tapelora_gpt::hf::{load_model, save_model};
 use tapelora_gpt::tokenizer::Tokenizer;
-use tapelora_gpt::train::{train, TrainConfig, TrainEvent};
+use tapelora_gpt::train::{train_with_hook, TrainConfig, TrainEvent};
 use tapelora_gpt::Gpt;
 use tapelora_lora::peft::{inspect_adapter, load_adapter, save_adapter};
 use tapelora_lora::{thousands, InitA, LoraBias, LoraConfig, LoraModel};
@@ -88,8 +88,18 @@ pub struct FinetuneArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub json: bool,
+    /// Plain progress lines instead of a progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Write a JSON Lines audit record per optimizer step to this file (docs/TRACE.md).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Compute the ΔW spectra of the trace every N steps (SVDs cost time).
+    #[arg(long, default_value_t = 10)]
+    pub trace_every: usize,
+    /// Print step 0's tape and its backward walk (also: TAPELORA_TRACE_TAPE=1).
+    #[arg(long)]
+    pub trace_tape: bool,
 }
 
 fn same_folder(a: &Path, b: &Path) -> bool {
@@ -136,6 +146,7 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
     }
     check_out_dir(&args.out)?;
 
+    let base_tensors: Vec<String> = model.parameters().iter().map(|p| p.name.clone()).collect();
     let mut lm = LoraModel::new(model);
     if args.full {
         lm.model.unfreeze();
@@ -188,21 +199,35 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
         "optimizer state (AdamW): {} bytes",
         thousands(trainable * 8 + trainable_tensors * 8)
     );
+    let mut hooks = super::trace::hooks(
+        args.trace.as_deref(),
+        args.trace_every,
+        args.steps,
+        args.trace_tape,
+        &lm.model,
+        &base_tensors,
+    )?;
     let mut progress = Progress::new(args.steps, args.quiet);
     let mut history = Vec::new();
-    let summary = train(&mut lm.model, &data, &train_cfg, &mut |e| {
-        progress.on_event(e);
-        history.push(match e {
-            TrainEvent::Step {
-                step,
-                loss,
-                lr,
-                grad_norm,
-                ..
-            } => json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}),
-            TrainEvent::Eval { step, val_loss } => json!({"step": step, "val_loss": val_loss}),
-        });
-    })
+    let summary = train_with_hook(
+        &mut lm.model,
+        &data,
+        &train_cfg,
+        &mut |e| {
+            progress.on_event(e);
+            history.push(match e {
+                TrainEvent::Step {
+                    step,
+                    loss,
+                    lr,
+                    grad_norm,
+                    ..
+                } => json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}),
+                TrainEvent::Eval { step, val_loss } => json!({"step": step, "val_loss": val_loss}),
+            });
+        },
+        &mut hooks,
+    )
     .map_err(|e| e.to_string())?;
     progress.finish();
     let result = json!({

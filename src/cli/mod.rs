@@ -4,8 +4,10 @@
 pub mod bench;
 pub mod eval;
 pub mod generate;
+pub mod graph;
 pub mod lora;
 pub mod progress;
+pub mod trace;
 pub mod train;
 
 use std::path::Path;
@@ -37,6 +39,8 @@ pub enum Command {
     Finetune(lora::FinetuneArgs),
     /// Merge adapter(s) into a model and write a plain model folder.
     Merge(lora::MergeArgs),
+    /// Print one training step's tape as Graphviz DOT (or SVG via `dot`).
+    Graph(graph::GraphArgs),
     /// Describe an adapter (ΔW per module: norm, rank, singular values) or a model folder.
     Inspect(lora::InspectArgs),
     /// Speed measurements, side by side in one run.
@@ -114,6 +118,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Finetune(args) => lora::finetune(args),
         Command::Merge(args) => lora::merge(args),
         Command::Inspect(args) => lora::inspect(args),
+        Command::Graph(args) => graph::run(args),
         Command::Demo => {
             demo_overview();
             Ok(())

@@ -8,7 +8,7 @@ use serde_json::json;
 use tapelora_gpt::data::{num_windows, Dataset};
 use tapelora_gpt::hf::save_model;
 use tapelora_gpt::tokenizer::Tokenizer;
-use tapelora_gpt::train::{train, TrainConfig, TrainEvent};
+use tapelora_gpt::train::{train_with_hook, TrainConfig, TrainEvent};
 use tapelora_gpt::{Gpt, GptConfig};
 use tapelora_nn::{write_atomic, Module};
 
@@ -76,6 +76,15 @@ pub struct TrainArgs {
     /// Plain progress lines instead of a progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Write a JSON Lines audit record per optimizer step to this file (docs/TRACE.md).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Compute the ΔW spectra of the trace every N steps (SVDs cost time).
+    #[arg(long, default_value_t = 10)]
+    pub trace_every: usize,
+    /// Print step 0's tape and its backward walk (also: TAPELORA_TRACE_TAPE=1).
+    #[arg(long)]
+    pub trace_tape: bool,
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
@@ -155,21 +164,35 @@ pub fn run(args: TrainArgs) -> CliResult {
         tokenizer.kind(),
         tokenizer.vocab_size()
     );
+    let mut hooks = super::trace::hooks(
+        args.trace.as_deref(),
+        args.trace_every,
+        args.steps,
+        args.trace_tape,
+        &model,
+        &[],
+    )?;
     let mut progress = Progress::new(args.steps, args.quiet);
     let mut history = Vec::new();
-    let summary = train(&mut model, &data, &train_cfg, &mut |e| {
-        progress.on_event(e);
-        history.push(match e {
-            TrainEvent::Step {
-                step,
-                loss,
-                lr,
-                grad_norm,
-                ..
-            } => json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}),
-            TrainEvent::Eval { step, val_loss } => json!({"step": step, "val_loss": val_loss}),
-        });
-    })
+    let summary = train_with_hook(
+        &mut model,
+        &data,
+        &train_cfg,
+        &mut |e| {
+            progress.on_event(e);
+            history.push(match e {
+                TrainEvent::Step {
+                    step,
+                    loss,
+                    lr,
+                    grad_norm,
+                    ..
+                } => json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}),
+                TrainEvent::Eval { step, val_loss } => json!({"step": step, "val_loss": val_loss}),
+            });
+        },
+        &mut hooks,
+    )
     .map_err(|e| e.to_string())?;
     progress.finish();
 
