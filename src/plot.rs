@@ -126,7 +126,8 @@ pub fn line_chart(
     svg
 }
 
-/// A heatmap of `values[i][j]` in [0, 1] (row i from the top), labelled 1-based, as SVG.
+/// A heatmap of `values[i][j]` in [0, 1] (row i from the top, white = 0, dark blue = 1),
+/// labelled 1-based, as SVG.
 pub fn heatmap(
     title: &str,
     row_label: &str,

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod graph;
 pub mod lora;
 pub mod progress;
+pub mod report;
 pub mod trace;
 pub mod train;
 
@@ -39,6 +40,8 @@ pub enum Command {
     Finetune(lora::FinetuneArgs),
     /// Merge adapter(s) into a model and write a plain model folder.
     Merge(lora::MergeArgs),
+    /// Draw a run folder (metrics, traces, adapters) as a self-contained HTML report.
+    Report(report::ReportArgs),
     /// Print one training step's tape as Graphviz DOT (or SVG via `dot`).
     Graph(graph::GraphArgs),
     /// Describe an adapter (ΔW per module: norm, rank, singular values) or a model folder.
@@ -119,6 +122,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Merge(args) => lora::merge(args),
         Command::Inspect(args) => lora::inspect(args),
         Command::Graph(args) => graph::run(args),
+        Command::Report(args) => report::run(args),
         Command::Demo => {
             demo_overview();
             Ok(())
