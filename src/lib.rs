@@ -12,4 +12,5 @@
 pub use tapelora_autograd as autograd;
 
 pub mod cli;
+pub mod demo;
 pub mod plot;

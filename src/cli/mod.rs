@@ -28,8 +28,17 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// The end-to-end LoRA demo (for now: what exists and how to try it).
-    Demo,
+    /// LoRA end to end on a generated arithmetic corpus: pretrain, adapt, compare, swap, merge.
+    Demo {
+        /// A sub-minute version (smaller budgets) for smoke tests.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// The run folder to (re)create.
+        #[arg(long, default_value = "runs/demo")]
+        out: std::path::PathBuf,
+    },
     /// Train a GPT on a text file and write a Hugging Face-style model folder.
     Train(train::TrainArgs),
     /// Loss and perplexity of a model on a text file.
@@ -123,10 +132,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Inspect(args) => lora::inspect(args),
         Command::Graph(args) => graph::run(args),
         Command::Report(args) => report::run(args),
-        Command::Demo => {
-            demo_overview();
-            Ok(())
-        }
+        Command::Demo { quick, seed, out } => crate::demo::run(quick, seed, &out),
         Command::Bench {
             mode,
             sizes,
@@ -144,24 +150,4 @@ pub fn run(cli: Cli) -> Result<(), String> {
             }
         }
     }
-}
-
-fn demo_overview() {
-    println!(
-        "\
-tapelora — tape-based autodiff, GPT-2 and LoRA in pure Rust
-
-The end-to-end LoRA demo is not built yet. What exists today:
-
-  autograd   a Wengert-list tape with forward and backward side by side for every op
-             (matmul, elementwise, reductions, views, embedding, softmax, cross-entropy,
-             layer norm, attention, dropout), gradcheck in f64, a printable tape and
-             Graphviz export, anomaly mode, and frozen leaves whose gradients are never computed.
-
-Try:
-  cargo run --release --example gradcheck_all     every op's gradient vs finite differences
-  cargo run --release --example tape_tour         print a tape and its DOT graph
-  cargo run --release -- bench --mode matmul      the tape's matmul vs raw sgemm
-  cargo test --workspace --release                the test suite"
-    );
 }
