@@ -50,8 +50,11 @@ impl Task {
     }
 }
 
+/// Two operands.
+pub type Pair = (u32, u32);
+
 /// All 100 × 100 pairs, shuffled with `seed` and split into training and held-out pairs.
-pub fn split_pairs(seed: u64, held_out: usize) -> (Vec<(u32, u32)>, Vec<(u32, u32)>) {
+pub fn split_pairs(seed: u64, held_out: usize) -> (Vec<Pair>, Vec<Pair>) {
     let mut pairs: Vec<(u32, u32)> = (0..100)
         .flat_map(|a| (0..100).map(move |b| (a, b)))
         .collect();
