@@ -108,6 +108,12 @@ pub fn line_chart(
                         .legend(move |(x, y)| {
                             PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
                         });
+                    if s.points.len() <= 20 {
+                        // Few points (a final evaluation): mark them, a lone point draws no line.
+                        chart.draw_series(
+                            s.points.iter().map(|&p| Circle::new(p, 4, color.filled())),
+                        )?;
+                    }
                 }
                 chart
                     .configure_series_labels()

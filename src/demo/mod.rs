@@ -1,12 +1,12 @@
 //! `tapelora demo`: LoRA end to end in a few minutes, on a corpus it generates itself.
 //!
 //! 1. pretrain a small GPT on two-digit addition ([`tasks`]);
-//! 2. adapt it to task 1 (answers with reversed digits) under one step budget: full
+//! 2. adapt it to task 1 (subtraction) under one step budget: full
 //!    fine-tuning; LoRA r = 1, 2, 4, 8 on W_q, W_v; LoRA on all four attention matrices at the
 //!    r = 8 (q, v) parameter budget — the paper's Table 5 question in miniature;
 //! 3. print trainable parameters, optimizer memory, adapter size, speed, task-1 accuracy and
 //!    base-task accuracy afterwards (forgetting);
-//! 4. train a task-2 adapter (subtraction), swap adapters on one base, merge one and time base,
+//! 4. train a task-2 adapter (the sum plus one), swap adapters on one base, merge one and time base,
 //!    unmerged and merged inference side by side;
 //! 5. write the run folder: PEFT adapters, metrics, a trace and the HTML report.
 
@@ -259,7 +259,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
         train_pairs.len(),
         test_pairs.len()
     );
-    for task in [Task::Add, Task::Reverse, Task::Subtract] {
+    for task in [Task::Add, Task::Subtract, Task::AddOne] {
         let (p, a) = task.problem(47, 85);
         println!("  {:<9} {p}{a}", task.name());
     }
@@ -284,9 +284,9 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
         &mut Quiet,
     )?;
     let base_add = accuracy(&base, &tok, Task::Add, &test_pairs);
-    let base_rev = accuracy(&base, &tok, Task::Reverse, &test_pairs);
     let base_sub = accuracy(&base, &tok, Task::Subtract, &test_pairs);
-    println!("\nbase model: addition exact match {:.1}% on held-out pairs (reverse {:.1}%, subtract {:.1}% before adaptation); {:.1} ms/step\n", 100.0 * base_add, 100.0 * base_rev, 100.0 * base_sub, pre.seconds * 1e3 / pre.steps as f64);
+    let base_one = accuracy(&base, &tok, Task::AddOne, &test_pairs);
+    println!("\nbase model: addition exact match {:.1}% on held-out pairs (subtract {:.1}%, add-one {:.1}% before adaptation); {:.1} ms/step\n", 100.0 * base_add, 100.0 * base_sub, 100.0 * base_one, pre.seconds * 1e3 / pre.steps as f64);
     let base_dir = out.join("base");
     save_model(&base, &base_dir, |dir| {
         tok.save(dir)
@@ -300,14 +300,14 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
     )?;
 
     // 2. Task 1 under one step budget.
-    let rev = data(Task::Reverse);
+    let sub = data(Task::Subtract);
     let steps = plan.finetune_steps;
     let mut rows = Vec::new();
     {
         let mut full = copy_model(&base);
         let (s, hist) = fit(
             &mut full,
-            &rev,
+            &sub,
             &recipe(steps, 1e-3, seed, block),
             "task 1, full fine-tuning",
             &mut Quiet,
@@ -330,7 +330,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
             optimizer_bytes: s.optimizer_state_bytes,
             disk_bytes: None,
             ms_per_step: s.seconds * 1e3 / steps as f64,
-            task_acc: accuracy(&full, &tok, Task::Reverse, &test_pairs),
+            task_acc: accuracy(&full, &tok, Task::Subtract, &test_pairs),
             base_acc_after: accuracy(&full, &tok, Task::Add, &test_pairs),
         });
     }
@@ -373,13 +373,13 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
         };
         let (s, hist) = fit(
             &mut lm.model,
-            &rev,
+            &sub,
             &recipe(steps, 1e-2, seed, block),
             &format!("task 1, {label}"),
             hook.as_mut(),
         )?;
         save_adapter(&lm, "default", &dir, "base").map_err(|e| e.to_string())?;
-        let task_acc = accuracy(&lm.model, &tok, Task::Reverse, &test_pairs);
+        let task_acc = accuracy(&lm.model, &tok, Task::Subtract, &test_pairs);
         lm.set_adapters_disabled(true);
         let base_acc_after = accuracy(&lm.model, &tok, Task::Add, &test_pairs);
         lm.set_adapters_disabled(false);
@@ -404,7 +404,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
             base_acc_after,
         });
     }
-    println!("\nTask 1 (reverse the answer's digits), {steps} steps each, held-out exact match:\n");
+    println!("\nTask 1 (subtraction), {steps} steps each, held-out exact match:\n");
     println!("| method | trainable params | optimizer state | adapter on disk | ms/step | task 1 accuracy | addition afterwards |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
@@ -423,10 +423,10 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
             100.0 * r.base_acc_after
         );
     }
-    println!("(addition afterwards: the LoRA rows disable the adapter, which restores the base model exactly)");
+    println!("\n(addition afterwards: the LoRA rows disable the adapter, which restores the base model exactly)");
 
     // 3. Task 2 adapter, swapping and merging.
-    let sub = data(Task::Subtract);
+    let one = data(Task::AddOne);
     {
         let mut lm = LoraModel::new(copy_model(&base));
         lm.add_adapter(
@@ -437,9 +437,9 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         let (s, hist) = fit(
             &mut lm.model,
-            &sub,
+            &one,
             &recipe(steps, 1e-2, seed, block),
-            "task 2 (subtraction), LoRA r=8 (q,v)",
+            "task 2 (add-one), LoRA r=8 (q,v)",
             &mut Quiet,
         )?;
         let dir = out.join("task2-lora-r8-qv");
@@ -451,20 +451,20 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
         )?;
     }
     let mut lm = LoraModel::new(copy_model(&base));
-    load_adapter(&mut lm, "reverse", &out.join("task1-lora-r8-qv")).map_err(|e| e.to_string())?;
-    load_adapter(&mut lm, "subtract", &out.join("task2-lora-r8-qv")).map_err(|e| e.to_string())?;
+    load_adapter(&mut lm, "subtract", &out.join("task1-lora-r8-qv")).map_err(|e| e.to_string())?;
+    load_adapter(&mut lm, "add-one", &out.join("task2-lora-r8-qv")).map_err(|e| e.to_string())?;
     println!("\nOne base, two adapters, swapped in place (held-out exact match):\n");
-    println!("| active adapter | reverse | subtract | addition |");
+    println!("| active adapter | subtract | add-one | addition |");
     println!("|---|---:|---:|---:|");
     let mut swap_rows = Vec::new();
-    for active in ["reverse", "subtract", "reverse", "none"] {
+    for active in ["subtract", "add-one", "subtract", "none"] {
         if active == "none" {
             lm.set_adapters_disabled(true);
         } else {
             lm.set_adapters_disabled(false);
             lm.set_adapter(active).map_err(|e| e.to_string())?;
         }
-        let accs = [Task::Reverse, Task::Subtract, Task::Add]
+        let accs = [Task::Subtract, Task::AddOne, Task::Add]
             .map(|t| accuracy(&lm.model, &tok, t, &test_pairs));
         println!(
             "| {active} | {:.1}% | {:.1}% | {:.1}% |",
@@ -475,11 +475,11 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
         swap_rows.push(accs);
     }
     if swap_rows[0] != swap_rows[2] {
-        return Err("switching reverse → subtract → reverse changed the results".into());
+        return Err("switching subtract → add-one → subtract changed the results".into());
     }
     lm.set_adapters_disabled(false);
-    lm.set_adapter("reverse").map_err(|e| e.to_string())?;
-    let unmerged_acc = accuracy(&lm.model, &tok, Task::Reverse, &test_pairs);
+    lm.set_adapter("subtract").map_err(|e| e.to_string())?;
+    let unmerged_acc = accuracy(&lm.model, &tok, Task::Subtract, &test_pairs);
     let batch = ArrayD::from_shape_fn(IxDyn(&[64, block]), |i| {
         (i[0] * 7 + i[1] * 3) % plan.config.vocab_size
     });
@@ -496,10 +496,10 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
     let mut t_unmerged = Vec::new();
     let mut t_merged = Vec::new();
     let mut merged_lm = LoraModel::new(copy_model(&base));
-    load_adapter(&mut merged_lm, "reverse", &out.join("task1-lora-r8-qv"))
+    load_adapter(&mut merged_lm, "subtract", &out.join("task1-lora-r8-qv"))
         .map_err(|e| e.to_string())?;
     let merged = merged_lm.merge_and_unload().map_err(|e| e.to_string())?;
-    let merged_acc = accuracy(&merged, &tok, Task::Reverse, &test_pairs);
+    let merged_acc = accuracy(&merged, &tok, Task::Subtract, &test_pairs);
     // Interleaved rounds, so that load on the machine affects all three alike.
     for _ in 0..3 {
         t_base.push(median_ms(reps, || forward(&plain)));
@@ -509,7 +509,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
     let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let (tb, tu, tm) = (best(&t_base), best(&t_unmerged), best(&t_merged));
     println!(
-        "\nMerging W ← W₀ + (α/r)·B·A: reverse accuracy unmerged {:.1}%, merged {:.1}%",
+        "\nMerging W ← W₀ + (α/r)·B·A: subtraction accuracy unmerged {:.1}%, merged {:.1}%",
         100.0 * unmerged_acc,
         100.0 * merged_acc
     );
@@ -545,7 +545,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
     println!("Next:");
     println!("  open {o}/report/index.html");
     println!("  cargo run --release -- inspect {o}/task1-lora-r8-qv");
-    println!("  cargo run --release -- generate --model {o}/base --adapter {o}/task1-lora-r8-qv --prompt '47+85=' --max-new-tokens 4 --temperature 0");
+    println!("  cargo run --release -- generate --model {o}/base --adapter {o}/task1-lora-r8-qv --prompt '85-47=' --max-new-tokens 4 --temperature 0");
     println!("  cargo run --release -- report {o} --out {o}/report");
     Ok(())
 }

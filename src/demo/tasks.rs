@@ -1,15 +1,17 @@
 //! The demo's synthetic tasks: two-digit arithmetic written as text, one problem per line.
 //!
 //! * **base** — addition, answer zero-padded to three digits: `47+85=132`
-//! * **task 1 (reverse)** — the same sums with the answer's digits reversed: `47+85=231`.
-//!   The model must still add (carry and all), then write the result in a new order — new
-//!   output behaviour on top of a skill the base model has.
-//! * **task 2 (subtract)** — `85-47=038` (always a ≥ b): the same format and vocabulary, a
-//!   different operation.
+//! * **task 1 (subtract)** — `85-47=038` (always a ≥ b): the same format and vocabulary, a
+//!   different operation (borrows instead of carries). Hard enough that rank matters: in our runs
+//!   full fine-tuning and LoRA at r = 8 reach similar accuracy while r = 1 does not.
+//! * **task 2 (add-one)** — `47+85=133`: the sum plus one — the base skill with a changed rule
+//!   (a carry can now ripple from the units), learnt quickly even by a rank-1 adapter.
 //!
-//! All share one 13-character vocabulary (digits, `+`, `-`, `=`, newline). A small GPT learns the
-//! base task well in a minute; the downstream tasks are learnable both by full fine-tuning and by
-//! low-rank adapters. Held-out problems (pairs never seen in training) measure exact-match
+//! All share one 14-character vocabulary (digits, `+`, `-`, `=`, newline). A small GPT learns the
+//! base task well in a minute; both downstream tasks are learnable by full fine-tuning and by
+//! low-rank adapters on W_q and W_v. (We also tried writing the sum's digits in reverse order:
+//! full fine-tuning reached 50 % in the same budget but LoRA on q, v stayed at the base's 8 % —
+//! re-routing which digit is produced where needed more than this budget gives.) Held-out problems (pairs never seen in training) measure exact-match
 //! accuracy: the model is prompted with `47+85=` and must produce the three answer digits
 //! greedily.
 
@@ -21,16 +23,16 @@ pub const VOCAB: &str = "\n+-=0123456789";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Task {
     Add,
-    Reverse,
     Subtract,
+    AddOne,
 }
 
 impl Task {
     pub fn name(self) -> &'static str {
         match self {
             Task::Add => "add",
-            Task::Reverse => "reverse",
             Task::Subtract => "subtract",
+            Task::AddOne => "add-one",
         }
     }
 
@@ -38,14 +40,11 @@ impl Task {
     pub fn problem(self, a: u32, b: u32) -> (String, String) {
         match self {
             Task::Add => (format!("{a:02}+{b:02}="), format!("{:03}", a + b)),
-            Task::Reverse => (
-                format!("{a:02}+{b:02}="),
-                format!("{:03}", a + b).chars().rev().collect(),
-            ),
             Task::Subtract => {
                 let (hi, lo) = (a.max(b), a.min(b));
                 (format!("{hi:02}-{lo:02}="), format!("{:03}", hi - lo))
             }
+            Task::AddOne => (format!("{a:02}+{b:02}="), format!("{:03}", a + b + 1)),
         }
     }
 }
@@ -89,8 +88,8 @@ mod tests {
     fn problems_and_split() {
         assert_eq!(Task::Add.problem(47, 85), ("47+85=".into(), "132".into()));
         assert_eq!(
-            Task::Reverse.problem(47, 85),
-            ("47+85=".into(), "231".into())
+            Task::AddOne.problem(47, 85),
+            ("47+85=".into(), "133".into())
         );
         assert_eq!(
             Task::Subtract.problem(47, 85),
