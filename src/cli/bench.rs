@@ -118,3 +118,240 @@ pub fn matmul(sizes: &[usize], reps: usize, json: bool) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The machine's sgemm peak as this process sees it: the tape's GEMM on 1024³, all threads.
+fn measured_peak_flops() -> f64 {
+    let n = 1024;
+    let (a, b) = (filled(n, n), filled(n, n));
+    let mut c = Array2::<f32>::zeros((n, n));
+    let secs = median_seconds(3, || {
+        tapelora_autograd::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut())
+    });
+    2.0 * (n as f64).powi(3) / secs
+}
+
+/// Model-level benchmarks (`--mode full|lora|generate|infer`).
+pub struct ModelBench {
+    pub config: String,
+    pub rank: usize,
+    pub batch: Option<usize>,
+    pub block: Option<usize>,
+    pub steps: Option<usize>,
+    pub json: bool,
+}
+
+impl ModelBench {
+    fn model(&self) -> Result<(tapelora_gpt::Gpt, usize, usize, usize), String> {
+        use rand::SeedableRng;
+        let (cfg, batch, block, steps) = match self.config.as_str() {
+            "nanogpt-cpu" => (
+                tapelora_gpt::GptConfig::preset("nanogpt-cpu", Some(65)),
+                12,
+                64,
+                20,
+            ),
+            "gpt2" => (tapelora_gpt::GptConfig::preset("gpt2", None), 4, 256, 3),
+            other => {
+                return Err(format!(
+                    "--config: unknown `{other}` (known: nanogpt-cpu, gpt2)"
+                ))
+            }
+        };
+        let cfg = cfg.map_err(|e| e.to_string())?;
+        let (batch, block, steps) = (
+            self.batch.unwrap_or(batch),
+            self.block.unwrap_or(block),
+            self.steps.unwrap_or(steps),
+        );
+        if batch == 0 || block == 0 || steps == 0 || block > cfg.n_positions {
+            return Err(format!(
+                "--batch, --block and --steps must be at least 1, and --block at most {}",
+                cfg.n_positions
+            ));
+        }
+        let model = tapelora_gpt::Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
+            .map_err(|e| e.to_string())?;
+        Ok((model, batch, block, steps))
+    }
+
+    fn ids(vocab: usize, batch: usize, block: usize) -> (ndarray::ArrayD<usize>, Vec<i64>) {
+        let ids = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, block]), |i| {
+            (i[0] * 131 + i[1] * 31) % vocab
+        });
+        let targets = ids.iter().map(|&t| ((t * 7 + 1) % vocab) as i64).collect();
+        (ids, targets)
+    }
+
+    /// Forward + backward + AdamW steps; prints ms/step, tokens/s, FLOP/s, MFU and peak RSS.
+    pub fn train(&self, lora: bool) -> Result<(), String> {
+        use tapelora_nn::{AdamW, AdamWConfig, Module, Optimizer};
+        let (model, batch, block, steps) = self.model()?;
+        let mut lm = tapelora_lora::LoraModel::new(model);
+        if lora {
+            let cfg = tapelora_lora::LoraConfig::new(
+                self.rank,
+                2.0 * self.rank as f64,
+                &["c_attn.q", "c_attn.v"],
+            );
+            lm.add_adapter(
+                "default",
+                &cfg,
+                &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0),
+            )
+            .map_err(|e| e.to_string())?;
+        } else {
+            lm.model.unfreeze();
+        }
+        let model = &mut lm.model;
+        let (ids, targets) = Self::ids(model.config.vocab_size, batch, block);
+        let mut opt = AdamW::new(model.parameters(), AdamWConfig::default());
+        let mut step = |model: &mut tapelora_gpt::Gpt| -> Result<(), String> {
+            let grads = {
+                let tape = Tape::new();
+                let loss = model
+                    .forward_loss(&tapelora_nn::Ctx::train(&tape, 0), &ids, &targets)
+                    .map_err(|e| e.to_string())?;
+                tape.backward(&loss).map_err(|e| e.to_string())?
+            };
+            opt.step(&mut model.parameters_mut(), &grads, 1e-4)
+                .map_err(|e| e.to_string())
+        };
+        step(model)?; // warm-up
+        let flops0 = tapelora_autograd::gemm::gemm_flops();
+        let start = Instant::now();
+        for _ in 0..steps {
+            step(model)?;
+        }
+        let secs = start.elapsed().as_secs_f64() / steps as f64;
+        let flops = (tapelora_autograd::gemm::gemm_flops() - flops0) as f64 / steps as f64;
+        let peak = measured_peak_flops();
+        let tokens = (batch * block) as f64;
+        let (ms, tps, mfu, rss) = (
+            secs * 1e3,
+            tokens / secs,
+            flops / secs / peak,
+            peak_rss_mib(),
+        );
+        if !self.json {
+            println!("{} {} step (batch {batch} × block {block}, {} trainable of {} parameters, {} steps after 1 warm-up):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, model.num_trainable_params(), model.num_params(), steps);
+            println!("  {ms:.1} ms/step, {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; sgemm peak here {:.1} GFLOP/s → MFU {:.1}%; peak RSS {rss:.0} MiB", flops / 1e9, flops / secs / 1e9, peak / 1e9, 100.0 * mfu);
+        }
+        println!("{{\"ms_per_step\": {ms:.3}, \"tokens_per_sec\": {tps:.1}, \"peak_rss_mib\": {rss:.1}, \"mfu\": {mfu:.4}}}");
+        Ok(())
+    }
+
+    /// Greedy generation with the KV cache.
+    pub fn generate(&self) -> Result<(), String> {
+        let (model, _, _, _) = self.model()?;
+        let prompt: Vec<u32> = (0..16)
+            .map(|i| (i * 37 % model.config.vocab_size) as u32)
+            .collect();
+        let new_tokens = 128.min(model.config.n_positions - 16);
+        let cfg = tapelora_gpt::generate::SamplingConfig {
+            max_new_tokens: new_tokens,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?; // warm-up
+        let start = Instant::now();
+        let out =
+            tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?;
+        let tps = out.len() as f64 / start.elapsed().as_secs_f64();
+        if !self.json {
+            println!("{} generation: batch 1, 16-token prompt, {} new tokens, greedy, KV cache: {tps:.1} tokens/s", self.config, out.len());
+        }
+        println!(
+            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {:.1}}}",
+            peak_rss_mib()
+        );
+        Ok(())
+    }
+
+    /// Forward latency of the base model, with an unmerged LoRA adapter, and merged.
+    pub fn infer(&self) -> Result<(), String> {
+        use rand::SeedableRng;
+        let (model, batch, block, steps) = self.model()?;
+        let (ids, _) = Self::ids(model.config.vocab_size, batch, block);
+        let copy = |m: &tapelora_gpt::Gpt| {
+            use tapelora_nn::Module;
+            let mut c = tapelora_gpt::Gpt::zeros(m.config.clone()).expect("valid");
+            for (d, s) in c.parameters_mut().into_iter().zip(m.parameters()) {
+                d.value = s.value.clone();
+            }
+            c
+        };
+        let mut lm = tapelora_lora::LoraModel::new(copy(&model));
+        let cfg = tapelora_lora::LoraConfig {
+            random_b: true,
+            ..tapelora_lora::LoraConfig::new(
+                self.rank,
+                2.0 * self.rank as f64,
+                &["c_attn.q", "c_attn.v"],
+            )
+        };
+        lm.add_adapter(
+            "default",
+            &cfg,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+        )
+        .map_err(|e| e.to_string())?;
+        let mut merged_lm = tapelora_lora::LoraModel::new(copy(&model));
+        merged_lm
+            .add_adapter(
+                "default",
+                &cfg,
+                &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+            )
+            .map_err(|e| e.to_string())?;
+        let merged = merged_lm.merge_and_unload().map_err(|e| e.to_string())?;
+        let forward = |m: &tapelora_gpt::Gpt| {
+            let tape = Tape::new();
+            tape.no_grad(|| {
+                m.forward(&tapelora_nn::Ctx::eval(&tape), &ids)
+                    .expect("fits");
+            })
+        };
+        let reps = steps.max(3);
+        let (mut b, mut u, mut g) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+        for _ in 0..3 {
+            b = b.min(median_seconds(reps, || forward(&model)));
+            u = u.min(median_seconds(reps, || forward(&lm.model)));
+            g = g.min(median_seconds(reps, || forward(&merged)));
+        }
+        if !self.json {
+            println!(
+                "{} forward, batch {batch} × block {block} (best of 3 interleaved medians):",
+                self.config
+            );
+            println!(
+                "  base {:.2} ms, LoRA r={} unmerged {:.2} ms ({:+.1}%), merged {:.2} ms ({:+.1}%)",
+                b * 1e3,
+                self.rank,
+                u * 1e3,
+                100.0 * (u / b - 1.0),
+                g * 1e3,
+                100.0 * (g / b - 1.0)
+            );
+        }
+        println!(
+            "{{\"base_ms\": {:.3}, \"unmerged_ms\": {:.3}, \"merged_ms\": {:.3}}}",
+            b * 1e3,
+            u * 1e3,
+            g * 1e3
+        );
+        Ok(())
+    }
+}

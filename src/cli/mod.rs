@@ -60,6 +60,21 @@ pub enum Command {
         /// What to measure.
         #[arg(long, value_enum, default_value_t = BenchMode::Matmul)]
         mode: BenchMode,
+        /// Model for the full/lora/generate/infer modes: nanogpt-cpu or gpt2 (random weights).
+        #[arg(long, default_value = "nanogpt-cpu")]
+        config: String,
+        /// LoRA rank (on c_attn.q and c_attn.v, α = 2r).
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// Sequences per step (default: 12 for nanogpt-cpu, 4 for gpt2).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Tokens per sequence (default: 64 for nanogpt-cpu, 256 for gpt2).
+        #[arg(long)]
+        block: Option<usize>,
+        /// Timed steps (default: 20 for nanogpt-cpu, 3 for gpt2).
+        #[arg(long)]
+        steps: Option<usize>,
         /// Square matrix sizes for `--mode matmul`.
         #[arg(long, value_delimiter = ',', default_values_t = vec![512, 768, 1024])]
         sizes: Vec<usize>,
@@ -76,6 +91,14 @@ pub enum Command {
 pub enum BenchMode {
     /// The tape's matmul against raw matrixmultiply sgemm.
     Matmul,
+    /// Training steps updating every weight (forward + backward + AdamW).
+    Full,
+    /// Training steps with LoRA on c_attn.q and c_attn.v.
+    Lora,
+    /// Greedy generation with the KV cache: batch 1, 16-token prompt, 128 new tokens.
+    Generate,
+    /// Forward latency: base vs LoRA unmerged vs merged.
+    Infer,
 }
 
 pub type CliResult = Result<(), String>;
@@ -135,6 +158,11 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Demo { quick, seed, out } => crate::demo::run(quick, seed, &out),
         Command::Bench {
             mode,
+            config,
+            rank,
+            batch,
+            block,
+            steps,
             sizes,
             reps,
             json,
@@ -145,8 +173,20 @@ pub fn run(cli: Cli) -> Result<(), String> {
             if sizes.contains(&0) {
                 return Err("bench: --sizes must all be at least 1".into());
             }
+            let model = bench::ModelBench {
+                config,
+                rank,
+                batch,
+                block,
+                steps,
+                json,
+            };
             match mode {
                 BenchMode::Matmul => bench::matmul(&sizes, reps, json),
+                BenchMode::Full => model.train(false),
+                BenchMode::Lora => model.train(true),
+                BenchMode::Generate => model.generate(),
+                BenchMode::Infer => model.infer(),
             }
         }
     }
