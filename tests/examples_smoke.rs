@@ -8,15 +8,11 @@ fn gradcheck_all_passes_for_every_op() {
     assert_eq!(gradcheck_all::run(), 0);
 }
 
+/// The bench command's matmul mode and its argument checks (the demo has its own test,
+/// tests/demo_quick.rs).
 #[test]
-fn cli_demo_and_bench_run() {
+fn cli_bench_runs() {
     let exe = env!("CARGO_BIN_EXE_tapelora");
-    let out = std::process::Command::new(exe)
-        .arg("demo")
-        .output()
-        .expect("runs");
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("tapelora"));
     let out = std::process::Command::new(exe)
         .args([
             "bench", "--mode", "matmul", "--sizes", "64", "--reps", "1", "--json",
@@ -41,4 +37,53 @@ fn cli_demo_and_bench_run() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
     assert!(stderr.contains("--reps"), "{stderr}");
+}
+
+#[path = "../examples/lora_by_hand.rs"]
+mod lora_by_hand;
+
+#[test]
+fn lora_by_hand_lesson_checks_pass() {
+    let result = lora_by_hand::run();
+    if let Err(e) = &result {
+        eprintln!("lora_by_hand failed: {e}");
+    }
+    assert!(result.is_ok(), "lora_by_hand: {result:?}");
+}
+
+#[test]
+fn model_benchmarks_print_their_json_line() {
+    let exe = env!("CARGO_BIN_EXE_tapelora");
+    for (mode, key) in [
+        ("full", "\"mfu\""),
+        ("lora", "\"peak_rss_mib\""),
+        ("generate", "\"tokens_per_sec\""),
+        ("infer", "\"merged_ms\""),
+    ] {
+        let out = std::process::Command::new(exe)
+            .args([
+                "bench",
+                "--mode",
+                mode,
+                "--config",
+                "nanogpt-cpu",
+                "--batch",
+                "2",
+                "--block",
+                "16",
+                "--steps",
+                "1",
+                "--json",
+            ])
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert!(stdout.contains(key) && last.is_object(), "{mode}: {stdout}");
+    }
 }
