@@ -20,7 +20,6 @@ use tapelora_gpt::train::{train, TrainConfig};
 use tapelora_gpt::{Gpt, GptConfig};
 use tapelora_lora::analysis::{amplification, random_subspace_similarity, subspace_similarity};
 use tapelora_lora::{LoraConfig, LoraModel};
-use tapelora_nn::Module;
 
 const WORDS: [&str; 12] = [
     "tape", "lora", "rank", "grad", "adam", "norm", "head", "loss", "step", "base", "task", "mask",
@@ -102,20 +101,8 @@ pub fn run(out_dir: &Path, quick: bool) -> Result<(), String> {
     );
 
     let task = Dataset::split(corpus(3000, true, 2), 0.1);
-    let base_state: Vec<(String, ndarray::ArrayD<f32>)> = base
-        .parameters()
-        .iter()
-        .map(|p| (p.name.clone(), p.value.to_owned()))
-        .collect();
-    let fresh_base = || {
-        let mut m = Gpt::zeros(base.config.clone()).expect("valid config");
-        for (p, (_, v)) in m.parameters_mut().into_iter().zip(&base_state) {
-            p.value = v.clone().into_shared();
-        }
-        m
-    };
     let adapt = |r: usize, seed: u64| -> Result<(LoraModel, f64), String> {
-        let mut lm = LoraModel::new(fresh_base());
+        let mut lm = LoraModel::new(base.copy_weights());
         let cfg = LoraConfig::new(r, 2.0 * r as f64, &["c_attn.q", "c_attn.v"]);
         lm.add_adapter(
             "default",

@@ -207,6 +207,25 @@ impl Gpt {
         })
     }
 
+    /// A plain copy of the model's own weights (no adapters), every parameter trainable. The
+    /// buffers are shared copy-on-write: the first in-place update of either model copies the
+    /// tensor it changes, so the two never affect each other.
+    pub fn copy_weights(&self) -> Gpt {
+        let mut copy =
+            Gpt::zeros(self.config.clone()).expect("a config that built a model is valid");
+        let mine: std::collections::HashMap<&str, &Parameter> = self
+            .parameters()
+            .into_iter()
+            .map(|p| (p.name.as_str(), p))
+            .collect();
+        copy.visit_mut(&mut |p| {
+            if let Some(src) = mine.get(p.name.as_str()) {
+                p.value = src.value.clone();
+            }
+        });
+        copy
+    }
+
     fn check_ids(&self, ids: &ArrayD<usize>, past: usize) -> Result<(usize, usize)> {
         if ids.ndim() != 2 || ids.is_empty() {
             return Err(GptError::Input(format!(
@@ -353,6 +372,18 @@ mod tests {
             dropout: 0.0,
         };
         Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0)).unwrap()
+    }
+
+    #[test]
+    fn copies_share_buffers_until_one_changes() {
+        let m = tiny();
+        let mut c = m.copy_weights();
+        assert_eq!(c.parameters()[2].value, m.parameters()[2].value);
+        c.parameters_mut()[2].value_mut().fill(7.0);
+        assert!(
+            m.parameters()[2].value.iter().all(|&v| v != 7.0),
+            "the original is untouched"
+        );
     }
 
     #[test]

@@ -285,15 +285,7 @@ impl ModelBench {
         use rand::SeedableRng;
         let (model, batch, block, steps) = self.model()?;
         let (ids, _) = Self::ids(model.config.vocab_size, batch, block);
-        let copy = |m: &tapelora_gpt::Gpt| {
-            use tapelora_nn::Module;
-            let mut c = tapelora_gpt::Gpt::zeros(m.config.clone()).expect("valid");
-            for (d, s) in c.parameters_mut().into_iter().zip(m.parameters()) {
-                d.value = s.value.clone();
-            }
-            c
-        };
-        let mut lm = tapelora_lora::LoraModel::new(copy(&model));
+        let mut lm = tapelora_lora::LoraModel::new(model.copy_weights());
         let cfg = tapelora_lora::LoraConfig {
             random_b: true,
             ..tapelora_lora::LoraConfig::new(
@@ -308,7 +300,7 @@ impl ModelBench {
             &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
         )
         .map_err(|e| e.to_string())?;
-        let mut merged_lm = tapelora_lora::LoraModel::new(copy(&model));
+        let mut merged_lm = tapelora_lora::LoraModel::new(model.copy_weights());
         merged_lm
             .add_adapter(
                 "default",

@@ -4,7 +4,10 @@
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tapelora_gpt::train::TrainEvent;
+use serde_json::{json, Value};
+use tapelora_gpt::data::Dataset;
+use tapelora_gpt::train::{train_with_hook, StepHook, TrainConfig, TrainEvent, TrainSummary};
+use tapelora_gpt::Gpt;
 
 pub struct Progress {
     bar: Option<ProgressBar>,
@@ -77,4 +80,39 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// Trains with a progress display and returns the summary and the history of events (the
+/// `history` of `metrics.json`: `{step, loss, lr, grad_norm}` and `{step, val_loss}` entries).
+pub fn train_with_progress(
+    model: &mut Gpt,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    quiet: bool,
+    hook: &mut dyn StepHook,
+) -> Result<(TrainSummary, Vec<Value>), String> {
+    let mut progress = Progress::new(cfg.steps, quiet);
+    let mut history = Vec::new();
+    let summary = train_with_hook(
+        model,
+        data,
+        cfg,
+        &mut |e| {
+            progress.on_event(e);
+            history.push(match e {
+                TrainEvent::Step {
+                    step,
+                    loss,
+                    lr,
+                    grad_norm,
+                    ..
+                } => json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}),
+                TrainEvent::Eval { step, val_loss } => json!({"step": step, "val_loss": val_loss}),
+            });
+        },
+        hook,
+    )
+    .map_err(|e| e.to_string())?;
+    progress.finish();
+    Ok((summary, history))
 }

@@ -8,11 +8,11 @@ use serde_json::json;
 use tapelora_gpt::data::{num_windows, Dataset};
 use tapelora_gpt::hf::save_model;
 use tapelora_gpt::tokenizer::Tokenizer;
-use tapelora_gpt::train::{train_with_hook, TrainConfig, TrainEvent};
+use tapelora_gpt::train::TrainConfig;
 use tapelora_gpt::{Gpt, GptConfig};
 use tapelora_nn::{write_atomic, Module};
 
-use super::progress::Progress;
+use super::progress::train_with_progress;
 use super::{check_out_dir, read_text, CliResult};
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,29 +172,8 @@ pub fn run(args: TrainArgs) -> CliResult {
         &model,
         &[],
     )?;
-    let mut progress = Progress::new(args.steps, args.quiet);
-    let mut history = Vec::new();
-    let summary = train_with_hook(
-        &mut model,
-        &data,
-        &train_cfg,
-        &mut |e| {
-            progress.on_event(e);
-            history.push(match e {
-                TrainEvent::Step {
-                    step,
-                    loss,
-                    lr,
-                    grad_norm,
-                    ..
-                } => json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}),
-                TrainEvent::Eval { step, val_loss } => json!({"step": step, "val_loss": val_loss}),
-            });
-        },
-        &mut hooks,
-    )
-    .map_err(|e| e.to_string())?;
-    progress.finish();
+    let (summary, history) =
+        train_with_progress(&mut model, &data, &train_cfg, args.quiet, &mut hooks)?;
 
     let result = json!({
         "train_loss": summary.train_loss,

@@ -21,13 +21,13 @@ use serde_json::json;
 use tapelora_gpt::data::Dataset;
 use tapelora_gpt::hf::save_model;
 use tapelora_gpt::tokenizer::Tokenizer;
-use tapelora_gpt::train::{train_with_hook, StepHook, TrainConfig, TrainEvent};
+use tapelora_gpt::train::{StepHook, TrainConfig};
 use tapelora_gpt::{Gpt, GptConfig, KvCache};
 use tapelora_lora::peft::{load_adapter, save_adapter};
 use tapelora_lora::{thousands, LoraConfig, LoraModel};
 use tapelora_nn::{write_atomic, Module};
 
-use crate::cli::progress::Progress;
+use crate::cli::progress::train_with_progress;
 use tasks::{split_pairs, text, Task};
 
 /// Sizes and budgets of one demo run.
@@ -122,14 +122,6 @@ pub fn accuracy(model: &Gpt, tok: &Tokenizer, task: Task, pairs: &[(u32, u32)]) 
     correct as f64 / pairs.len() as f64
 }
 
-fn copy_model(model: &Gpt) -> Gpt {
-    let mut copy = Gpt::zeros(model.config.clone()).expect("a valid config");
-    for (dst, src) in copy.parameters_mut().into_iter().zip(model.parameters()) {
-        dst.value = src.value.to_owned().into_shared();
-    }
-    copy
-}
-
 fn recipe(steps: usize, lr: f64, seed: u64, block: usize) -> TrainConfig {
     TrainConfig {
         batch: 32,
@@ -181,30 +173,7 @@ fn fit(
     hook: &mut dyn StepHook,
 ) -> Result<(tapelora_gpt::train::TrainSummary, Vec<serde_json::Value>), String> {
     eprintln!("· {label}");
-    let mut progress = Progress::new(cfg.steps, false);
-    let mut history = Vec::new();
-    let summary = train_with_hook(
-        model,
-        data,
-        cfg,
-        &mut |e| {
-            progress.on_event(e);
-            history.push(match e {
-                TrainEvent::Step {
-                    step,
-                    loss,
-                    lr,
-                    grad_norm,
-                    ..
-                } => json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm}),
-                TrainEvent::Eval { step, val_loss } => json!({"step": step, "val_loss": val_loss}),
-            });
-        },
-        hook,
-    )
-    .map_err(|e| e.to_string())?;
-    progress.finish();
-    Ok((summary, history))
+    train_with_progress(model, data, cfg, false, hook)
 }
 
 fn write_metrics(
@@ -304,7 +273,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
     let steps = plan.finetune_steps;
     let mut rows = Vec::new();
     {
-        let mut full = copy_model(&base);
+        let mut full = base.copy_weights();
         let (s, hist) = fit(
             &mut full,
             &sub,
@@ -346,7 +315,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
         ),
     ];
     for (label, r, targets) in &variants {
-        let mut lm = LoraModel::new(copy_model(&base));
+        let mut lm = LoraModel::new(base.copy_weights());
         let cfg = LoraConfig::new(*r, 2.0 * *r as f64, targets);
         lm.add_adapter(
             "default",
@@ -428,7 +397,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
     // 3. Task 2 adapter, swapping and merging.
     let one = data(Task::AddOne);
     {
-        let mut lm = LoraModel::new(copy_model(&base));
+        let mut lm = LoraModel::new(base.copy_weights());
         lm.add_adapter(
             "default",
             &LoraConfig::new(8, 16.0, &["c_attn.q", "c_attn.v"]),
@@ -450,7 +419,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
             hist,
         )?;
     }
-    let mut lm = LoraModel::new(copy_model(&base));
+    let mut lm = LoraModel::new(base.copy_weights());
     load_adapter(&mut lm, "subtract", &out.join("task1-lora-r8-qv")).map_err(|e| e.to_string())?;
     load_adapter(&mut lm, "add-one", &out.join("task2-lora-r8-qv")).map_err(|e| e.to_string())?;
     println!("\nOne base, two adapters, swapped in place (held-out exact match):\n");
@@ -490,12 +459,12 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
                 .expect("fits");
         });
     };
-    let plain = copy_model(&base);
+    let plain = base.copy_weights();
     let reps = if quick { 5 } else { 21 };
     let mut t_base = Vec::new();
     let mut t_unmerged = Vec::new();
     let mut t_merged = Vec::new();
-    let mut merged_lm = LoraModel::new(copy_model(&base));
+    let mut merged_lm = LoraModel::new(base.copy_weights());
     load_adapter(&mut merged_lm, "subtract", &out.join("task1-lora-r8-qv"))
         .map_err(|e| e.to_string())?;
     let merged = merged_lm.merge_and_unload().map_err(|e| e.to_string())?;
