@@ -10,7 +10,9 @@ use tapelora_lora::peft::{inspect_adapter, load_adapter};
 use tapelora_lora::LoraModel;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// Applies `edits` (position fraction, new byte) and an optional truncation to `bytes`.

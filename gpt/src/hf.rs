@@ -53,10 +53,22 @@ pub fn load_model(dir: &Path) -> Result<Gpt> {
     // Before allocating anything the config asks for, check the weights file can hold it: a
     // config claiming a billion-row vocabulary must fail here, not abort on allocation.
     let file_len = std::fs::metadata(&path).map_err(io_err(&path))?.len() as u128;
-    let (c, l, v, p, inner) = (config.n_embd as u128, config.n_layer as u128, config.vocab_size as u128, config.n_positions as u128, config.n_inner as u128);
+    let (c, l, v, p, inner) = (
+        config.n_embd as u128,
+        config.n_layer as u128,
+        config.vocab_size as u128,
+        config.n_positions as u128,
+        config.n_inner as u128,
+    );
     let needed = v * c + p * c + l * (4 * c * c + 2 * c * inner);
     if needed * 2 > file_len {
-        return Err(format_err(&path, format!("holds {file_len} bytes, too few for the {needed}+ parameters {} describes", dir.join(CONFIG_FILE).display())));
+        return Err(format_err(
+            &path,
+            format!(
+                "holds {file_len} bytes, too few for the {needed}+ parameters {} describes",
+                dir.join(CONFIG_FILE).display()
+            ),
+        ));
     }
     let file = TensorFile::open(&path)?;
     let mut model = Gpt::zeros(config)?;
@@ -229,14 +241,29 @@ mod tests {
 
     #[test]
     fn a_config_larger_than_its_weights_is_rejected_before_allocating() {
-        let cfg = GptConfig { n_layer: 1, n_head: 2, n_embd: 4, n_positions: 8, vocab_size: 7, n_inner: 16, layer_norm_epsilon: 1e-5, bias: true, dropout: 0.0 };
+        let cfg = GptConfig {
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 4,
+            n_positions: 8,
+            vocab_size: 7,
+            n_inner: 16,
+            layer_norm_epsilon: 1e-5,
+            bias: true,
+            dropout: 0.0,
+        };
         let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
         let dir = temp("huge");
         save_model(&model, &dir, |_| Ok(())).unwrap();
-        let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap().replace("\"vocab_size\": 7", "\"vocab_size\": 9000000000000");
+        let text = std::fs::read_to_string(dir.join(CONFIG_FILE))
+            .unwrap()
+            .replace("\"vocab_size\": 7", "\"vocab_size\": 9000000000000");
         std::fs::write(dir.join(CONFIG_FILE), text).unwrap();
         let e = load_model(&dir).unwrap_err().to_string();
-        assert!(e.contains("too few") && e.contains("model.safetensors"), "{e}");
+        assert!(
+            e.contains("too few") && e.contains("model.safetensors"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
