@@ -101,7 +101,7 @@ fn thirty_malformed_inputs_fail_cleanly() {
     std::fs::write(&text, &body).unwrap();
     let out = root.join("out");
     let mut cases: Vec<Case> = Vec::new();
-    let mut eval_case = |what: &'static str, model: &Path, mentions: &'static str| Case {
+    let eval_case = |what: &'static str, model: &Path, mentions: &'static str| Case {
         what,
         args: vec![
             "eval".into(),
@@ -154,7 +154,7 @@ fn thirty_malformed_inputs_fail_cleanly() {
     std::fs::write(
         m.join("model.safetensors"),
         (0..5000u32)
-            .map(|i| (i * 2654435761u32 >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2654435761u32) >> 13) as u8)
             .collect::<Vec<_>>(),
     )
     .unwrap();
