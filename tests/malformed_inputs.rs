@@ -49,7 +49,7 @@ fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>))
         serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     f(&mut header);
     let mut text = Value::Object(header).to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
