@@ -51,6 +51,79 @@ pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: 
     gemm_split(alpha, a, b, beta, c);
 }
 
+/// `c ← α·a·b + β·c` for a single row `a` (`1 × k`): one pass over `b` with no packing, the
+/// memory-bound shape of token-by-token generation. `b`'s columns are split across threads; the
+/// k-sum of each output is a plain in-order loop, so results do not depend on the split.
+fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, mut c: ArrayViewMut2<T>) {
+    let (k, n) = b.dim();
+    let a_row = a.row(0);
+    let cols = if k * n >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
+        n.div_ceil(rayon::current_num_threads())
+    } else {
+        n.max(1)
+    };
+    let mut c_row = c.row_mut(0);
+    let blocks: Vec<_> = b
+        .axis_chunks_iter(Axis(1), cols)
+        .zip(c_row.axis_chunks_iter_mut(Axis(0), cols))
+        .collect();
+    blocks.into_par_iter().for_each(|(b, mut c)| {
+        let scale = |acc: T, old: T| {
+            if beta == T::zero() {
+                alpha * acc
+            } else {
+                alpha * acc + beta * old
+            }
+        };
+        if b.strides()[1] == 1 {
+            // Rows of b are contiguous: accumulate a[p]·b[p, :] row by row.
+            let mut acc = vec![T::zero(); b.ncols()];
+            for (p, b_row) in b.outer_iter().enumerate() {
+                let ap = a_row[p];
+                let b_row = b_row.as_slice().expect("unit column stride");
+                for (acc, &bv) in acc.iter_mut().zip(b_row) {
+                    *acc += ap * bv;
+                }
+            }
+            c.iter_mut()
+                .zip(acc)
+                .for_each(|(c, acc)| *c = scale(acc, *c));
+        } else {
+            // Columns of b are contiguous (a transposed weight): one dot product per output.
+            let a_vec: Vec<T> = a_row.iter().copied().collect();
+            for (c, b_col) in c.iter_mut().zip(b.axis_iter(Axis(1))) {
+                let acc = match b_col.as_slice() {
+                    Some(col) => dot(&a_vec, col),
+                    None => b_col
+                        .iter()
+                        .zip(&a_vec)
+                        .fold(T::zero(), |s, (&bv, &av)| s + av * bv),
+                };
+                *c = scale(acc, *c);
+            }
+        }
+    });
+}
+
+/// A dot product with eight independent accumulators, so the compiler can vectorise it (one
+/// running sum would serialise every addition). The lanes are combined in a fixed order.
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::zero(); 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (a8.remainder(), b8.remainder());
+    for (x, y) in a8.zip(b8) {
+        for l in 0..8 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (&x, &y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
 fn gemm_split<T: Float>(
     alpha: T,
     a: ArrayView2<T>,
@@ -60,6 +133,9 @@ fn gemm_split<T: Float>(
 ) {
     let (m, k) = a.dim();
     let n = b.ncols();
+    if m == 1 && k > 0 && (b.strides()[1] == 1 || b.strides()[0] == 1) {
+        return gemv(alpha, a, b, beta, c);
+    }
     let threads = rayon::current_num_threads();
     if threads <= 1 || m * n * k < PARALLEL_MIN_MACS || (m < 16 && n < 16) {
         return gemm_serial(alpha, a, b, beta, c);
@@ -154,6 +230,20 @@ mod tests {
         let mut c = Array2::zeros((90, 80));
         gemm(1.0, a.t(), b.view(), 0.0, c.view_mut());
         assert_eq!(c, naive(&a.t().to_owned(), &b));
+    }
+
+    #[test]
+    fn single_rows_take_the_gemv_path_for_both_weight_layouts() {
+        let a = Array2::from_shape_fn((1, 300), |(_, j)| (j % 7) as f64 - 3.0);
+        let b = Array2::from_shape_fn((300, 1000), |(i, j)| ((i * 3 + j) % 5) as f64 - 2.0);
+        let want = naive(&a, &b);
+        let mut c = Array2::from_elem((1, 1000), 1.0);
+        gemm(1.0, a.view(), b.view(), 0.0, c.view_mut());
+        assert_eq!(c, want);
+        let bt = b.t().as_standard_layout().into_owned(); // [1000, 300]: use its transpose view
+        let mut c2 = Array2::from_elem((1, 1000), 1.0);
+        gemm(2.0, a.view(), bt.t(), 1.0, c2.view_mut());
+        assert_eq!(c2, want * 2.0 + 1.0);
     }
 
     #[test]
