@@ -86,20 +86,8 @@ pub struct FinetuneArgs {
     /// The adapter folder (PEFT format) to write, or a model folder with --full.
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long)]
-    pub json: bool,
-    /// Plain progress lines instead of a progress bar.
-    #[arg(long)]
-    pub quiet: bool,
-    /// Write a JSON Lines audit record per optimizer step to this file (docs/TRACE.md).
-    #[arg(long)]
-    pub trace: Option<PathBuf>,
-    /// Compute the ΔW spectra of the trace every N steps (SVDs cost time).
-    #[arg(long, default_value_t = 10)]
-    pub trace_every: usize,
-    /// Print step 0's tape and its backward walk (also: TAPELORA_TRACE_TAPE=1).
-    #[arg(long)]
-    pub trace_tape: bool,
+    #[command(flatten)]
+    pub run: super::trace::RunOutputArgs,
 }
 
 fn same_folder(a: &Path, b: &Path) -> bool {
@@ -200,15 +188,15 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
         thousands(trainable * 8 + trainable_tensors * 8)
     );
     let mut hooks = super::trace::hooks(
-        args.trace.as_deref(),
-        args.trace_every,
+        args.run.trace.as_deref(),
+        args.run.trace_every,
         args.steps,
-        args.trace_tape,
+        args.run.trace_tape,
         &lm.model,
         &base_tensors,
     )?;
     let (summary, history) =
-        train_with_progress(&mut lm.model, &data, &train_cfg, args.quiet, &mut hooks)?;
+        train_with_progress(&mut lm.model, &data, &train_cfg, args.run.quiet, &mut hooks)?;
     let result = json!({
         "train_loss": summary.train_loss,
         "val_loss": summary.val_loss,
@@ -246,7 +234,7 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
         if args.full { "model" } else { "adapter" },
         args.out.display()
     );
-    if args.json {
+    if args.run.json {
         println!("{result}");
     }
     Ok(())

@@ -13,6 +13,26 @@ use tapelora_lora::analysis::module_reports;
 use tapelora_lora::lora_layers_of;
 use tapelora_nn::Module;
 
+/// Output options shared by `train` and `finetune`.
+#[derive(clap::Args, Debug)]
+pub struct RunOutputArgs {
+    /// Print a JSON summary as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Plain progress lines instead of a progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Write a JSON Lines audit record per optimizer step to this file (docs/TRACE.md).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Compute the ΔW spectra of the trace every N steps (SVDs cost time).
+    #[arg(long, default_value_t = 10)]
+    pub trace_every: usize,
+    /// Print step 0's tape and its backward walk (also: TAPELORA_TRACE_TAPE=1).
+    #[arg(long)]
+    pub trace_tape: bool,
+}
+
 /// FNV-1a over the bit patterns of the values: any change of any bit changes the checksum.
 pub fn checksum(t: &Tensor<f32>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -70,21 +70,8 @@ pub struct TrainArgs {
     /// The model folder to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// Print a JSON summary as the last line of stdout.
-    #[arg(long)]
-    pub json: bool,
-    /// Plain progress lines instead of a progress bar.
-    #[arg(long)]
-    pub quiet: bool,
-    /// Write a JSON Lines audit record per optimizer step to this file (docs/TRACE.md).
-    #[arg(long)]
-    pub trace: Option<PathBuf>,
-    /// Compute the ΔW spectra of the trace every N steps (SVDs cost time).
-    #[arg(long, default_value_t = 10)]
-    pub trace_every: usize,
-    /// Print step 0's tape and its backward walk (also: TAPELORA_TRACE_TAPE=1).
-    #[arg(long)]
-    pub trace_tape: bool,
+    #[command(flatten)]
+    pub run: super::trace::RunOutputArgs,
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
@@ -165,15 +152,15 @@ pub fn run(args: TrainArgs) -> CliResult {
         tokenizer.vocab_size()
     );
     let mut hooks = super::trace::hooks(
-        args.trace.as_deref(),
-        args.trace_every,
+        args.run.trace.as_deref(),
+        args.run.trace_every,
         args.steps,
-        args.trace_tape,
+        args.run.trace_tape,
         &model,
         &[],
     )?;
     let (summary, history) =
-        train_with_progress(&mut model, &data, &train_cfg, args.quiet, &mut hooks)?;
+        train_with_progress(&mut model, &data, &train_cfg, args.run.quiet, &mut hooks)?;
 
     let result = json!({
         "train_loss": summary.train_loss,
@@ -205,7 +192,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         summary.tokens_per_sec,
         args.out.display()
     );
-    if args.json {
+    if args.run.json {
         println!("{result}");
     }
     Ok(())
