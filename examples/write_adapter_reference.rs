@@ -16,7 +16,7 @@ use tapelora::autograd::Tape;
 use tapelora_gpt::hf::load_model;
 use tapelora_lora::peft::save_adapter;
 use tapelora_lora::{LoraConfig, LoraModel};
-use tapelora_nn::Ctx;
+use tapelora_nn::{stored_to_safetensors_bytes, Ctx, Stored};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = PathBuf::from(
@@ -38,37 +38,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tape = Tape::new();
     let logits = tape.no_grad(|| lm.model.forward(&Ctx::eval(&tape), &tokens))?;
     save_adapter(&lm, "default", &dir, "gpt2-tiny")?;
-    let token_bytes: Vec<u8> = tokens
-        .iter()
-        .flat_map(|&t| (t as i64).to_le_bytes())
-        .collect();
-    let logit_bytes: Vec<u8> = logits
-        .value()
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let views = vec![
-        (
-            "tokens".to_string(),
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::I64,
-                vec![2, 7],
-                &token_bytes,
-            )?,
-        ),
-        (
-            "logits".to_string(),
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                logits.shape().to_vec(),
-                &logit_bytes,
-            )?,
-        ),
+    let ids = tokens.mapv(|t| t as i64);
+    let stored = [
+        ("tokens", Stored::I64(ids.view())),
+        ("logits", Stored::F32(logits.value().view())),
     ];
-    std::fs::write(
-        dir.join("tapelora_reference.safetensors"),
-        safetensors::serialize(views, Some(HashMap::from([("format".into(), "pt".into())])))?,
+    let bytes = stored_to_safetensors_bytes(
+        stored,
+        Some(HashMap::from([("format".into(), "pt".into())])),
     )?;
+    std::fs::write(dir.join("tapelora_reference.safetensors"), bytes)?;
     println!("wrote {}", dir.display());
     Ok(())
 }

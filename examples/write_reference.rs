@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use tapelora::autograd::Tape;
 use tapelora_gpt::hf::save_model;
 use tapelora_gpt::{Gpt, GptConfig};
-use tapelora_nn::{init, Ctx, Module};
+use tapelora_nn::{init, stored_to_safetensors_bytes, Ctx, Module, Stored};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -46,36 +46,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tape = Tape::new();
     let logits = tape.no_grad(|| model.forward(&Ctx::eval(&tape), &tokens))?;
     save_model(&model, &dir, |_| Ok(()))?;
-    // The reference file: tokens as I64 (raw little-endian), logits as F32.
-    let token_bytes: Vec<u8> = tokens
-        .iter()
-        .flat_map(|&t| (t as i64).to_le_bytes())
-        .collect();
-    let logit_bytes: Vec<u8> = logits
-        .value()
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let views = vec![
-        (
-            "tokens".to_string(),
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::I64,
-                vec![2, 9],
-                &token_bytes,
-            )?,
-        ),
-        (
-            "logits".to_string(),
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                logits.shape().to_vec(),
-                &logit_bytes,
-            )?,
-        ),
+    // The reference file: tokens as I64, logits as F32.
+    let ids = tokens.mapv(|t| t as i64);
+    let stored = [
+        ("tokens", Stored::I64(ids.view())),
+        ("logits", Stored::F32(logits.value().view())),
     ];
-    let bytes =
-        safetensors::serialize(views, Some(HashMap::from([("format".into(), "pt".into())])))?;
+    let bytes = stored_to_safetensors_bytes(
+        stored,
+        Some(HashMap::from([("format".into(), "pt".into())])),
+    )?;
     std::fs::write(dir.join("tapelora_reference.safetensors"), bytes)?;
     println!(
         "wrote {} (bias: {bias}); check with: python tools/make_fixtures.py --check-model {}",

@@ -29,4 +29,7 @@ pub use module::{EmbeddingAdapter, LinearAdapter, Module};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, DecayFilter, Optimizer, Sgd, SgdConfig};
 pub use parameter::Parameter;
 pub use schedule::CosineSchedule;
-pub use state::{load_state_dict, save_safetensors, state_dict, write_atomic, TensorFile};
+pub use state::{
+    load_state_dict, save_safetensors, state_dict, stored_to_safetensors_bytes, write_atomic,
+    Stored, TensorFile,
+};

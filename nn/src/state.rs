@@ -189,22 +189,38 @@ fn f16_to_f64(h: u16) -> f64 {
     }
 }
 
-/// Serialises f32 tensors (in the given order of names) with optional string metadata.
-pub fn to_safetensors_bytes<'a>(
-    tensors: impl IntoIterator<Item = (&'a str, ndarray::ArrayViewD<'a, f32>)>,
+/// A tensor to store: float32 values (weights, activations) or int64 ones (token ids).
+pub enum Stored<'a> {
+    F32(ndarray::ArrayViewD<'a, f32>),
+    I64(ndarray::ArrayViewD<'a, i64>),
+}
+
+/// Serialises tensors of either kind with optional string metadata.
+pub fn stored_to_safetensors_bytes<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, Stored<'a>)>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let owned: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
-        .map(|(name, t)| {
-            let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name.to_string(), t.shape().to_vec(), bytes)
+        .map(|(name, t)| match t {
+            Stored::F32(t) => (
+                name.to_string(),
+                Dtype::F32,
+                t.shape().to_vec(),
+                t.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Stored::I64(t) => (
+                name.to_string(),
+                Dtype::I64,
+                t.shape().to_vec(),
+                t.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
         })
         .collect();
     let views = owned
         .iter()
-        .map(|(n, shape, bytes)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+        .map(|(n, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
                 .map(|v| (n.clone(), v))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
@@ -216,6 +232,17 @@ pub fn to_safetensors_bytes<'a>(
         name: "?".into(),
         msg: format!("cannot serialise: {e}"),
     })
+}
+
+/// Serialises f32 tensors (in the given order of names) with optional string metadata.
+pub fn to_safetensors_bytes<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, ndarray::ArrayViewD<'a, f32>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    stored_to_safetensors_bytes(
+        tensors.into_iter().map(|(n, t)| (n, Stored::F32(t))),
+        metadata,
+    )
 }
 
 /// Writes f32 tensors to `path` atomically.
