@@ -137,8 +137,34 @@ pub struct TrainSummary {
     pub val_loss: Option<f64>,
     pub seconds: f64,
     pub tokens_per_sec: f64,
+    /// Steps done by the run (up to `TrainConfig::steps`; fewer if stopped).
     pub steps: usize,
     pub optimizer_state_bytes: usize,
+    /// True when the run stopped early on request (a checkpoint was saved first).
+    pub stopped: bool,
+}
+
+/// Everything besides the weights needed to continue a run exactly: the next step, the batch
+/// sampler's RNG position, the optimizer's state, and the last loss.
+#[derive(Clone, Debug)]
+pub struct TrainState {
+    pub next_step: usize,
+    /// `ChaCha8Rng::get_word_pos` of the batch sampler (seeded with `TrainConfig::seed`).
+    pub rng_word_pos: u128,
+    pub optimizer: std::collections::BTreeMap<String, ndarray::ArrayD<f32>>,
+    pub last_loss: f64,
+}
+
+/// Checkpointing and resuming for [`train_full`].
+pub struct Checkpointing<'a> {
+    /// Continue from this state (the model must already hold the checkpoint's weights).
+    pub resume: Option<TrainState>,
+    /// Save every this many steps (0: only when stopping).
+    pub every: usize,
+    /// Writes a checkpoint (weights + state); called between steps.
+    pub save: &'a mut dyn FnMut(&Gpt, &TrainState) -> Result<()>,
+    /// When set (e.g. by a SIGINT handler), the run finishes its current step, saves, and stops.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 /// Mean next-token loss over evaluation windows.
@@ -246,6 +272,20 @@ pub fn train_with_hook(
     on_event: &mut dyn FnMut(&TrainEvent),
     hook: &mut dyn StepHook,
 ) -> Result<TrainSummary> {
+    train_full(model, data, cfg, on_event, hook, None)
+}
+
+/// [`train_with_hook`] with checkpoints, stopping on request, and resuming. A resumed run
+/// draws the same batches and dropout masks and restores the optimizer exactly, so it ends
+/// bit-identical to a run that was never interrupted (same seed, same thread count).
+pub fn train_full(
+    model: &mut Gpt,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    on_event: &mut dyn FnMut(&TrainEvent),
+    hook: &mut dyn StepHook,
+    mut checkpointing: Option<Checkpointing<'_>>,
+) -> Result<TrainSummary> {
     cfg.validate(model.config.n_positions)?;
     if model.num_trainable_params() == 0 {
         return Err(GptError::Config {
@@ -267,8 +307,24 @@ pub fn train_with_hook(
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let start = Instant::now();
     let mut last_loss = f64::NAN;
+    let mut first_step = 0;
+    if let Some(state) = checkpointing.as_ref().and_then(|c| c.resume.as_ref()) {
+        if state.next_step > cfg.steps {
+            return Err(GptError::Config {
+                field: "--steps".into(),
+                msg: format!(
+                    "the checkpoint is at step {}, beyond --steps {}",
+                    state.next_step, cfg.steps
+                ),
+            });
+        }
+        optimizer.load_state_tensors(&state.optimizer)?;
+        rng.set_word_pos(state.rng_word_pos);
+        (first_step, last_loss) = (state.next_step, state.last_loss);
+    }
     let tokens_per_step = (cfg.batch * cfg.block) as f64;
-    for step in 0..cfg.steps {
+    let mut stopped = false;
+    for step in first_step..cfg.steps {
         let (ids, targets) = random_batch(&data.train, cfg.batch, cfg.block, &mut rng)?;
         let (loss, mut grads) = {
             let tape = Tape::new();
@@ -319,6 +375,37 @@ pub fn train_with_hook(
                 val_loss: r.loss,
             });
         }
+        if let Some(c) = checkpointing.as_mut() {
+            let stop = c
+                .stop
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+            let due = c.every > 0 && (step + 1) % c.every == 0;
+            if (stop || due) && !last {
+                let state = TrainState {
+                    next_step: step + 1,
+                    rng_word_pos: rng.get_word_pos(),
+                    optimizer: optimizer.state_tensors().into_iter().collect(),
+                    last_loss,
+                };
+                (c.save)(model, &state)?;
+            }
+            if stop && !last {
+                stopped = true;
+                break;
+            }
+        }
+    }
+    if stopped {
+        let seconds = start.elapsed().as_secs_f64();
+        return Ok(TrainSummary {
+            train_loss: last_loss,
+            val_loss: None,
+            seconds,
+            tokens_per_sec: f64::NAN,
+            steps: 0,
+            optimizer_state_bytes: optimizer.state_bytes(),
+            stopped: true,
+        });
     }
     let seconds = start.elapsed().as_secs_f64();
     let val_loss = if num_windows(data.val.len(), cfg.block) > 0 {
@@ -335,9 +422,10 @@ pub fn train_with_hook(
         train_loss: last_loss,
         val_loss,
         seconds,
-        tokens_per_sec: tokens_per_step * cfg.steps as f64 / seconds,
+        tokens_per_sec: tokens_per_step * (cfg.steps - first_step) as f64 / seconds,
         steps: cfg.steps,
         optimizer_state_bytes: optimizer.state_bytes(),
+        stopped: false,
     })
 }
 
@@ -345,6 +433,98 @@ pub fn train_with_hook(
 mod tests {
     use super::*;
     use crate::GptConfig;
+
+    #[test]
+    fn a_stopped_and_resumed_run_ends_bit_identical() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let tokens: Vec<u32> = (0..800).map(|i| ((i * 7 + i / 5) % 9) as u32).collect();
+        let data = Dataset::split(tokens, 0.1);
+        let cfg = GptConfig {
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 8,
+            n_positions: 8,
+            vocab_size: 9,
+            n_inner: 16,
+            layer_norm_epsilon: 1e-5,
+            bias: true,
+            dropout: 0.1,
+        };
+        let train_cfg = TrainConfig {
+            batch: 4,
+            block: 8,
+            eval_every: 0,
+            warmup: 3,
+            ..TrainConfig::nanogpt_cpu(20, 8)
+        };
+        let fresh = || Gpt::new(cfg.clone(), &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+        let mut whole = fresh();
+        let reference = train(&mut whole, &data, &train_cfg, &mut |_| {}).unwrap();
+
+        for stop_at in [0usize, 7, 18] {
+            let stop = AtomicBool::new(false);
+            let mut saved: Option<(Vec<ndarray::ArrayD<f32>>, TrainState)> = None;
+            let mut first = fresh();
+            let mut save = |m: &Gpt, st: &TrainState| {
+                saved = Some((
+                    m.parameters().iter().map(|p| p.value.to_owned()).collect(),
+                    st.clone(),
+                ));
+                Ok(())
+            };
+            let summary = train_full(
+                &mut first,
+                &data,
+                &train_cfg,
+                &mut |e| {
+                    if let TrainEvent::Step { step, .. } = e {
+                        if *step == stop_at {
+                            stop.store(true, Ordering::SeqCst);
+                        }
+                    }
+                },
+                &mut NoHook,
+                Some(Checkpointing {
+                    resume: None,
+                    every: 0,
+                    save: &mut save,
+                    stop: Some(&stop),
+                }),
+            )
+            .unwrap();
+            assert!(summary.stopped);
+            let (weights, state) = saved.expect("a checkpoint was written");
+            assert_eq!(state.next_step, stop_at + 1);
+            // A new process: fresh model, weights and state from the checkpoint.
+            let mut resumed = fresh();
+            for (p, w) in resumed.parameters_mut().into_iter().zip(weights) {
+                p.value = w.into_shared();
+            }
+            let mut no_save = |_: &Gpt, _: &TrainState| Ok(());
+            let end = train_full(
+                &mut resumed,
+                &data,
+                &train_cfg,
+                &mut |_| {},
+                &mut NoHook,
+                Some(Checkpointing {
+                    resume: Some(state),
+                    every: 0,
+                    save: &mut no_save,
+                    stop: None,
+                }),
+            )
+            .unwrap();
+            assert_eq!(
+                end.train_loss.to_bits(),
+                reference.train_loss.to_bits(),
+                "stopped after step {stop_at}"
+            );
+            for (a, b) in resumed.parameters().iter().zip(whole.parameters()) {
+                assert_eq!(a.value, b.value, "{}", a.name);
+            }
+        }
+    }
 
     #[test]
     fn a_tiny_model_learns_a_repeating_sequence() {

@@ -195,8 +195,14 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
         &lm.model,
         &base_tensors,
     )?;
-    let (summary, history) =
-        train_with_progress(&mut lm.model, &data, &train_cfg, args.run.quiet, &mut hooks)?;
+    let (summary, history) = train_with_progress(
+        &mut lm.model,
+        &data,
+        &train_cfg,
+        args.run.quiet,
+        &mut hooks,
+        None,
+    )?;
     let result = json!({
         "train_loss": summary.train_loss,
         "val_loss": summary.val_loss,

@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use tapelora_gpt::data::Dataset;
-use tapelora_gpt::train::{train_with_hook, StepHook, TrainConfig, TrainEvent, TrainSummary};
+use tapelora_gpt::train::{
+    train_full, Checkpointing, StepHook, TrainConfig, TrainEvent, TrainSummary,
+};
 use tapelora_gpt::Gpt;
 
 pub struct Progress {
@@ -90,10 +92,11 @@ pub fn train_with_progress(
     cfg: &TrainConfig,
     quiet: bool,
     hook: &mut dyn StepHook,
+    checkpointing: Option<Checkpointing<'_>>,
 ) -> Result<(TrainSummary, Vec<Value>), String> {
     let mut progress = Progress::new(cfg.steps, quiet);
     let mut history = Vec::new();
-    let summary = train_with_hook(
+    let summary = train_full(
         model,
         data,
         cfg,
@@ -111,6 +114,7 @@ pub fn train_with_progress(
             });
         },
         hook,
+        checkpointing,
     )
     .map_err(|e| e.to_string())?;
     progress.finish();

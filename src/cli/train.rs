@@ -6,9 +6,9 @@ use clap::{Args, ValueEnum};
 use rand::SeedableRng;
 use serde_json::json;
 use tapelora_gpt::data::{num_windows, Dataset};
-use tapelora_gpt::hf::save_model;
+use tapelora_gpt::hf::{load_model, save_model};
 use tapelora_gpt::tokenizer::Tokenizer;
-use tapelora_gpt::train::TrainConfig;
+use tapelora_gpt::train::{Checkpointing, TrainConfig, TrainState};
 use tapelora_gpt::{Gpt, GptConfig};
 use tapelora_nn::{write_atomic, Module};
 
@@ -70,8 +70,68 @@ pub struct TrainArgs {
     /// The model folder to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write a checkpoint into --out every N steps (0: only when interrupted by Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Continue the run whose checkpoint is in this folder (same --data and options).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub run: super::trace::RunOutputArgs,
+}
+
+/// Set by Ctrl-C: the run finishes its step, writes a checkpoint and stops.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+const STATE_FILE: &str = "training_state.safetensors";
+
+fn write_state(dir: &std::path::Path, state: &TrainState) -> tapelora_gpt::Result<()> {
+    let meta = std::collections::HashMap::from([
+        ("next_step".to_string(), state.next_step.to_string()),
+        ("rng_word_pos".to_string(), state.rng_word_pos.to_string()),
+        (
+            "last_loss_bits".to_string(),
+            state.last_loss.to_bits().to_string(),
+        ),
+    ]);
+    let tensors: Vec<(&str, ndarray::ArrayViewD<'_, f32>)> = state
+        .optimizer
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.view()))
+        .collect();
+    tapelora_nn::save_safetensors(&dir.join(STATE_FILE), tensors, Some(meta))?;
+    Ok(())
+}
+
+fn read_state(dir: &std::path::Path) -> Result<TrainState, String> {
+    let path = dir.join(STATE_FILE);
+    let file = tapelora_nn::TensorFile::open(&path).map_err(|e| format!("--resume: {e}"))?;
+    let field = |key: &str| {
+        file.metadata().get(key).cloned().ok_or_else(|| {
+            format!(
+                "--resume: {}: missing `{key}` in the metadata",
+                path.display()
+            )
+        })
+    };
+    let bad = |key: &str| format!("--resume: {}: `{key}` is not a number", path.display());
+    let mut optimizer = std::collections::BTreeMap::new();
+    for name in file.names() {
+        let t = file.f32(&name).map_err(|e| format!("--resume: {e}"))?;
+        optimizer.insert(name, t);
+    }
+    Ok(TrainState {
+        next_step: field("next_step")?.parse().map_err(|_| bad("next_step"))?,
+        rng_word_pos: field("rng_word_pos")?
+            .parse()
+            .map_err(|_| bad("rng_word_pos"))?,
+        last_loss: f64::from_bits(
+            field("last_loss_bits")?
+                .parse()
+                .map_err(|_| bad("last_loss_bits"))?,
+        ),
+        optimizer,
+    })
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
@@ -83,11 +143,20 @@ pub fn run(args: TrainArgs) -> CliResult {
         } else {
             TokenizerKind::Char
         });
-    let tokenizer = match kind {
-        TokenizerKind::Char => Tokenizer::char_from_text(&text),
-        TokenizerKind::Gpt2 => Tokenizer::gpt2(),
-    }
-    .map_err(|e| format!("{}: {e}", args.data.display()))?;
+    let tokenizer = match (&args.resume, kind) {
+        (Some(dir), _) => tapelora_gpt::hf::load_config(dir)
+            .and_then(|c| {
+                Tokenizer::from_model_dir(dir, c.vocab_size)
+                    .map_err(|e| tapelora_gpt::GptError::Input(e.to_string()))
+            })
+            .map_err(|e| format!("--resume: {e}"))?,
+        (None, TokenizerKind::Char) => {
+            Tokenizer::char_from_text(&text).map_err(|e| format!("{}: {e}", args.data.display()))?
+        }
+        (None, TokenizerKind::Gpt2) => {
+            Tokenizer::gpt2().map_err(|e| format!("{}: {e}", args.data.display()))?
+        }
+    };
     let tokens = tokenizer
         .encode(&text)
         .map_err(|e| format!("{}: {e}", args.data.display()))?;
@@ -135,11 +204,23 @@ pub fn run(args: TrainArgs) -> CliResult {
     }
     check_out_dir(&args.out)?;
 
-    let mut model = Gpt::new(
-        config,
-        &mut rand_chacha::ChaCha8Rng::seed_from_u64(args.seed),
-    )
-    .map_err(|e| e.to_string())?;
+    let (mut model, resume) = match &args.resume {
+        Some(dir) => {
+            let model = load_model(dir).map_err(|e| format!("--resume: {e}"))?;
+            if model.config != config {
+                return Err(format!("--resume {}: the checkpoint's model differs from the one these options describe; pass the options of the interrupted run", dir.display()));
+            }
+            (model, Some(read_state(dir)?))
+        }
+        None => (
+            Gpt::new(
+                config,
+                &mut rand_chacha::ChaCha8Rng::seed_from_u64(args.seed),
+            )
+            .map_err(|e| e.to_string())?,
+            None,
+        ),
+    };
     eprintln!(
         "training a {}-layer, {}-head, {}-wide GPT ({} parameters) on {} tokens of {} ({} tokenizer, vocabulary {})",
         model.config.n_layer,
@@ -159,8 +240,47 @@ pub fn run(args: TrainArgs) -> CliResult {
         &model,
         &[],
     )?;
-    let (summary, history) =
-        train_with_progress(&mut model, &data, &train_cfg, args.run.quiet, &mut hooks)?;
+    let _ = ctrlc::set_handler(|| STOP.store(true, std::sync::atomic::Ordering::SeqCst));
+    let out = args.out.clone();
+    let mut save = |m: &Gpt, state: &TrainState| -> tapelora_gpt::Result<()> {
+        if let Some(p) = m
+            .parameters()
+            .into_iter()
+            .find(|p| p.value.iter().any(|v| !v.is_finite()))
+        {
+            return Err(tapelora_gpt::GptError::Input(format!(
+                "not writing a checkpoint at step {}: `{}` holds NaN or infinite values",
+                state.next_step, p.name
+            )));
+        }
+        save_model(m, &out, |dir| {
+            tokenizer
+                .save(dir)
+                .map_err(|e| tapelora_gpt::GptError::Input(e.to_string()))?;
+            write_state(dir, state)
+        })
+    };
+    let checkpointing = Checkpointing {
+        resume,
+        every: args.checkpoint_every,
+        save: &mut save,
+        stop: Some(&STOP),
+    };
+    let (summary, history) = train_with_progress(
+        &mut model,
+        &data,
+        &train_cfg,
+        args.run.quiet,
+        &mut hooks,
+        Some(checkpointing),
+    )?;
+    if summary.stopped {
+        eprintln!(
+            "interrupted: checkpoint written to {o}; continue with the same command plus `--resume {o}`",
+            o = args.out.display()
+        );
+        std::process::exit(130);
+    }
 
     let result = json!({
         "train_loss": summary.train_loss,

@@ -173,7 +173,7 @@ fn fit(
     hook: &mut dyn StepHook,
 ) -> Result<(tapelora_gpt::train::TrainSummary, Vec<serde_json::Value>), String> {
     eprintln!("· {label}");
-    train_with_progress(model, data, cfg, false, hook)
+    train_with_progress(model, data, cfg, false, hook, None)
 }
 
 fn write_metrics(
