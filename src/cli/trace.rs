@@ -58,7 +58,6 @@ pub struct TraceWriter {
     frozen_at_start: BTreeMap<String, u64>,
     /// Trainable tensors before the update, and their gradient norms.
     before: BTreeMap<String, (Tensor<f32>, f64)>,
-    print_tape: bool,
 }
 
 impl TraceWriter {
@@ -86,7 +85,6 @@ impl TraceWriter {
             last_step: steps.saturating_sub(1),
             frozen_at_start,
             before: BTreeMap::new(),
-            print_tape: false,
         })
     }
 }
@@ -139,10 +137,6 @@ impl StepHook for Hooks {
 }
 
 impl StepHook for TraceWriter {
-    fn wants_tape(&self, step: usize) -> bool {
-        self.print_tape && step == 0
-    }
-
     fn before_update(&mut self, _step: usize, model: &Gpt, grads: &Gradients<f32>) {
         // Sharing the buffer is enough: the optimizer's in-place update then copies it
         // (copy-on-write), leaving this snapshot as it was.
