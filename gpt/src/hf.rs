@@ -33,6 +33,7 @@ fn format_err(path: &Path, msg: impl Into<String>) -> GptError {
 
 /// Reads `dir/config.json`.
 pub fn load_config(dir: &Path) -> Result<GptConfig> {
+    recover_dir(dir);
     if !dir.is_dir() {
         return Err(format_err(
             dir,
@@ -184,9 +185,43 @@ pub fn write_model_files(model: &Gpt, dir: &Path) -> Result<()> {
 }
 
 /// Builds a folder atomically: `fill` writes into a temporary sibling folder, which then
-/// replaces `dir` (an existing `dir` is moved aside first and removed after). On error the
-/// temporary folder is removed and `dir` is untouched.
+/// replaces `dir` in one step. On error the temporary folder is removed and `dir` is untouched.
+///
+/// Why this survives `kill -9` at any moment: until the last step only the temporary folder
+/// changes; the last step is one `renameat2(RENAME_EXCHANGE)` (Linux) that swaps the new folder
+/// with the old one, after which the old one (now under the temporary name) is deleted. Where
+/// the exchange is unsupported, the old folder is renamed aside to `.NAME.old-PID` and the new
+/// one renamed in; a kill between those two renames leaves only the aside folder, which
+/// [`recover_dir`] (run by every loader and by the next write) renames back.
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let (parent, name) = split_dir(dir)?;
+    std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+    recover_dir(dir);
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let result = if dir.exists() {
+        replace_dir(&tmp, dir, &old)
+    } else {
+        std::fs::rename(&tmp, dir)
+    };
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(io_err(dir)(e));
+    }
+    // Make the renames durable too (best effort: not every platform can sync a folder).
+    if let Ok(f) = std::fs::File::open(&parent) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}
+
+fn split_dir(dir: &Path) -> Result<(PathBuf, String)> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -196,30 +231,97 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
+    Ok((parent, name))
+}
+
+/// Swaps `new` into `dir`'s place; `dir`'s old contents are deleted.
+fn replace_dir(new: &Path, dir: &Path, old: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    match exchange(new, dir) {
+        Ok(()) => {
+            // `new` now names the previous folder.
+            let _ = std::fs::remove_dir_all(new);
+            return Ok(());
+        }
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::rename(dir, old)?;
+    if let Err(e) = std::fs::rename(new, dir) {
+        let _ = std::fs::rename(old, dir);
         return Err(e);
     }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    let had_old = dir.exists();
-    if had_old {
-        std::fs::rename(dir, &old).map_err(io_err(dir))?;
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if had_old {
-            let _ = std::fs::rename(&old, dir);
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(io_err(dir)(e));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&old);
-    }
+    let _ = std::fs::remove_dir_all(old);
     Ok(())
+}
+
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether the process that owns a `.NAME.tmp-PID` / `.NAME.old-PID` folder is gone.
+fn writer_gone(pid: &str) -> bool {
+    match pid.parse::<u32>() {
+        Ok(pid) if pid == std::process::id() => false,
+        Ok(pid) if cfg!(target_os = "linux") => !Path::new(&format!("/proc/{pid}")).exists(),
+        // Elsewhere liveness is unknown: treat the writer as gone only for recovery of a
+        // missing folder (which no live writer leaves for more than an instant).
+        Ok(_) => false,
+        Err(_) => false,
+    }
+}
+
+/// Repairs what a writer killed mid-save can leave beside `dir`: if `dir` is missing but an
+/// aside copy `.NAME.old-PID` exists (the previous complete version), it is renamed back; the
+/// unfinished `.NAME.tmp-PID` folders of dead writers are removed. Loaders call this first, so
+/// the previous checkpoint stays loadable whatever moment the writer was killed at.
+pub fn recover_dir(dir: &Path) {
+    let Ok((parent, name)) = split_dir(dir) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(&parent) else {
+        return;
+    };
+    let (old_prefix, tmp_prefix) = (format!(".{name}.old-"), format!(".{name}.tmp-"));
+    let mut olds = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = file_name.strip_prefix(&old_prefix) {
+            olds.push((entry.path(), pid.to_string()));
+        } else if let Some(pid) = file_name.strip_prefix(&tmp_prefix) {
+            if writer_gone(pid) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    for (path, pid) in olds {
+        if !dir.exists() && pid.parse::<u32>().is_ok_and(|p| p != std::process::id()) {
+            let _ = std::fs::rename(&path, dir);
+        } else if writer_gone(&pid) {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// Saves a model folder atomically; `extra` may add files (tokenizer, training state).
@@ -296,5 +398,57 @@ mod tests {
         assert!(err.is_err());
         assert!(load_model(&dir).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The states a writer killed mid-save can leave behind, and what loading makes of them.
+    #[test]
+    fn a_writer_killed_between_steps_leaves_the_previous_folder_loadable() {
+        let cfg = GptConfig {
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 4,
+            n_positions: 8,
+            vocab_size: 7,
+            n_inner: 16,
+            layer_norm_epsilon: 1e-5,
+            bias: true,
+            dropout: 0.0,
+        };
+        let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
+        let root = temp("killed");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let dir = root.join("ckpt");
+        save_model(&model, &dir, |_| Ok(())).unwrap();
+        // A pid that cannot be alive (above Linux's pid_max limit).
+        let dead = 4_194_999u32;
+
+        // Killed while filling its temporary folder: the folder is untouched, the debris goes.
+        let tmp = root.join(format!(".ckpt.tmp-{dead}"));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join(WEIGHTS_FILE), b"half a file").unwrap();
+        assert!(load_model(&dir).is_ok());
+        if cfg!(target_os = "linux") {
+            assert!(!tmp.exists(), "a dead writer's temporary folder is removed");
+        }
+
+        // Killed between moving the old folder aside and moving the new one in (the fallback
+        // without an exchange rename): loading renames the aside copy back.
+        let aside = root.join(format!(".ckpt.old-{dead}"));
+        std::fs::rename(&dir, &aside).unwrap();
+        let back = load_model(&dir).unwrap();
+        assert!(dir.exists() && !aside.exists());
+        for (a, b) in model.parameters().iter().zip(back.parameters()) {
+            assert_eq!(a.value, b.value);
+        }
+
+        // Replacing an existing folder leaves no sibling behind.
+        save_model(&model, &dir, |_| Ok(())).unwrap();
+        let names: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["ckpt".to_string()]);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

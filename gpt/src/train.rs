@@ -34,6 +34,9 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Windows used by the periodic evaluations (the final one uses all).
     pub eval_windows: usize,
+    /// Anomaly mode on every step's tape: a NaN or infinity stops the run with the step *and*
+    /// the op that produced it (slower: every op output and gradient is scanned).
+    pub detect_anomaly: bool,
 }
 
 impl TrainConfig {
@@ -54,6 +57,7 @@ impl TrainConfig {
             seed: 1337,
             eval_every: 250,
             eval_windows: 200,
+            detect_anomaly: false,
         }
     }
 
@@ -248,6 +252,18 @@ pub trait StepHook {
 struct NoHook;
 impl StepHook for NoHook {}
 
+/// Names the step in anomaly-mode errors, which name the op.
+fn diverged(step: usize, e: GptError) -> GptError {
+    use tapelora_autograd::AutogradError::NonFinite;
+    match e {
+        GptError::Autograd(e @ NonFinite { .. })
+        | GptError::Nn(tapelora_nn::NnError::Autograd(e @ NonFinite { .. })) => {
+            GptError::Input(format!("training diverged at step {step}: {e}"))
+        }
+        other => other,
+    }
+}
+
 /// The per-step seed of dropout masks, so a resumed run draws the same masks.
 fn step_seed(seed: u64, step: usize) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -329,15 +345,23 @@ pub fn train_full(
         let (loss, mut grads) = {
             let tape = Tape::new();
             tape.set_track_norms(hook.wants_tape(step));
+            tape.set_anomaly_detection(cfg.detect_anomaly);
             let ctx = Ctx::train(&tape, step_seed(cfg.seed, step));
-            let loss = model.forward_loss(&ctx, &ids, &targets)?;
+            let loss = model
+                .forward_loss(&ctx, &ids, &targets)
+                .map_err(|e| diverged(step, e))?;
             let value = loss.item().unwrap_or(f32::NAN) as f64;
             if !value.is_finite() {
                 return Err(GptError::Input(format!(
-                    "training diverged: the loss is {value} at step {step}"
+                    "training diverged: the loss is {value} at step {step}{}",
+                    if cfg.detect_anomaly {
+                        ""
+                    } else {
+                        " (run with --detect-anomaly to find the op that produced it)"
+                    }
                 )));
             }
-            let grads = tape.backward(&loss)?;
+            let grads = tape.backward(&loss).map_err(|e| diverged(step, e.into()))?;
             hook.on_tape(step, &tape);
             (value, grads)
         };
@@ -572,5 +596,63 @@ mod tests {
         }
         .validate(16)
         .is_err());
+    }
+}
+
+#[cfg(test)]
+mod anomaly_tests {
+    use super::*;
+    use crate::GptConfig;
+
+    /// A model whose position embedding holds an infinity at position 2.
+    fn poisoned() -> (Gpt, Dataset) {
+        let cfg = GptConfig {
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 8,
+            n_positions: 8,
+            vocab_size: 9,
+            n_inner: 16,
+            layer_norm_epsilon: 1e-5,
+            bias: true,
+            dropout: 0.0,
+        };
+        let mut model = Gpt::new(cfg, &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+        for p in model.parameters_mut() {
+            if p.name.ends_with("wpe.weight") {
+                p.value_mut()[[2, 5]] = f32::INFINITY;
+            }
+        }
+        let tokens: Vec<u32> = (0..400).map(|i| (i % 9) as u32).collect();
+        (model, Dataset::split(tokens, 0.1))
+    }
+
+    #[test]
+    fn a_non_finite_loss_names_the_step_and_with_anomaly_mode_the_op() {
+        let cfg = TrainConfig {
+            batch: 2,
+            block: 8,
+            eval_every: 0,
+            ..TrainConfig::nanogpt_cpu(3, 8)
+        };
+        let (mut model, data) = poisoned();
+        let plain = train(&mut model, &data, &cfg, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(plain.contains("at step 0"), "{plain}");
+        assert!(plain.contains("--detect-anomaly"), "{plain}");
+
+        let (mut model, data) = poisoned();
+        let cfg = TrainConfig {
+            detect_anomaly: true,
+            ..cfg
+        };
+        let found = train(&mut model, &data, &cfg, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(found.contains("at step 0"), "{found}");
+        // The first op whose output is not finite: the lookup of position 2's embedding.
+        assert!(found.contains("`embedding`"), "{found}");
+        assert!(found.contains("forward"), "{found}");
     }
 }

@@ -117,8 +117,21 @@ pub fn save_adapter(lm: &LoraModel, name: &str, dir: &Path, base_model_name: &st
         .configs
         .get(name)
         .ok_or_else(|| LoraError::Adapter(format!("no adapter named `{name}`")))?;
+    save_adapter_with(&lm.model, config, name, dir, base_model_name, |_| Ok(()))
+}
+
+/// [`save_adapter`] from a model holding adapter `name` (made with `config`), with `extra`
+/// adding files to the folder before it replaces `dir` (a training checkpoint's state).
+pub fn save_adapter_with(
+    model: &tapelora_gpt::Gpt,
+    config: &LoraConfig,
+    name: &str,
+    dir: &Path,
+    base_model_name: &str,
+    extra: impl FnOnce(&Path) -> tapelora_gpt::Result<()>,
+) -> Result<()> {
     let mut exported = Vec::new();
-    for layer in lm.lora_layers() {
+    for layer in crate::model::lora_layers_of(model) {
         if let Some(adapter) = layer.adapters.get(name) {
             exported.push(export_module(
                 &layer.module,
@@ -146,7 +159,7 @@ pub fn save_adapter(lm: &LoraModel, name: &str, dir: &Path, base_model_name: &st
     }
     // Target names: a module kind adapted in every block is named by its suffix, otherwise
     // each module by its full path.
-    let n_layer = lm.model.config.n_layer;
+    let n_layer = model.config.n_layer;
     let mut targets: Vec<String> = Vec::new();
     if exported.iter().any(|e| e.module == "wte") {
         targets.push("wte".into());
@@ -194,7 +207,7 @@ pub fn save_adapter(lm: &LoraModel, name: &str, dir: &Path, base_model_name: &st
         tensors.push((b_key, e.b.into_dyn()));
     }
     if config.bias != LoraBias::None {
-        for p in lm.model.parameters() {
+        for p in model.parameters() {
             if p.trainable && p.name.ends_with(".bias") && !p.name.contains(".lora_") {
                 tensors.push((format!("{KEY_PREFIX}{}", p.name), p.value.to_owned()));
             }
@@ -214,13 +227,14 @@ pub fn save_adapter(lm: &LoraModel, name: &str, dir: &Path, base_model_name: &st
             tensors.iter().map(|(n, t)| (n.as_str(), t.view())),
             Some(metadata),
         )?;
-        Ok(())
+        extra(tmp)
     })?;
     Ok(())
 }
 
 /// Reads `adapter_config.json` into a [`LoraConfig`].
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+    tapelora_gpt::hf::recover_dir(dir);
     if !dir.is_dir() {
         return Err(format_err(
             dir,

@@ -9,12 +9,16 @@ use serde_json::json;
 use tapelora_gpt::data::{num_windows, Dataset};
 use tapelora_gpt::hf::{load_model, save_model};
 use tapelora_gpt::tokenizer::Tokenizer;
-use tapelora_gpt::train::TrainConfig;
+use tapelora_gpt::train::{Checkpointing, TrainConfig, TrainState};
 use tapelora_gpt::Gpt;
-use tapelora_lora::peft::{inspect_adapter, load_adapter, save_adapter};
+use tapelora_lora::peft::{inspect_adapter, load_adapter, save_adapter, save_adapter_with};
 use tapelora_lora::{thousands, InitA, LoraBias, LoraConfig, LoraModel};
 use tapelora_nn::{write_atomic, Module, TensorFile};
 
+use super::checkpoint::{
+    catch_ctrl_c, check_finite, fingerprint, read_state, read_trainable, weights_fingerprint,
+    write_state, write_trainable, RunOptions, STOP,
+};
 use super::progress::train_with_progress;
 use super::{check_out_dir, read_text, CliResult};
 
@@ -86,8 +90,42 @@ pub struct FinetuneArgs {
     /// The adapter folder (PEFT format) to write, or a model folder with --full.
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write a checkpoint into --out every N steps (0: only when interrupted by Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
+    /// Continue the run whose checkpoint is in this folder (same --model, --data and options).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Check every op's output and gradient for NaN/Inf, so a diverging run names the op (slower).
+    #[arg(long)]
+    pub detect_anomaly: bool,
     #[command(flatten)]
     pub run: super::trace::RunOutputArgs,
+}
+
+/// What a resumed fine-tune must share with the interrupted one.
+fn finetune_options(args: &FinetuneArgs, text: &str, base: &Gpt) -> RunOptions {
+    vec![
+        ("--model", weights_fingerprint(base)),
+        ("--data", fingerprint(text.as_bytes())),
+        ("--full", args.full.to_string()),
+        ("--rank", args.rank.to_string()),
+        ("--alpha", args.alpha.to_string()),
+        ("--targets", args.targets.join(",")),
+        ("--layers", format!("{:?}", args.layers)),
+        ("--dropout", args.dropout.to_string()),
+        ("--rslora", args.rslora.to_string()),
+        ("--bias", format!("{:?}", args.bias)),
+        ("--init", format!("{:?}", args.init)),
+        ("--lr", args.lr.to_string()),
+        ("--min-lr", format!("{:?}", args.min_lr)),
+        ("--warmup", args.warmup.to_string()),
+        ("--weight-decay", args.weight_decay.to_string()),
+        ("--batch", args.batch.to_string()),
+        ("--block", format!("{:?}", args.block)),
+        ("--clip", args.clip.to_string()),
+        ("--seed", args.seed.to_string()),
+    ]
 }
 
 fn same_folder(a: &Path, b: &Path) -> bool {
@@ -108,6 +146,7 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
     let tokenizer = Tokenizer::from_model_dir(&args.model, model.config.vocab_size)
         .map_err(|e| e.to_string())?;
     let text = read_text(&args.data)?;
+    let options = finetune_options(&args, &text, &model);
     let tokens = tokenizer
         .encode(&text)
         .map_err(|e| format!("{}: {e}", args.data.display()))?;
@@ -123,6 +162,7 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
         clip: (args.clip > 0.0).then_some(args.clip),
         seed: args.seed,
         eval_every: args.eval_every,
+        detect_anomaly: args.detect_anomaly,
         ..TrainConfig::nanogpt_cpu(args.steps, block)
     };
     train_cfg
@@ -180,6 +220,27 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
             other => other.to_string(),
         })?;
     }
+    let resume = match &args.resume {
+        None => None,
+        Some(dir) => {
+            // The options first: a mismatch is best reported by the option's name.
+            let state = read_state(dir, &options)?;
+            if args.full {
+                let checkpoint = load_model(dir).map_err(|e| format!("--resume: {e}"))?;
+                if checkpoint.config != lm.model.config {
+                    return Err(format!(
+                        "--resume {}: the checkpoint's model differs from --model's",
+                        dir.display()
+                    ));
+                }
+                lm.model = checkpoint;
+                lm.model.unfreeze();
+            } else {
+                read_trainable(dir, &mut lm.model)?;
+            }
+            Some(state)
+        }
+    };
     let trainable = lm.model.num_trainable_params();
     let trainable_tensors = lm.model.parameters().iter().filter(|p| p.trainable).count();
     eprintln!("{}", lm.trainable_parameters_line());
@@ -195,14 +256,47 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
         &lm.model,
         &base_tensors,
     )?;
+    catch_ctrl_c();
+    let adapter_config = lm.configs.get("default").cloned();
+    let base_name = args.model.display().to_string();
+    let out = args.out.clone();
+    let mut save = |m: &Gpt, state: &TrainState| -> tapelora_gpt::Result<()> {
+        check_finite(m, state)?;
+        match &adapter_config {
+            None => save_model(m, &out, |dir| {
+                tokenizer
+                    .save(dir)
+                    .map_err(|e| tapelora_gpt::GptError::Input(e.to_string()))?;
+                write_state(dir, state, &options)
+            }),
+            Some(config) => save_adapter_with(m, config, "default", &out, &base_name, |dir| {
+                write_trainable(dir, m)?;
+                write_state(dir, state, &options)
+            })
+            .map_err(|e| tapelora_gpt::GptError::Input(e.to_string())),
+        }
+    };
+    let checkpointing = Checkpointing {
+        resume,
+        every: args.checkpoint_every,
+        save: &mut save,
+        stop: Some(&STOP),
+    };
     let (summary, history) = train_with_progress(
         &mut lm.model,
         &data,
         &train_cfg,
         args.run.quiet,
         &mut hooks,
-        None,
+        Some(checkpointing),
     )?;
+    if summary.stopped {
+        eprintln!(
+            "interrupted: checkpoint written to {o}; continue with the same command plus `--resume {o}`",
+            o = args.out.display()
+        );
+        std::process::exit(130);
+    }
     let result = json!({
         "train_loss": summary.train_loss,
         "val_loss": summary.val_loss,

@@ -2,6 +2,7 @@
 //! errors arrive here as typed errors and leave as one-line messages.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod eval;
 pub mod generate;
 pub mod graph;

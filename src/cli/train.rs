@@ -12,6 +12,9 @@ use tapelora_gpt::train::{Checkpointing, TrainConfig, TrainState};
 use tapelora_gpt::{Gpt, GptConfig};
 use tapelora_nn::{write_atomic, Module};
 
+use super::checkpoint::{
+    catch_ctrl_c, check_finite, fingerprint, read_state, write_state, RunOptions, STOP,
+};
 use super::progress::train_with_progress;
 use super::{check_out_dir, read_text, CliResult};
 
@@ -76,62 +79,28 @@ pub struct TrainArgs {
     /// Continue the run whose checkpoint is in this folder (same --data and options).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Check every op's output and gradient for NaN/Inf, so a diverging run names the op (slower).
+    #[arg(long)]
+    pub detect_anomaly: bool,
     #[command(flatten)]
     pub run: super::trace::RunOutputArgs,
 }
 
-/// Set by Ctrl-C: the run finishes its step, writes a checkpoint and stops.
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-const STATE_FILE: &str = "training_state.safetensors";
-
-fn write_state(dir: &std::path::Path, state: &TrainState) -> tapelora_gpt::Result<()> {
-    let meta = std::collections::HashMap::from([
-        ("next_step".to_string(), state.next_step.to_string()),
-        ("rng_word_pos".to_string(), state.rng_word_pos.to_string()),
-        (
-            "last_loss_bits".to_string(),
-            state.last_loss.to_bits().to_string(),
-        ),
-    ]);
-    let tensors: Vec<(&str, ndarray::ArrayViewD<'_, f32>)> = state
-        .optimizer
-        .iter()
-        .map(|(n, t)| (n.as_str(), t.view()))
-        .collect();
-    tapelora_nn::save_safetensors(&dir.join(STATE_FILE), tensors, Some(meta))?;
-    Ok(())
-}
-
-fn read_state(dir: &std::path::Path) -> Result<TrainState, String> {
-    let path = dir.join(STATE_FILE);
-    let file = tapelora_nn::TensorFile::open(&path).map_err(|e| format!("--resume: {e}"))?;
-    let field = |key: &str| {
-        file.metadata().get(key).cloned().ok_or_else(|| {
-            format!(
-                "--resume: {}: missing `{key}` in the metadata",
-                path.display()
-            )
-        })
-    };
-    let bad = |key: &str| format!("--resume: {}: `{key}` is not a number", path.display());
-    let mut optimizer = std::collections::BTreeMap::new();
-    for name in file.names() {
-        let t = file.f32(&name).map_err(|e| format!("--resume: {e}"))?;
-        optimizer.insert(name, t);
-    }
-    Ok(TrainState {
-        next_step: field("next_step")?.parse().map_err(|_| bad("next_step"))?,
-        rng_word_pos: field("rng_word_pos")?
-            .parse()
-            .map_err(|_| bad("rng_word_pos"))?,
-        last_loss: f64::from_bits(
-            field("last_loss_bits")?
-                .parse()
-                .map_err(|_| bad("last_loss_bits"))?,
-        ),
-        optimizer,
-    })
+/// What a resumed run must share with the interrupted one (the model shape is checked
+/// separately, against the checkpoint's config.json).
+fn run_options(args: &TrainArgs, text: &str) -> RunOptions {
+    vec![
+        ("--data", fingerprint(text.as_bytes())),
+        ("--batch", args.batch.to_string()),
+        ("--lr", args.lr.to_string()),
+        ("--min-lr", args.min_lr.to_string()),
+        ("--warmup", args.warmup.to_string()),
+        ("--weight-decay", args.weight_decay.to_string()),
+        ("--beta2", args.beta2.to_string()),
+        ("--clip", args.clip.to_string()),
+        ("--dropout", args.dropout.to_string()),
+        ("--seed", args.seed.to_string()),
+    ]
 }
 
 pub fn run(args: TrainArgs) -> CliResult {
@@ -184,6 +153,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         clip: (args.clip > 0.0).then_some(args.clip),
         seed: args.seed,
         eval_every: args.eval_every,
+        detect_anomaly: args.detect_anomaly,
         ..TrainConfig::nanogpt_cpu(args.steps, config.n_positions)
     };
     train_cfg
@@ -204,13 +174,14 @@ pub fn run(args: TrainArgs) -> CliResult {
     }
     check_out_dir(&args.out)?;
 
+    let options = run_options(&args, &text);
     let (mut model, resume) = match &args.resume {
         Some(dir) => {
             let model = load_model(dir).map_err(|e| format!("--resume: {e}"))?;
             if model.config != config {
                 return Err(format!("--resume {}: the checkpoint's model differs from the one these options describe; pass the options of the interrupted run", dir.display()));
             }
-            (model, Some(read_state(dir)?))
+            (model, Some(read_state(dir, &options)?))
         }
         None => (
             Gpt::new(
@@ -240,24 +211,15 @@ pub fn run(args: TrainArgs) -> CliResult {
         &model,
         &[],
     )?;
-    let _ = ctrlc::set_handler(|| STOP.store(true, std::sync::atomic::Ordering::SeqCst));
+    catch_ctrl_c();
     let out = args.out.clone();
     let mut save = |m: &Gpt, state: &TrainState| -> tapelora_gpt::Result<()> {
-        if let Some(p) = m
-            .parameters()
-            .into_iter()
-            .find(|p| p.value.iter().any(|v| !v.is_finite()))
-        {
-            return Err(tapelora_gpt::GptError::Input(format!(
-                "not writing a checkpoint at step {}: `{}` holds NaN or infinite values",
-                state.next_step, p.name
-            )));
-        }
+        check_finite(m, state)?;
         save_model(m, &out, |dir| {
             tokenizer
                 .save(dir)
                 .map_err(|e| tapelora_gpt::GptError::Input(e.to_string()))?;
-            write_state(dir, state)
+            write_state(dir, state, &options)
         })
     };
     let checkpointing = Checkpointing {
