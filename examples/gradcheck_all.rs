@@ -48,6 +48,16 @@ fn cases() -> Vec<Case> {
             vec![rand(&[2, 3, 4], 3), rand(&[2, 4, 2], 4)],
             |x| x[0].matmul(&x[1]),
         ),
+        case(
+            "linear",
+            vec![rand(&[2, 3, 4], 101), rand(&[5, 4], 102), rand(&[5], 103)],
+            |x| x[0].linear(&x[1].transpose(0, 1)?, Some(&x[2])),
+        ),
+        case(
+            "add_scaled_columns",
+            vec![rand(&[2, 3, 6], 104), rand(&[2, 3, 2], 105)],
+            |x| x[0].clone().add_scaled_columns(&[(&x[1], 4, 0.5)]),
+        ),
         case("add", vec![rand(&[2, 3, 4], 5), rand(&[3, 1], 6)], |x| {
             x[0].add(&x[1])
         }),

@@ -61,6 +61,8 @@ pub use gradcheck::{gradcheck, GradcheckOptions, GradcheckReport};
 pub use ops::attention::attention;
 pub use ops::concat;
 pub use ops::unary::{gelu_derivative, gelu_scalar};
-pub use tape::{GradStatus, Gradients, Node, NodeId, SavedInfo, Tape, Tensor, Var};
+pub use tape::{
+    GradStatus, Gradients, Node, NodeId, OpProfile, OpTime, SavedInfo, Tape, Tensor, Var,
+};
 
 pub use ndarray;

@@ -120,6 +120,45 @@ pub struct Tape<T: Float = f32> {
     grad_enabled: Cell<bool>,
     anomaly: Cell<bool>,
     track_norms: Cell<bool>,
+    /// Per-op wall time, when [`Tape::set_profiling`] is on.
+    profile: RefCell<Option<OpProfile>>,
+}
+
+/// Wall time per op name: forward (the time since the previous record, i.e. computing this
+/// op's output) and backward (its rule plus accumulating what it returned).
+#[derive(Clone, Debug, Default)]
+pub struct OpProfile {
+    pub ops: std::collections::BTreeMap<&'static str, OpTime>,
+    last: Option<std::time::Instant>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpTime {
+    pub calls: usize,
+    pub forward_secs: f64,
+    pub backward_secs: f64,
+}
+
+impl OpProfile {
+    fn forward_mark(&mut self, op: &'static str) {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last {
+            let t = self.ops.entry(op).or_default();
+            t.calls += 1;
+            t.forward_secs += (now - last).as_secs_f64();
+        }
+        self.last = Some(now);
+    }
+
+    /// Adds another profile's times to this one (to sum several steps).
+    pub fn add(&mut self, other: &OpProfile) {
+        for (op, t) in &other.ops {
+            let mine = self.ops.entry(op).or_default();
+            mine.calls += t.calls;
+            mine.forward_secs += t.forward_secs;
+            mine.backward_secs += t.backward_secs;
+        }
+    }
 }
 
 impl<T: Float> Default for Tape<T> {
@@ -145,6 +184,26 @@ impl<T: Float> Tape<T> {
             grad_enabled: Cell::new(true),
             anomaly: Cell::new(false),
             track_norms: Cell::new(false),
+            profile: RefCell::new(None),
+        }
+    }
+
+    /// Time every op from now on (forward and backward), for [`Tape::profile`].
+    pub fn set_profiling(&self, on: bool) {
+        *self.profile.borrow_mut() = on.then(|| OpProfile {
+            last: Some(std::time::Instant::now()),
+            ..OpProfile::default()
+        });
+    }
+
+    /// Wall time per op so far (None unless profiling is on).
+    pub fn profile(&self) -> Option<OpProfile> {
+        self.profile.borrow().clone()
+    }
+
+    fn profile_mark(&self, op: &'static str) {
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            p.forward_mark(op);
         }
     }
 
@@ -173,6 +232,7 @@ impl<T: Float> Tape<T> {
         value: Tensor<T>,
         trainable: bool,
     ) -> Var<'_, T> {
+        self.profile_mark(op);
         if !self.grad_enabled.get() {
             return Var {
                 tape: self,
@@ -285,7 +345,14 @@ impl<T: Float> Tape<T> {
             _ => return Err(AutogradError::LossNeedsNoGrad),
         };
         let mut nodes = self.nodes.borrow_mut();
-        let result = run_backward(&mut nodes, root, self.anomaly.get(), self.track_norms.get());
+        let mut profile = self.profile.borrow_mut();
+        let result = run_backward(
+            &mut nodes,
+            root,
+            self.anomaly.get(),
+            self.track_norms.get(),
+            profile.as_mut(),
+        );
         if result.is_err() {
             // Free whatever a failed walk did not reach.
             for node in nodes.iter_mut() {
@@ -301,6 +368,7 @@ fn run_backward<T: Float>(
     root: NodeId,
     anomaly: bool,
     track_norms: bool,
+    mut profile: Option<&mut OpProfile>,
 ) -> Result<Gradients<T>> {
     // Records made after the loss cannot contribute to it.
     for node in &mut nodes[root + 1..] {
@@ -334,6 +402,7 @@ fn run_backward<T: Float>(
             node.input_grads.fill(GradStatus::Skipped);
             continue;
         };
+        let started = profile.is_some().then(std::time::Instant::now);
         let input_grads = backward(grad, &needs);
         debug_assert_eq!(input_grads.len(), node.inputs.len(), "{}: arity", node.op);
         let (op, inputs) = (node.op, node.inputs.clone());
@@ -358,6 +427,9 @@ fn run_backward<T: Float>(
                 None => GradStatus::Skipped,
             };
             nodes[i].input_grads[slot] = status;
+        }
+        if let (Some(p), Some(started)) = (profile.as_deref_mut(), started) {
+            p.ops.entry(op).or_default().backward_secs += started.elapsed().as_secs_f64();
         }
     }
     Ok(out)
@@ -465,6 +537,15 @@ impl<'t, T: Float> Var<'t, T> {
     pub fn value(&self) -> &Tensor<T> {
         &self.value
     }
+    /// The value as an owned array, leaving an empty one behind: no copy when this Var held
+    /// the only reference (an op consuming its input can then write in place).
+    pub(crate) fn take_value(&mut self) -> ArrayD<T> {
+        if self.id.is_none() {
+            // Not on the tape yet: recording it as a constant needs its shape, so keep it.
+            return self.value.to_owned();
+        }
+        std::mem::replace(&mut self.value, ArrayD::zeros(IxDyn(&[0])).into_shared()).into_owned()
+    }
     pub fn shape(&self) -> &[usize] {
         self.value.shape()
     }
@@ -564,6 +645,7 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
         if self.inputs.iter().any(|v| !std::ptr::eq(v.tape, tape)) {
             return Err(AutogradError::TapeMismatch { op: self.op });
         }
+        tape.profile_mark(self.op);
         let mut nodes = tape.nodes.borrow_mut();
         let index = nodes.len();
         if tape.anomaly.get() && !value.iter().all(|v| v.is_finite()) {

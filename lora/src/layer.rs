@@ -12,8 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use ndarray::{ArrayD, IxDyn};
-use tapelora_autograd::{concat, Var};
+use tapelora_autograd::Var;
 use tapelora_nn::{Ctx, LinearAdapter, Parameter};
 
 /// A contiguous range of the layer's output columns.
@@ -96,46 +95,6 @@ pub struct LoraLinear {
     pub merged: Vec<String>,
 }
 
-impl LoraLinear {
-    fn adapter_delta<'t>(
-        &self,
-        ctx: &Ctx<'t>,
-        x: &Var<'t, f32>,
-        adapter: &LoraAdapter,
-        weight: f64,
-    ) -> tapelora_nn::Result<Var<'t, f32>> {
-        let x = ctx.dropout(x, adapter.dropout)?;
-        let lead: Vec<usize> = x.shape()[..x.ndim() - 1].to_vec();
-        let mut pieces: Vec<Var<'t, f32>> = Vec::new();
-        let mut covered = 0;
-        let mut parts: Vec<&LoraPart> = adapter.parts.iter().collect();
-        parts.sort_by_key(|p| p.slice.start);
-        for part in parts {
-            if part.slice.start > covered {
-                pieces.push(zeros(ctx, &lead, part.slice.start - covered));
-            }
-            let a = part.a.on(ctx.tape).transpose(0, 1)?;
-            let b = part.b.on(ctx.tape).transpose(0, 1)?;
-            pieces.push(x.matmul(&a)?.matmul(&b)?.scale(part.scaling() * weight)?);
-            covered = part.slice.start + part.slice.len;
-        }
-        if covered < self.out_features {
-            pieces.push(zeros(ctx, &lead, self.out_features - covered));
-        }
-        if pieces.len() == 1 {
-            return Ok(pieces.pop().expect("one piece"));
-        }
-        let refs: Vec<&Var<'t, f32>> = pieces.iter().collect();
-        Ok(concat(&refs, lead.len())?)
-    }
-}
-
-fn zeros<'t>(ctx: &Ctx<'t>, lead: &[usize], width: usize) -> Var<'t, f32> {
-    let mut shape = lead.to_vec();
-    shape.push(width);
-    ctx.tape.constant(ArrayD::zeros(IxDyn(&shape)))
-}
-
 impl LinearAdapter for LoraLinear {
     fn forward<'t>(
         &self,
@@ -143,11 +102,24 @@ impl LinearAdapter for LoraLinear {
         x: &Var<'t, f32>,
         base: Var<'t, f32>,
     ) -> tapelora_nn::Result<Var<'t, f32>> {
-        let mut out = base;
+        // Each part's s·(x·Aᵀ)·Bᵀ goes straight into its columns of the base output (q and v
+        // of c_attn): no zero-padded full-width delta, no separate scale or add pass.
+        let mut deltas: Vec<(Var<'t, f32>, usize, f64)> = Vec::new();
         for (adapter, weight) in self.acting() {
-            out = out.add(&self.adapter_delta(ctx, x, adapter, weight)?)?;
+            let x = ctx.dropout(x, adapter.dropout)?;
+            for part in &adapter.parts {
+                let a = part.a.on(ctx.tape).transpose(0, 1)?;
+                let b = part.b.on(ctx.tape).transpose(0, 1)?;
+                let delta = x.matmul(&a)?.matmul(&b)?;
+                deltas.push((delta, part.slice.start, part.scaling() * weight));
+            }
         }
-        Ok(out)
+        if deltas.is_empty() {
+            return Ok(base);
+        }
+        let parts: Vec<(&Var<'t, f32>, usize, f64)> =
+            deltas.iter().map(|(d, start, s)| (d, *start, *s)).collect();
+        Ok(base.add_scaled_columns(&parts)?)
     }
 
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {

@@ -71,11 +71,8 @@ impl Linear {
             WeightLayout::InOut => w,
             WeightLayout::OutIn => w.transpose(0, 1)?,
         };
-        let y = x.matmul(&w)?;
-        Ok(match &self.bias {
-            Some(b) => y.add(&b.on(ctx.tape))?,
-            None => y,
-        })
+        let bias = self.bias.as_ref().map(|b| b.on(ctx.tape));
+        Ok(x.linear(&w, bias.as_ref())?)
     }
 }
 

@@ -143,6 +143,49 @@ fn measured_peak_flops() -> f64 {
     2.0 * (n as f64).powi(3) / secs
 }
 
+/// Per-op wall time per step, largest first, with the optimizer and what the tape did not see.
+fn print_profile(
+    p: &tapelora_autograd::OpProfile,
+    optimizer_secs: f64,
+    steps: usize,
+    step_secs: f64,
+) {
+    let per = |s: f64| 1e3 * s / steps as f64;
+    let mut rows: Vec<_> = p.ops.iter().collect();
+    rows.sort_by(|a, b| {
+        (b.1.forward_secs + b.1.backward_secs).total_cmp(&(a.1.forward_secs + a.1.backward_secs))
+    });
+    println!(
+        "per step (ms): {:<22} {:>6} {:>10} {:>10} {:>10}",
+        "op", "calls", "forward", "backward", "share"
+    );
+    let mut seen = optimizer_secs;
+    for (op, t) in rows {
+        seen += t.forward_secs + t.backward_secs;
+        println!(
+            "               {op:<22} {:>6} {:>10.1} {:>10.1} {:>9.1}%",
+            t.calls / steps,
+            per(t.forward_secs),
+            per(t.backward_secs),
+            100.0 * (t.forward_secs + t.backward_secs) / steps as f64 / step_secs
+        );
+    }
+    println!(
+        "               {:<22} {:>6} {:>10.1} {:>10} {:>9.1}%",
+        "optimizer (AdamW)",
+        "",
+        per(optimizer_secs),
+        "",
+        100.0 * optimizer_secs / steps as f64 / step_secs
+    );
+    println!(
+        "               {:<22} {:>6} {:>10.1}",
+        "not on the tape",
+        "",
+        1e3 * step_secs - per(seen)
+    );
+}
+
 /// Model-level benchmarks (`--mode full|lora|generate|infer`).
 pub struct ModelBench {
     pub config: String,
@@ -151,6 +194,9 @@ pub struct ModelBench {
     pub block: Option<usize>,
     pub steps: Option<usize>,
     pub json: bool,
+    pub profile: bool,
+    pub embd: Option<usize>,
+    pub layers: Option<usize>,
 }
 
 impl ModelBench {
@@ -170,7 +216,21 @@ impl ModelBench {
                 ))
             }
         };
-        let cfg = cfg.map_err(|e| e.to_string())?;
+        let mut cfg = cfg.map_err(|e| e.to_string())?;
+        if let Some(embd) = self.embd {
+            if embd < 64 || embd % 64 != 0 {
+                return Err(format!(
+                    "--embd: must be a positive multiple of 64, got {embd}"
+                ));
+            }
+            (cfg.n_embd, cfg.n_head, cfg.n_inner) = (embd, embd / 64, 4 * embd);
+        }
+        if let Some(layers) = self.layers {
+            if layers == 0 {
+                return Err("--layers: must be at least 1".into());
+            }
+            cfg.n_layer = layers;
+        }
         let (batch, block, steps) = (
             self.batch.unwrap_or(batch),
             self.block.unwrap_or(block),
@@ -218,24 +278,39 @@ impl ModelBench {
         let model = &mut lm.model;
         let (ids, targets) = Self::ids(model.config.vocab_size, batch, block);
         let mut opt = AdamW::new(model.parameters(), AdamWConfig::default());
-        let mut step = |model: &mut tapelora_gpt::Gpt| -> Result<(), String> {
+        let mut profile = tapelora_autograd::OpProfile::default();
+        let mut optimizer_secs = 0.0;
+        let mut step = |model: &mut tapelora_gpt::Gpt, timed: bool| -> Result<(), String> {
             let grads = {
                 let tape = Tape::new();
+                tape.set_profiling(timed && self.profile);
                 let loss = model
                     .forward_loss(&tapelora_nn::Ctx::train(&tape, 0), &ids, &targets)
                     .map_err(|e| e.to_string())?;
-                tape.backward(&loss).map_err(|e| e.to_string())?
+                let grads = tape.backward(&loss).map_err(|e| e.to_string())?;
+                if let Some(p) = tape.profile() {
+                    profile.add(&p);
+                }
+                grads
             };
+            let start = Instant::now();
             opt.step(&mut model.parameters_mut(), &grads, 1e-4)
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            if timed {
+                optimizer_secs += start.elapsed().as_secs_f64();
+            }
+            Ok(())
         };
-        step(model)?; // warm-up
+        step(model, false)?; // warm-up
         let flops0 = tapelora_autograd::gemm::gemm_flops();
         let start = Instant::now();
         for _ in 0..steps {
-            step(model)?;
+            step(model, true)?;
         }
         let secs = start.elapsed().as_secs_f64() / steps as f64;
+        if self.profile {
+            print_profile(&profile, optimizer_secs, steps, secs);
+        }
         let flops = (tapelora_autograd::gemm::gemm_flops() - flops0) as f64 / steps as f64;
         let peak = measured_peak_flops();
         let tokens = (batch * block) as f64;

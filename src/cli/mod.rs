@@ -85,6 +85,15 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also print wall time per op (forward and backward) over the timed steps.
+        #[arg(long)]
+        profile: bool,
+        /// Override the model's width (heads = width / 64), for scaling tables.
+        #[arg(long)]
+        embd: Option<usize>,
+        /// Override the number of blocks.
+        #[arg(long)]
+        layers: Option<usize>,
     },
 }
 
@@ -167,6 +176,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
             sizes,
             reps,
             json,
+            profile,
+            embd,
+            layers,
         } => {
             if reps == 0 {
                 return Err("bench: --reps must be at least 1".into());
@@ -181,6 +193,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 block,
                 steps,
                 json,
+                profile,
+                embd,
+                layers,
             };
             match mode {
                 BenchMode::Matmul => bench::matmul(&sizes, reps, json),

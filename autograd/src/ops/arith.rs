@@ -114,11 +114,122 @@ impl<'t, T: Float> Var<'t, T> {
     }
 }
 
+impl<'t, T: Float> Var<'t, T> {
+    /// `self` with `scale_i · delta_i` added into last-axis columns `start_i .. start_i + w_i`
+    /// (each `delta_i` is `self`'s shape with `w_i` last): LoRA's update of some slices of a
+    /// fused projection (q and v of c_attn) without building a zero-padded full-width delta.
+    /// ∂self = G; ∂delta_i = scale_i · G[..., start_i .. start_i + w_i]. Takes `self` by value
+    /// so that, when nothing else holds its buffer, the sum is written in place.
+    pub fn add_scaled_columns(mut self, parts: &[(&Var<'t, T>, usize, f64)]) -> Result<Var<'t, T>> {
+        let shape = self.shape().to_vec();
+        let Some((&width, lead)) = shape.split_last() else {
+            return crate::error::arg_err("add_scaled_columns", "needs at least one axis");
+        };
+        let rows = lead.iter().product::<usize>();
+        let mut spans = Vec::with_capacity(parts.len());
+        for (delta, start, scale) in parts {
+            let ds = delta.shape();
+            let w = ds.last().copied().unwrap_or(0);
+            if ds.len() != shape.len() || &ds[..ds.len() - 1] != lead || start + w > width {
+                return crate::error::shape_err(
+                    "add_scaled_columns",
+                    &shape,
+                    ds,
+                    format!("a delta must match on the leading dims and fit in columns {start}..{width}"),
+                );
+            }
+            spans.push((*start, w, T::from_f64(*scale)));
+        }
+        let mut out = self.take_value();
+        {
+            let mut out2 = out
+                .view_mut()
+                .into_shape_with_order((rows, width))
+                .expect("owned arrays are standard layout");
+            for ((delta, _, _), &(start, w, scale)) in parts.iter().zip(&spans) {
+                let d = delta.value().to_shape((rows, w)).expect("same size");
+                out2.slice_mut(ndarray::s![.., start..start + w])
+                    .scaled_add(scale, &d);
+            }
+        }
+        let mut inputs = vec![&self];
+        inputs.extend(parts.iter().map(|p| p.0));
+        OpRecord::new("add_scaled_columns", &inputs)
+            .attrs(
+                spans
+                    .iter()
+                    .map(|(s, w, _)| format!("{s}..{}", s + w))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .finish(out, move |g, needs| {
+                let g2 = g
+                    .to_shape((rows, width))
+                    .expect("gradient has the output's size");
+                let mut grads: Vec<Option<ndarray::ArrayD<T>>> = vec![None];
+                for (i, &(start, w, scale)) in spans.iter().enumerate() {
+                    grads.push(needs[i + 1].then(|| {
+                        let mut lead_w = shape[..shape.len() - 1].to_vec();
+                        lead_w.push(w);
+                        g2.slice(ndarray::s![.., start..start + w])
+                            .mapv(|v| v * scale)
+                            .into_shape_with_order(ndarray::IxDyn(&lead_w))
+                            .expect("same size")
+                    }));
+                }
+                drop(g2);
+                if needs[0] {
+                    grads[0] = Some(g);
+                }
+                grads
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::ops::test_util::{assert_gradcheck, rand_array};
     use crate::{AutogradError, Tape};
     use ndarray::{arr1, arr2};
+
+    #[test]
+    fn add_scaled_columns_equals_the_zero_padded_sum_and_passes_gradcheck() {
+        let tape = Tape::<f64>::new();
+        let base = tape.constant(rand_array(&[2, 3, 9], 1));
+        let dq = tape.constant(rand_array(&[2, 3, 3], 2));
+        let dv = tape.constant(rand_array(&[2, 3, 3], 3));
+        let y = base
+            .clone()
+            .add_scaled_columns(&[(&dq, 0, 0.5), (&dv, 6, 2.0)])
+            .unwrap();
+        for ((i, j, c), &v) in y
+            .value()
+            .view()
+            .into_dimensionality::<ndarray::Ix3>()
+            .unwrap()
+            .indexed_iter()
+        {
+            let mut want = base.value()[[i, j, c]];
+            if c < 3 {
+                want += 0.5 * dq.value()[[i, j, c]];
+            } else if c >= 6 {
+                want += 2.0 * dv.value()[[i, j, c - 6]];
+            }
+            assert!((v - want).abs() < 1e-12);
+        }
+        assert!(base.clone().add_scaled_columns(&[(&dq, 7, 1.0)]).is_err());
+        assert_gradcheck(
+            |x| {
+                x[0].clone()
+                    .add_scaled_columns(&[(&x[1], 0, 0.5), (&x[2], 6, -1.5)])
+            },
+            &[
+                rand_array(&[2, 3, 9], 4),
+                rand_array(&[2, 3, 3], 5),
+                rand_array(&[2, 3, 3], 6),
+            ],
+        );
+    }
 
     #[test]
     fn add_broadcasts_and_reduces_gradients_back() {

@@ -8,6 +8,10 @@
 //! * batched, `[..., m, k] · [..., k, n]` with equal leading dims: one GEMM per batch entry,
 //!   spread over rayon.
 //!
+//! `linear` is the layer form with its bias fused in: the output starts as the bias broadcast
+//! over rows and the GEMM accumulates onto it (β = 1), so no separate add pass is made;
+//! backward adds ∂bias = Σ_rows G.
+//!
 //! Backward: ∂A = G·Bᵀ and ∂B = Aᵀ·G, each computed only if that input needs it — this is where
 //! a frozen weight saves a whole GEMM. Bᵀ and Aᵀ are stride-swapped views, never copies.
 
@@ -155,6 +159,81 @@ impl<'t, T: Float> Var<'t, T> {
     }
 }
 
+impl<'t, T: Float> Var<'t, T> {
+    /// `self · w + bias` for activations `[..., k]`, a 2-D weight `[k, n]` (any strides: a
+    /// transposed view is free) and an optional bias `[n]` — one GEMM onto the broadcast bias.
+    /// ∂x = G·wᵀ, ∂w = xᵀ·G, ∂bias = Σ_rows G; each only if needed.
+    pub fn linear(&self, w: &Var<'t, T>, bias: Option<&Var<'t, T>>) -> Result<Var<'t, T>> {
+        let (x_shape, w_shape) = (self.shape().to_vec(), w.shape().to_vec());
+        if x_shape.is_empty() || w_shape.len() != 2 || x_shape[x_shape.len() - 1] != w_shape[0] {
+            return shape_err(
+                "linear",
+                &x_shape,
+                &w_shape,
+                "need x [..., k] and a weight [k, n]",
+            );
+        }
+        let (k, n) = (w_shape[0], w_shape[1]);
+        if let Some(b) = bias {
+            if b.shape() != [n] {
+                return shape_err(
+                    "linear",
+                    b.shape(),
+                    &w_shape,
+                    format!("the bias must be [{n}]"),
+                );
+            }
+        }
+        let rows = x_shape[..x_shape.len() - 1].iter().product::<usize>();
+        let mut out_shape = x_shape[..x_shape.len() - 1].to_vec();
+        out_shape.push(n);
+        let (x, wv) = (self.value().clone(), w.value().clone());
+        let mut c = match bias {
+            Some(b) => {
+                let b = b
+                    .value()
+                    .view()
+                    .into_dimensionality::<ndarray::Ix1>()
+                    .expect("checked");
+                b.broadcast((rows, n)).expect("checked").to_owned()
+            }
+            None => Array2::zeros((rows, n)),
+        };
+        let beta = if bias.is_some() { T::one() } else { T::zero() };
+        gemm(
+            T::one(),
+            as_matrix(&x, rows, k).view(),
+            as_matrix(&wv, k, n).view(),
+            beta,
+            c.view_mut(),
+        );
+        let out = to_shape(c, &out_shape);
+        let mut inputs = vec![self, w];
+        inputs.extend(bias);
+        OpRecord::new("linear", &inputs)
+            .attrs(format!(
+                "[{rows}×{k}]·[{k}×{n}]{}",
+                if bias.is_some() { "+b" } else { "" }
+            ))
+            .saves("x", &x)
+            .saves("w", &wv)
+            .finish(out, move |g, needs| {
+                let g2 = g
+                    .to_shape((rows, n))
+                    .expect("gradient has the output's size");
+                let gx = needs[0]
+                    .then(|| to_shape(matmul_2d(g2.view(), as_matrix(&wv, k, n).t()), &x_shape));
+                let gw =
+                    needs[1].then(|| matmul_2d(as_matrix(&x, rows, k).t(), g2.view()).into_dyn());
+                let mut grads = vec![gx, gw];
+                if needs.len() == 3 {
+                    grads.push(needs[2].then(|| g2.sum_axis(ndarray::Axis(0)).into_dyn()));
+                }
+                grads
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::ops::test_util::{assert_gradcheck, rand_array};
@@ -180,6 +259,37 @@ mod tests {
         assert!(a
             .matmul(&tape.constant(ndarray::ArrayD::zeros(ndarray::IxDyn(&[3, 2]))))
             .is_err());
+    }
+
+    #[test]
+    fn linear_equals_matmul_plus_bias_and_passes_gradcheck() {
+        let tape = Tape::<f64>::new();
+        let x = tape.constant(rand_array(&[2, 3, 4], 11));
+        let w = tape
+            .constant(rand_array(&[5, 4], 12))
+            .transpose(0, 1)
+            .unwrap();
+        let b = tape.constant(rand_array(&[5], 13));
+        let fused = x.linear(&w, Some(&b)).unwrap();
+        let composed = x.matmul(&w).unwrap().add(&b).unwrap();
+        let diff = (fused.value() - composed.value())
+            .mapv(f64::abs)
+            .fold(0.0, |m: f64, &v| m.max(v));
+        assert!(diff < 1e-12, "{diff}");
+        assert!(x.linear(&w, Some(&x)).is_err());
+        assert!(x.linear(&b, None).is_err());
+        assert_gradcheck(
+            |v| v[0].linear(&v[1].transpose(0, 1)?, Some(&v[2])),
+            &[
+                rand_array(&[2, 3, 4], 14),
+                rand_array(&[5, 4], 15),
+                rand_array(&[5], 16),
+            ],
+        );
+        assert_gradcheck(
+            |v| v[0].linear(&v[1], None),
+            &[rand_array(&[3, 4], 17), rand_array(&[4, 2], 18)],
+        );
     }
 
     #[test]

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Runs `tapelora bench` and benchmarks/pytorch_reference.py back to back, benchmark by
+benchmark, and writes the tables (with ratios) into docs/BENCHMARKS.md between the
+`<!-- side-by-side:start -->` and `<!-- side-by-side:end -->` markers. Called by run.sh.
+
+Environment: PYTHON (an interpreter with torch + transformers), TAPELORA (the binary),
+QUICK=1 (fewer benchmarks, no scaling tables).
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TAPELORA = os.environ.get("TAPELORA", str(ROOT / "target/release/tapelora"))
+PYTHON = os.environ.get("PYTHON", sys.executable)
+QUICK = os.environ.get("QUICK") == "1"
+
+
+def last_json(cmd, env=None):
+    """Runs a command and returns its last line parsed as JSON."""
+    print("  $", " ".join(cmd), flush=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def pair(args, threads=2):
+    """The same benchmark on both sides, tapelora first, then PyTorch."""
+    ours = last_json([TAPELORA, "bench", "--json", *args], {"RAYON_NUM_THREADS": str(threads)})
+    theirs = last_json([PYTHON, str(ROOT / "benchmarks/pytorch_reference.py"), *args,
+                        "--threads", str(threads)])
+    return ours, theirs
+
+
+def fmt(v, digits=1):
+    return f"{v:,.{digits}f}"
+
+
+def training_rows(specs):
+    rows = ["| benchmark | tapelora ms/step | PyTorch ms/step | tokens/s ratio (↑) | tapelora MFU | "
+            "tapelora peak RSS MiB | PyTorch peak RSS MiB | RSS ratio (↓) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    results = {}
+    for label, args in specs:
+        print(label, flush=True)
+        ours, theirs = pair(args)
+        results[label] = (ours, theirs)
+        rows.append(
+            f"| {label} | {fmt(ours['ms_per_step'])} | {fmt(theirs['ms_per_step'])} | "
+            f"**{ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}×** | "
+            f"{100 * ours['mfu']:.0f} % | {fmt(ours['peak_rss_mib'], 0)} | "
+            f"{fmt(theirs['peak_rss_mib'], 0)} | {ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f} |")
+    return rows, results
+
+
+def main():
+    sections = []
+    train_specs = [
+        ("nanogpt-cpu full, B12×T64", ["--config", "nanogpt-cpu", "--mode", "full"]),
+        ("nanogpt-cpu LoRA r=8 (q,v)", ["--config", "nanogpt-cpu", "--mode", "lora"]),
+        ("GPT-2 124M full, B4×T256", ["--config", "gpt2", "--mode", "full", "--steps", "3"]),
+        ("GPT-2 124M LoRA r=8 (q,v), B4×T256", ["--config", "gpt2", "--mode", "lora", "--steps", "3"]),
+    ]
+    if QUICK:
+        train_specs = train_specs[:2]
+    rows, results = training_rows(train_specs)
+    sections += ["### Training steps (forward + backward + AdamW)", "", *rows, ""]
+    g = [v for k, v in results.items() if k.startswith("GPT-2")]
+    if len(g) == 2:
+        (full, _), (lora, _) = g
+        sections += [f"tapelora's GPT-2 LoRA step takes {lora['ms_per_step'] / full['ms_per_step']:.2f}× "
+                     f"its full step; its peak RSS is {lora['peak_rss_mib'] / full['peak_rss_mib']:.2f}× "
+                     "the full step's.", ""]
+
+    print("generation", flush=True)
+    gen_cfg = "nanogpt-cpu" if QUICK else "gpt2"
+    ours, theirs = pair(["--config", gen_cfg, "--mode", "generate"])
+    sections += ["### Generation (batch 1, 16-token prompt, 128 new tokens, greedy, KV cache)", "",
+                 "| model | tapelora tokens/s | transformers tokens/s | ratio (↑) |",
+                 "|---|---:|---:|---:|",
+                 f"| {gen_cfg} | {fmt(ours['tokens_per_sec'])} | {fmt(theirs['tokens_per_sec'])} | "
+                 f"**{ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}×** |", ""]
+
+    print("inference", flush=True)
+    ours, theirs = pair(["--config", gen_cfg, "--mode", "infer", "--batch", "1"])
+    sections += ["### Forward latency: base, LoRA unmerged, merged (batch 1)", "",
+                 "| side | base ms | unmerged ms | overhead | merged ms | overhead |",
+                 "|---|---:|---:|---:|---:|---:|"]
+    for side, r in [("tapelora", ours), ("PyTorch", theirs)]:
+        sections.append(
+            f"| {side} | {r['base_ms']:.2f} | {r['unmerged_ms']:.2f} | "
+            f"{100 * (r['unmerged_ms'] / r['base_ms'] - 1):+.1f} % | {r['merged_ms']:.2f} | "
+            f"{100 * (r['merged_ms'] / r['base_ms'] - 1):+.1f} % |")
+    sections.append("")
+
+    if not QUICK:
+        sections += ["### Scaling: block size (GPT-2 124M LoRA r=8, batch 1)", "",
+                     "| block | tapelora ms/step | PyTorch ms/step | tokens/s ratio (↑) |",
+                     "|---:|---:|---:|---:|"]
+        for block in [64, 128, 256, 512, 1024]:
+            print("block", block, flush=True)
+            ours, theirs = pair(["--config", "gpt2", "--mode", "lora", "--batch", "1",
+                                 "--block", str(block), "--steps", "2"])
+            sections.append(f"| {block} | {fmt(ours['ms_per_step'])} | {fmt(theirs['ms_per_step'])} | "
+                            f"{ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}× |")
+        sections += ["", "### Scaling: width (4 blocks, heads = width/64, vocab 50257, full step, B4×T256)", "",
+                     "| width | tapelora ms/step | PyTorch ms/step | tokens/s ratio (↑) |",
+                     "|---:|---:|---:|---:|"]
+        for embd in [256, 512, 768, 1024]:
+            print("width", embd, flush=True)
+            ours, theirs = pair(["--config", "gpt2", "--mode", "full", "--layers", "4",
+                                 "--embd", str(embd), "--steps", "2"])
+            sections.append(f"| {embd} | {fmt(ours['ms_per_step'])} | {fmt(theirs['ms_per_step'])} | "
+                            f"{ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}× |")
+        sections += ["", "### Threads: 1 vs 2", "",
+                     "| benchmark | threads | tapelora ms/step | PyTorch ms/step | tokens/s ratio (↑) |",
+                     "|---|---:|---:|---:|---:|"]
+        for label, args in [("nanogpt-cpu full", ["--config", "nanogpt-cpu", "--mode", "full"]),
+                            ("GPT-2 LoRA r=8, B1×T256", ["--config", "gpt2", "--mode", "lora",
+                                                          "--batch", "1", "--steps", "2"])]:
+            for threads in [1, 2]:
+                print(label, threads, flush=True)
+                ours, theirs = pair(args, threads)
+                sections.append(f"| {label} | {threads} | {fmt(ours['ms_per_step'])} | "
+                                f"{fmt(theirs['ms_per_step'])} | "
+                                f"{ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}× |")
+        sections.append("")
+
+    torch_version = subprocess.run([PYTHON, "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True).stdout.strip()
+    header = [f"Measured {datetime.date.today()} by `benchmarks/run.sh` on {platform.machine()}, "
+              f"{os.cpu_count()} cores, PyTorch {torch_version}; each row ran both sides back to back. "
+              "Ratios above 1 favour tapelora for tokens/s, below 1 for memory.", ""]
+    doc = ROOT / "docs/BENCHMARKS.md"
+    text = doc.read_text()
+    start, end = "<!-- side-by-side:start -->", "<!-- side-by-side:end -->"
+    body = "\n".join([start, *header, *sections, end])
+    if start in text and end in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n## Side by side with PyTorch\n\n" + body + "\n"
+    doc.write_text(text)
+    print("\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
