@@ -56,7 +56,7 @@ fn softmax_masked_row<T: Float>(row: &mut ndarray::ArrayViewMut1<'_, T>, visible
         .fold(T::neg_infinity(), |m, &v| m.max(v));
     let mut sum = T::zero();
     for v in row.slice_mut(s![..visible]).iter_mut() {
-        *v = (*v - max).exp();
+        *v = (*v - max).exp_fast();
         sum += *v;
     }
     let inv = T::one() / sum;

@@ -51,7 +51,7 @@ impl<'t, T: Float> Var<'t, T> {
             .into_par_iter()
             .map(|row| {
                 let max = row.fold(T::neg_infinity(), |m, &v| m.max(v));
-                row.fold(T::zero(), |s, &v| s + (v - max).exp()).ln() + max
+                row.fold(T::zero(), |s, &v| s + (v - max).exp_fast()).ln() + max
             })
             .collect();
         let (mut total, mut count) = (0.0f64, 0usize);
@@ -86,7 +86,7 @@ impl<'t, T: Float> Var<'t, T> {
                         return;
                     }
                     let lse = log_sum_exp[r];
-                    row.mapv_inplace(|v| (v - lse).exp() * scale);
+                    row.mapv_inplace(|v| (v - lse).exp_fast() * scale);
                     row[targets[r] as usize] -= scale;
                 };
                 let zip = Zip::indexed(d.rows_mut());

@@ -56,7 +56,7 @@ fn softmax_row<T: Float>(x: ArrayView1<T>, mut out: ArrayViewMut1<T>) {
     let max = x.fold(T::neg_infinity(), |m, &v| m.max(v));
     let mut sum = T::zero();
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v - max).exp();
+        *o = (v - max).exp_fast();
         sum += *o;
     }
     out.mapv_inplace(|o| o / sum);
@@ -92,7 +92,7 @@ impl<'t, T: Float> Var<'t, T> {
         check_rank("log_softmax", self)?;
         let y: Tensor<T> = map_rows(self.value(), |x, mut out| {
             let max = x.fold(T::neg_infinity(), |m, &v| m.max(v));
-            let log_sum = x.fold(T::zero(), |s, &v| s + (v - max).exp()).ln();
+            let log_sum = x.fold(T::zero(), |s, &v| s + (v - max).exp_fast()).ln();
             Zip::from(&mut out)
                 .and(x)
                 .for_each(|o, &v| *o = (v - max) - log_sum);
@@ -106,7 +106,7 @@ impl<'t, T: Float> Var<'t, T> {
                     let sum = g.sum();
                     Zip::from(&mut g)
                         .and(y)
-                        .for_each(|g, &y| *g -= y.exp() * sum);
+                        .for_each(|g, &y| *g -= y.exp_fast() * sum);
                 }))]
             })
     }

@@ -13,16 +13,18 @@ use crate::Float;
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_CUBIC: f64 = 0.044_715;
 
-/// tanh through one `exp`: tanh(u) = 1 − 2/(e^{2u} + 1). libm's `tanhf` costs several times
-/// more (it goes through `expm1f`), and GELU calls it for every MLP activation twice per step;
-/// the absolute error here is a few ulps of 1, which GELU's 0.5·x·(1 + t) does not amplify.
-#[inline]
+/// tanh through one `exp`: tanh(u) = 1 − 2/(e^{2u} + 1), with the vectorisable
+/// [`Float::exp_fast`]. libm's `tanhf` costs several times more (it goes through `expm1f`), and
+/// GELU calls it for every MLP activation twice per step; the absolute error here is a few
+/// ulps of 1, which GELU's 0.5·x·(1 + t) does not amplify.
+#[inline(always)]
 fn tanh_via_exp<T: Float>(u: T) -> T {
     let two = T::from_f64(2.0);
-    T::one() - two / ((two * u).exp() + T::one())
+    T::one() - two / ((two * u).exp_fast() + T::one())
 }
 
 /// GPT-2's GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+#[inline(always)]
 pub fn gelu_scalar<T: Float>(x: T) -> T {
     let (c, k, half) = (
         T::from_f64(SQRT_2_OVER_PI),
@@ -33,6 +35,7 @@ pub fn gelu_scalar<T: Float>(x: T) -> T {
 }
 
 /// d/dx of [`gelu_scalar`]: 0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²).
+#[inline(always)]
 pub fn gelu_derivative<T: Float>(x: T) -> T {
     let (c, k, half) = (
         T::from_f64(SQRT_2_OVER_PI),
