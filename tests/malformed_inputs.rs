@@ -326,6 +326,30 @@ fn thirty_malformed_inputs_fail_cleanly() {
         }
     };
     cases.push(finetune("rank 0", &["--rank", "0"], "--rank"));
+    let nowhere = s(&root.join("no-checkpoint"));
+    cases.push(finetune(
+        "--resume from a missing folder",
+        &["--resume", &nowhere],
+        "training_state.safetensors",
+    ));
+    let base_dir = s(&base);
+    cases.push(finetune(
+        "--resume from a folder without training state",
+        &["--resume", &base_dir],
+        "training_state.safetensors",
+    ));
+    let m = model_copy(&root, "bad-state");
+    std::fs::write(
+        m.join("training_state.safetensors"),
+        b"\x08\0\0\0\0\0\0\0{}",
+    )
+    .unwrap();
+    let bad_state = s(&m);
+    cases.push(finetune(
+        "--resume with a truncated training state",
+        &["--resume", &bad_state],
+        "training_state.safetensors",
+    ));
     cases.push(finetune(
         "rank above min(d, k)",
         &["--rank", "31"],
