@@ -337,13 +337,9 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
-    fn temp(tag: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("tapelora-gpt-hf-{tag}-{}", std::process::id()))
-    }
-
-    #[test]
-    fn a_config_larger_than_its_weights_is_rejected_before_allocating() {
-        let cfg = GptConfig {
+    /// A one-block model small enough to write and read in microseconds.
+    fn tiny(bias: bool) -> GptConfig {
+        GptConfig {
             n_layer: 1,
             n_head: 2,
             n_embd: 4,
@@ -351,9 +347,18 @@ mod tests {
             vocab_size: 7,
             n_inner: 16,
             layer_norm_epsilon: 1e-5,
-            bias: true,
+            bias,
             dropout: 0.0,
-        };
+        }
+    }
+
+    fn temp(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("tapelora-gpt-hf-{tag}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn a_config_larger_than_its_weights_is_rejected_before_allocating() {
+        let cfg = tiny(true);
         let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
         let dir = temp("huge");
         save_model(&model, &dir, |_| Ok(())).unwrap();
@@ -371,17 +376,7 @@ mod tests {
 
     #[test]
     fn bias_free_model_round_trips_through_a_folder() {
-        let cfg = GptConfig {
-            n_layer: 1,
-            n_head: 2,
-            n_embd: 4,
-            n_positions: 8,
-            vocab_size: 7,
-            n_inner: 16,
-            layer_norm_epsilon: 1e-5,
-            bias: false,
-            dropout: 0.0,
-        };
+        let cfg = tiny(false);
         let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
         let dir = temp("roundtrip");
         save_model(&model, &dir, |_| Ok(())).unwrap();
@@ -403,17 +398,7 @@ mod tests {
     /// The states a writer killed mid-save can leave behind, and what loading makes of them.
     #[test]
     fn a_writer_killed_between_steps_leaves_the_previous_folder_loadable() {
-        let cfg = GptConfig {
-            n_layer: 1,
-            n_head: 2,
-            n_embd: 4,
-            n_positions: 8,
-            vocab_size: 7,
-            n_inner: 16,
-            layer_norm_epsilon: 1e-5,
-            bias: true,
-            dropout: 0.0,
-        };
+        let cfg = tiny(true);
         let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(1)).unwrap();
         let root = temp("killed");
         let _ = std::fs::remove_dir_all(&root);

@@ -454,16 +454,13 @@ pub fn train_full(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::GptConfig;
 
-    #[test]
-    fn a_stopped_and_resumed_run_ends_bit_identical() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let tokens: Vec<u32> = (0..800).map(|i| ((i * 7 + i / 5) % 9) as u32).collect();
-        let data = Dataset::split(tokens, 0.1);
-        let cfg = GptConfig {
+    /// A one-block model over a 9-token vocabulary, with the given dropout.
+    pub(crate) fn tiny(dropout: f64) -> GptConfig {
+        GptConfig {
             n_layer: 1,
             n_head: 2,
             n_embd: 8,
@@ -472,8 +469,16 @@ mod tests {
             n_inner: 16,
             layer_norm_epsilon: 1e-5,
             bias: true,
-            dropout: 0.1,
-        };
+            dropout,
+        }
+    }
+
+    #[test]
+    fn a_stopped_and_resumed_run_ends_bit_identical() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let tokens: Vec<u32> = (0..800).map(|i| ((i * 7 + i / 5) % 9) as u32).collect();
+        let data = Dataset::split(tokens, 0.1);
+        let cfg = tiny(0.1);
         let train_cfg = TrainConfig {
             batch: 4,
             block: 8,
@@ -601,22 +606,12 @@ mod tests {
 
 #[cfg(test)]
 mod anomaly_tests {
+    use super::tests::tiny;
     use super::*;
-    use crate::GptConfig;
 
     /// A model whose position embedding holds an infinity at position 2.
     fn poisoned() -> (Gpt, Dataset) {
-        let cfg = GptConfig {
-            n_layer: 1,
-            n_head: 2,
-            n_embd: 8,
-            n_positions: 8,
-            vocab_size: 9,
-            n_inner: 16,
-            layer_norm_epsilon: 1e-5,
-            bias: true,
-            dropout: 0.0,
-        };
+        let cfg = tiny(0.0);
         let mut model = Gpt::new(cfg, &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
         for p in model.parameters_mut() {
             if p.name.ends_with("wpe.weight") {

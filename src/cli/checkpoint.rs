@@ -27,6 +27,15 @@ pub fn catch_ctrl_c() {
     let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
 }
 
+/// After a Ctrl-C checkpoint: says how to continue and exits with 130 (128 + SIGINT).
+pub fn exit_interrupted(out: &Path) -> ! {
+    eprintln!(
+        "interrupted: checkpoint written to {o}; continue with the same command plus `--resume {o}`",
+        o = out.display()
+    );
+    std::process::exit(130);
+}
+
 /// The options a resumed run must share with the interrupted one, as (option, value).
 pub type RunOptions = Vec<(&'static str, String)>;
 

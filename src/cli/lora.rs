@@ -16,8 +16,8 @@ use tapelora_lora::{thousands, InitA, LoraBias, LoraConfig, LoraModel};
 use tapelora_nn::{write_atomic, Module, TensorFile};
 
 use super::checkpoint::{
-    catch_ctrl_c, check_finite, fingerprint, read_state, read_trainable, weights_fingerprint,
-    write_state, write_trainable, RunOptions, STOP,
+    catch_ctrl_c, check_finite, exit_interrupted, fingerprint, read_state, read_trainable,
+    weights_fingerprint, write_state, write_trainable, RunOptions, STOP,
 };
 use super::progress::train_with_progress;
 use super::{check_out_dir, read_text, CliResult};
@@ -291,11 +291,7 @@ pub fn finetune(args: FinetuneArgs) -> CliResult {
         Some(checkpointing),
     )?;
     if summary.stopped {
-        eprintln!(
-            "interrupted: checkpoint written to {o}; continue with the same command plus `--resume {o}`",
-            o = args.out.display()
-        );
-        std::process::exit(130);
+        exit_interrupted(&args.out);
     }
     let result = json!({
         "train_loss": summary.train_loss,

@@ -13,7 +13,8 @@ use tapelora_gpt::{Gpt, GptConfig};
 use tapelora_nn::{write_atomic, Module};
 
 use super::checkpoint::{
-    catch_ctrl_c, check_finite, fingerprint, read_state, write_state, RunOptions, STOP,
+    catch_ctrl_c, check_finite, exit_interrupted, fingerprint, read_state, write_state, RunOptions,
+    STOP,
 };
 use super::progress::train_with_progress;
 use super::{check_out_dir, read_text, CliResult};
@@ -237,11 +238,7 @@ pub fn run(args: TrainArgs) -> CliResult {
         Some(checkpointing),
     )?;
     if summary.stopped {
-        eprintln!(
-            "interrupted: checkpoint written to {o}; continue with the same command plus `--resume {o}`",
-            o = args.out.display()
-        );
-        std::process::exit(130);
+        exit_interrupted(&args.out);
     }
 
     let result = json!({
