@@ -247,6 +247,26 @@ impl ModelBench {
         Ok((model, batch, block, steps))
     }
 
+    /// The benchmarked adapter: rank r on c_attn.q and c_attn.v, α = 2r.
+    fn adapter_config(&self) -> tapelora_lora::LoraConfig {
+        tapelora_lora::LoraConfig::new(self.rank, 2.0 * self.rank as f64, &["c_attn.q", "c_attn.v"])
+    }
+
+    fn with_adapter(
+        model: tapelora_gpt::Gpt,
+        cfg: &tapelora_lora::LoraConfig,
+    ) -> Result<tapelora_lora::LoraModel, String> {
+        use rand::SeedableRng;
+        let mut lm = tapelora_lora::LoraModel::new(model);
+        lm.add_adapter(
+            "default",
+            cfg,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(lm)
+    }
+
     fn ids(vocab: usize, batch: usize, block: usize) -> (ndarray::ArrayD<usize>, Vec<i64>) {
         let ids = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[batch, block]), |i| {
             (i[0] * 131 + i[1] * 31) % vocab
@@ -259,22 +279,13 @@ impl ModelBench {
     pub fn train(&self, lora: bool) -> Result<(), String> {
         use tapelora_nn::{AdamW, AdamWConfig, Module, Optimizer};
         let (model, batch, block, steps) = self.model()?;
-        let mut lm = tapelora_lora::LoraModel::new(model);
-        if lora {
-            let cfg = tapelora_lora::LoraConfig::new(
-                self.rank,
-                2.0 * self.rank as f64,
-                &["c_attn.q", "c_attn.v"],
-            );
-            lm.add_adapter(
-                "default",
-                &cfg,
-                &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0),
-            )
-            .map_err(|e| e.to_string())?;
+        let mut lm = if lora {
+            Self::with_adapter(model, &self.adapter_config())?
         } else {
+            let mut lm = tapelora_lora::LoraModel::new(model);
             lm.model.unfreeze();
-        }
+            lm
+        };
         let model = &mut lm.model;
         let (ids, targets) = Self::ids(model.config.vocab_size, batch, block);
         let mut opt = AdamW::new(model.parameters(), AdamWConfig::default());
@@ -357,33 +368,17 @@ impl ModelBench {
 
     /// Forward latency of the base model, with an unmerged LoRA adapter, and merged.
     pub fn infer(&self) -> Result<(), String> {
-        use rand::SeedableRng;
         let (model, batch, block, steps) = self.model()?;
         let (ids, _) = Self::ids(model.config.vocab_size, batch, block);
-        let mut lm = tapelora_lora::LoraModel::new(model.copy_weights());
+        // B random too, so the unmerged adapter does real work and merging changes the weights.
         let cfg = tapelora_lora::LoraConfig {
             random_b: true,
-            ..tapelora_lora::LoraConfig::new(
-                self.rank,
-                2.0 * self.rank as f64,
-                &["c_attn.q", "c_attn.v"],
-            )
+            ..self.adapter_config()
         };
-        lm.add_adapter(
-            "default",
-            &cfg,
-            &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
-        )
-        .map_err(|e| e.to_string())?;
-        let mut merged_lm = tapelora_lora::LoraModel::new(model.copy_weights());
-        merged_lm
-            .add_adapter(
-                "default",
-                &cfg,
-                &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
-            )
+        let lm = Self::with_adapter(model.copy_weights(), &cfg)?;
+        let merged = Self::with_adapter(model.copy_weights(), &cfg)?
+            .merge_and_unload()
             .map_err(|e| e.to_string())?;
-        let merged = merged_lm.merge_and_unload().map_err(|e| e.to_string())?;
         let forward = |m: &tapelora_gpt::Gpt| {
             let tape = Tape::new();
             tape.no_grad(|| {
