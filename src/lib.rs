@@ -23,3 +23,20 @@ pub use tapelora_nn as nn;
 pub mod cli;
 pub mod demo;
 pub mod plot;
+
+/// Keeps freed memory in the process for reuse instead of handing it back to the kernel.
+///
+/// A training step allocates and frees the same activation buffers every step. glibc serves
+/// blocks above its mmap threshold with fresh `mmap`s and returns them on free, so each step
+/// would page-fault (and have the kernel zero) every large buffer again — measured here at about
+/// 2 000 faults and 10 ms of kernel time per nanogpt-cpu step. Raising the mmap and trim
+/// thresholds makes freed blocks reusable, as PyTorch's caching CPU allocator does. Peak memory
+/// is unchanged (the process reuses what it had at its peak). A no-op off glibc.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

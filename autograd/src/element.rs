@@ -68,9 +68,11 @@ pub trait Float:
 
 impl Float for f32 {
     const DTYPE: &'static str = "f32";
+    #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x as f32
     }
+    #[inline(always)]
     fn as_f64(self) -> f64 {
         self as f64
     }
@@ -100,12 +102,15 @@ impl Float for f32 {
 
 impl Float for f64 {
     const DTYPE: &'static str = "f64";
+    #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x
     }
+    #[inline(always)]
     fn as_f64(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn exp_fast(self) -> Self {
         self.exp()
     }
@@ -142,7 +147,11 @@ pub fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let xc = x.clamp(-87.3, 88.3);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let shifted = xc * LOG2E + ROUND;
+    // n as an integer straight from the bits (|n| ≤ 128 sits in the low mantissa bits); an
+    // `as i32` cast would be a saturating conversion that stops the loop from vectorising.
+    let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let n = shifted - ROUND;
     let g = (xc - n * LN2_HI) - n * LN2_LO; // in about [-ln2/2, ln2/2]
     let mut p = 1.0 / 5040.0;
     p = p * g + 1.0 / 720.0;
@@ -152,7 +161,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * g + 0.5;
     p = p * g + 1.0;
     p = p * g + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
     let y = p * scale;
     if x.is_nan() {
         x

@@ -11,9 +11,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ndarray::{ArrayView2, ArrayViewMut2, Axis};
+use std::mem::MaybeUninit;
+
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
+use crate::simd::dot;
 use crate::Float;
 
 static GEMM_CALLS: AtomicU64 = AtomicU64::new(0);
@@ -36,19 +39,121 @@ pub fn gemm_flops() -> u64 {
 ///
 /// Shapes are checked by the callers (the ops), which know the user-facing shapes; here a
 /// mismatch is a bug, hence the assertion.
-pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: ArrayViewMut2<T>) {
+pub fn gemm<T: Float>(
+    alpha: T,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    beta: T,
+    mut c: ArrayViewMut2<T>,
+) {
+    check_and_count(&a, &b, c.dim());
+    let out = Out::of(c.as_mut_ptr(), c.strides(), c.dim());
+    gemm_split(alpha, a, b, beta, out);
+}
+
+/// `c ← α·a·b` into memory that need not be initialised: every element of `c` is written and
+/// none is read. Outputs are allocated with this, so no pass zeroes memory that the product
+/// overwrites anyway.
+pub fn gemm_write<T: Float>(
+    alpha: T,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    mut c: ArrayViewMut2<MaybeUninit<T>>,
+) {
+    check_and_count(&a, &b, c.dim());
+    let out = Out::of(c.as_mut_ptr().cast::<T>(), c.strides(), c.dim());
+    gemm_split(alpha, a, b, T::zero(), out);
+}
+
+/// `α·a·b` as a new row-major matrix (see [`gemm_write`]).
+pub fn gemm_new<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>) -> Array2<T> {
+    let mut c = Array2::<T>::uninit((a.nrows(), b.ncols()));
+    gemm_write(alpha, a, b, c.view_mut());
+    // SAFETY: gemm_write wrote every element.
+    unsafe { c.assume_init() }
+}
+
+fn check_and_count<T: Float>(a: &ArrayView2<T>, b: &ArrayView2<T>, c_dim: (usize, usize)) {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
     assert!(
-        k == k2 && c.dim() == (m, n),
+        k == k2 && c_dim == (m, n),
         "gemm: internal shape bug {:?}·{:?}→{:?}",
         a.dim(),
         b.dim(),
-        c.dim()
+        c_dim
     );
     GEMM_CALLS.fetch_add(1, Ordering::Relaxed);
     GEMM_FLOPS.fetch_add((2 * m * n * k) as u64, Ordering::Relaxed);
-    gemm_split(alpha, a, b, beta, c);
+}
+
+/// The output of a product as a raw strided pointer, so that blocks of it can go to different
+/// threads and so that it may point at uninitialised memory (which a view of `T` must not).
+#[derive(Clone, Copy)]
+struct Out<T> {
+    ptr: *mut T,
+    rows: usize,
+    cols: usize,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+// SAFETY: an `Out` is only ever split into disjoint blocks, each written by one thread.
+unsafe impl<T: Send> Send for Out<T> {}
+unsafe impl<T: Sync> Sync for Out<T> {}
+
+impl<T: Float> Out<T> {
+    fn of(ptr: *mut T, strides: &[isize], (rows, cols): (usize, usize)) -> Self {
+        Out {
+            ptr,
+            rows,
+            cols,
+            row_stride: strides[0],
+            col_stride: strides[1],
+        }
+    }
+
+    /// Rows `start..start + len`.
+    fn rows(self, start: usize, len: usize) -> Self {
+        Out {
+            // SAFETY: start ≤ rows, so the offset stays inside (or one past) the matrix.
+            ptr: unsafe { self.ptr.offset(start as isize * self.row_stride) },
+            rows: len,
+            ..self
+        }
+    }
+
+    /// Columns `start..start + len`.
+    fn cols(self, start: usize, len: usize) -> Self {
+        Out {
+            // SAFETY: as for `rows`.
+            ptr: unsafe { self.ptr.offset(start as isize * self.col_stride) },
+            cols: len,
+            ..self
+        }
+    }
+
+    /// Writes element (i, j).
+    ///
+    /// # Safety
+    /// `i < rows`, `j < cols`, and no other thread writes this block.
+    unsafe fn write(self, i: usize, j: usize, value: T) {
+        debug_assert!(i < self.rows && j < self.cols);
+        *self
+            .ptr
+            .offset(i as isize * self.row_stride + j as isize * self.col_stride) = value;
+    }
+
+    /// Reads element (i, j), which must have been initialised (β ≠ 0).
+    ///
+    /// # Safety
+    /// As for [`Out::write`].
+    unsafe fn read(self, i: usize, j: usize) -> T {
+        debug_assert!(i < self.rows && j < self.cols);
+        *self
+            .ptr
+            .offset(i as isize * self.row_stride + j as isize * self.col_stride)
+    }
 }
 
 /// `c ← α·a·b + β·c` for a single row `a` (`1 × k`): one pass over `b` with no packing, the
@@ -56,7 +161,7 @@ pub fn gemm<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: 
 /// `b`: for a row-major `b` a block of rows (partial sums over k, then added in thread order);
 /// for a column-major `b` (a transposed weight) a block of columns. Results are deterministic
 /// for a given thread count.
-fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, mut c: ArrayViewMut2<T>) {
+fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<T>) {
     let (k, n) = b.dim();
     let threads = if k * n >= PARALLEL_MIN_MACS {
         rayon::current_num_threads().max(1)
@@ -95,12 +200,16 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, mut c: 
             }
         });
     }
-    for (c, acc) in c.row_mut(0).iter_mut().zip(acc) {
-        *c = if beta == T::zero() {
-            alpha * acc
-        } else {
-            alpha * acc + beta * *c
-        };
+    for (j, acc) in acc.into_iter().enumerate() {
+        // SAFETY: c is 1 × n and this thread owns it; it is read only when β ≠ 0.
+        unsafe {
+            let value = if beta == T::zero() {
+                alpha * acc
+            } else {
+                alpha * acc + beta * c.read(0, j)
+            };
+            c.write(0, j, value);
+        }
     }
 }
 
@@ -149,30 +258,6 @@ fn dot_columns<T: Float>(a: &[T], b: ArrayView2<T>, acc: &mut [T]) {
     }
 }
 
-/// A dot product with sixteen independent accumulators, so the compiler can vectorise it (one
-/// running sum would serialise every addition). The lanes are combined in a fixed order.
-#[inline(always)]
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    let mut lanes = [T::zero(); 16];
-    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (a16.remainder(), b16.remainder());
-    for (x, y) in a16.zip(b16) {
-        for l in 0..16 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    let mut half = [T::zero(); 8];
-    for l in 0..8 {
-        half[l] = lanes[l] + lanes[l + 8];
-    }
-    let mut sum =
-        ((half[0] + half[1]) + (half[2] + half[3])) + ((half[4] + half[5]) + (half[6] + half[7]));
-    for (&x, &y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum
-}
-
 /// The single-row kernels compiled with AVX2 enabled; called only after [`has_avx2`].
 mod unsafe_avx2 {
     use super::{ArrayView2, Float};
@@ -206,13 +291,7 @@ mod unsafe_avx2 {
     }
 }
 
-fn gemm_split<T: Float>(
-    alpha: T,
-    a: ArrayView2<T>,
-    b: ArrayView2<T>,
-    beta: T,
-    mut c: ArrayViewMut2<T>,
-) {
+fn gemm_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<T>) {
     let (m, k) = a.dim();
     let n = b.ncols();
     if m == 1 && k > 0 && (b.strides()[1] == 1 || b.strides()[0] == 1) {
@@ -224,51 +303,47 @@ fn gemm_split<T: Float>(
     }
     if m >= n {
         let rows = m.div_ceil(threads);
-        let blocks: Vec<_> = a
-            .axis_chunks_iter(Axis(0), rows)
-            .zip(c.axis_chunks_iter_mut(Axis(0), rows))
-            .collect();
-        blocks
-            .into_par_iter()
-            .for_each(|(a_rows, c_rows)| gemm_serial(alpha, a_rows, b, beta, c_rows));
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+            let (start, len) = (i * rows, rows.min(m - i * rows));
+            let a_rows = a.slice(ndarray::s![start..start + len, ..]);
+            gemm_serial(alpha, a_rows, b, beta, c.rows(start, len));
+        });
     } else {
         let cols = n.div_ceil(threads);
-        let blocks: Vec<_> = b
-            .axis_chunks_iter(Axis(1), cols)
-            .zip(c.axis_chunks_iter_mut(Axis(1), cols))
-            .collect();
-        blocks
-            .into_par_iter()
-            .for_each(|(b_cols, c_cols)| gemm_serial(alpha, a, b_cols, beta, c_cols));
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
+            let (start, len) = (i * cols, cols.min(n - i * cols));
+            let b_cols = b.slice(ndarray::s![.., start..start + len]);
+            gemm_serial(alpha, a, b_cols, beta, c.cols(start, len));
+        });
     }
 }
 
-fn gemm_serial<T: Float>(
-    alpha: T,
-    a: ArrayView2<T>,
-    b: ArrayView2<T>,
-    beta: T,
-    mut c: ArrayViewMut2<T>,
-) {
+fn gemm_serial<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<T>) {
     let (m, k) = a.dim();
     let n = b.ncols();
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        c.mapv_inplace(|x| {
-            if beta == T::zero() {
-                T::zero()
-            } else {
-                beta * x
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: in bounds, this thread's block; read only when β ≠ 0.
+                unsafe {
+                    let value = if beta == T::zero() {
+                        T::zero()
+                    } else {
+                        beta * c.read(i, j)
+                    };
+                    c.write(i, j, value);
+                }
             }
-        });
+        }
         return;
     }
-    let (sa, sb, sc) = (a.strides(), b.strides(), c.strides());
-    let (rsc, csc) = (sc[0], sc[1]);
-    // SAFETY: the views describe valid matrices of the asserted shapes; `c` is a unique
-    // mutable view so it cannot alias `a` or `b`.
+    let (sa, sb) = (a.strides(), b.strides());
+    // SAFETY: the views describe valid matrices of the asserted shapes; `c` is this thread's
+    // block of an output that aliases neither `a` nor `b`; with β = 0 matrixmultiply does not
+    // read `c`.
     unsafe {
         T::gemm(
             m,
@@ -282,9 +357,9 @@ fn gemm_serial<T: Float>(
             sb[0],
             sb[1],
             beta,
-            c.as_mut_ptr(),
-            rsc,
-            csc,
+            c.ptr,
+            c.row_stride,
+            c.col_stride,
         );
     }
 }

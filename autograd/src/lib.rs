@@ -11,6 +11,7 @@
 //! | [`gemm`] | the one strided matmul kernel (matrixmultiply) and the GEMM call/FLOP counters |
 //! | [`gradcheck`](mod@gradcheck) | central-difference gradient checking in `f64` |
 //! | `display` | the tape as a text table (`Display`) and as Graphviz DOT ([`Tape::to_dot`]) |
+//! | [`simd`] | run-time choice of AVX-512 / AVX2 builds for the elementwise loops |
 //! | [`element`] | the [`Float`] trait: `f32` for training, `f64` for checking |
 //! | [`error`] | [`AutogradError`], typed errors naming the op and shapes |
 //!
@@ -52,13 +53,14 @@ pub mod error;
 pub mod gemm;
 pub mod gradcheck;
 pub mod ops;
+pub mod simd;
 pub mod tape;
 
 pub use display::DotOptions;
 pub use element::Float;
 pub use error::{AutogradError, Result};
 pub use gradcheck::{gradcheck, GradcheckOptions, GradcheckReport};
-pub use ops::attention::attention;
+pub use ops::attention::{attention, attention_qkv};
 pub use ops::concat;
 pub use ops::unary::{gelu_derivative, gelu_scalar};
 pub use tape::{

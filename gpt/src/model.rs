@@ -15,7 +15,7 @@
 
 use ndarray::{s, Array2, ArrayD, Axis, IxDyn, Slice};
 use rand::Rng;
-use tapelora_autograd::{attention, Tape, Tensor, Var};
+use tapelora_autograd::{attention, attention_qkv, Tape, Tensor, Var};
 use tapelora_nn::{init, Ctx, Embedding, LayerNorm, Linear, Module, Parameter, WeightLayout};
 
 use crate::config::GptConfig;
@@ -96,11 +96,11 @@ impl Attention {
     ) -> Result<Var<'t, f32>> {
         let c = x.shape()[2];
         let qkv = self.c_attn.forward(ctx, x)?; // [B, T, 3C]
-        let q = qkv.narrow(2, 0, c)?;
-        let (k, v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
         let y = match cache {
-            None => attention(&q, &k, &v, self.n_head, true)?,
+            None => attention_qkv(&qkv, self.n_head, true)?,
             Some((cache, layer)) => {
+                let q = qkv.narrow(2, 0, c)?;
+                let (k, v) = (qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
                 let (start, new) = (cache.len, x.shape()[1]);
                 let end = start + new;
                 cache.keys[layer]

@@ -1,15 +1,20 @@
 //! Fused multi-head scaled dot-product attention, causal or not.
 //!
-//! Inputs are in the model's layout, `q: [B, Tq, C]`, `k, v: [B, Tk, C]` with `C = H·D` — they
-//! may be strided views (e.g. narrowed out of GPT-2's fused `c_attn` output), which are read in
-//! place. For every (batch, head) pair, in parallel:
+//! Two entry points share one forward and one backward kernel:
+//! * [`attention`]`(q, k, v)` with `q: [B, Tq, C]`, `k, v: [B, Tk, C]`, `C = H·D` — the
+//!   KV-cache path, where k and v are the cache;
+//! * [`attention_qkv`]`(qkv)` with `qkv: [B, T, 3C]` (GPT-2's fused `c_attn` output): q, k and
+//!   v are read in place as column blocks, and backward writes one `[B, T, 3C]` gradient, so
+//!   there is no split op and no zero-padded gradient per part to add up.
+//!
+//! For every (batch, head) pair, in parallel:
 //!
 //! ```text
 //! S = q·kᵀ/√D            [Tq, Tk]
 //! P = softmax(S masked)  query i sees keys j ≤ i + (Tk − Tq) when causal
-//! O = P·v                [Tq, D]
+//! O = P·v                [Tq, D]   written straight into the [B, Tq, C] output's head columns
 //! ```
-//! The probabilities P `[B, H, Tq, Tk]` are saved for backward (llm.c does the same):
+//! The probabilities P `[B·H, Tq, Tk]` are saved for backward (llm.c does the same):
 //!
 //! ```text
 //! ∂v = Pᵀ·∂O     ∂P = ∂O·vᵀ     ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) / √D
@@ -17,57 +22,205 @@
 //! ```
 //! With `Tk > Tq` and `causal`, the queries are the last `Tq` positions — the KV-cache case.
 
-use ndarray::{s, Array3, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix3, IxDyn};
+use std::mem::MaybeUninit;
+
+use ndarray::{s, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, Axis, Ix3};
 use rayon::prelude::*;
 
 use crate::error::{arg_err, shape_err, Result};
-use crate::gemm::gemm;
+use crate::gemm::gemm_write;
 use crate::tape::{OpRecord, Tensor, Var};
 use crate::Float;
 
-/// The (b, h) head slice `[T, D]` of a `[B, T, C]` tensor, as a strided view.
-fn head<T: Float>(
-    x: ndarray::ArrayView3<'_, T>,
+/// The sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    tq: usize,
+    tk: usize,
+    /// Channels per head.
+    d: usize,
+    causal: bool,
+}
+
+impl Dims {
+    /// Keys visible to query row `i`.
+    fn visible(&self, i: usize) -> usize {
+        if self.causal {
+            i + 1 + self.tk - self.tq
+        } else {
+            self.tk
+        }
+    }
+
+    fn scale<T: Float>(&self) -> T {
+        T::from_f64(1.0 / (self.d as f64).sqrt())
+    }
+}
+
+/// The (b, h) head slice `[T, D]` of a `[B, T, ·]` tensor whose head columns start at `offset`.
+fn head<'a, T: Float>(
+    x: ArrayView3<'a, T>,
     b: usize,
     h: usize,
     d: usize,
-) -> ArrayView2<'_, T> {
-    x.slice_move(s![b, .., h * d..(h + 1) * d])
+    offset: usize,
+) -> ArrayView2<'a, T> {
+    x.slice_move(s![b, .., offset + h * d..offset + (h + 1) * d])
 }
 
-/// `[B·H, T, D]` per-head blocks → `[B, T, H·D]` (one copy, row-major).
-fn heads_to_model_layout<T: Float>(x: Array3<T>, batch: usize, heads: usize) -> ArrayD<T> {
-    let (_, t, d) = x.dim();
-    let x4: Array4<T> = x
-        .into_shape_with_order((batch, heads, t, d))
-        .expect("same size");
-    let merged = x4
-        .permuted_axes([0, 2, 1, 3])
-        .as_standard_layout()
-        .into_owned();
-    merged
-        .into_shape_with_order(IxDyn(&[batch, t, heads * d]))
-        .expect("same size")
-}
-
-fn softmax_masked_row<T: Float>(row: &mut ndarray::ArrayViewMut1<'_, T>, visible: usize) {
-    let max = row
-        .slice(s![..visible])
-        .fold(T::neg_infinity(), |m, &v| m.max(v));
-    let mut sum = T::zero();
-    for v in row.slice_mut(s![..visible]).iter_mut() {
-        *v = (*v - max).exp_fast();
-        sum += *v;
+/// Splits `[B, T, W]` into its `[T, d]` column blocks, batch-major: for each b, the W/d blocks
+/// left to right. Each block is a disjoint mutable view, so each can go to its own thread.
+fn column_blocks<A>(x: ArrayViewMut3<'_, A>, d: usize) -> Vec<ArrayViewMut2<'_, A>> {
+    let mut blocks = Vec::new();
+    for mut rest in x.into_outer_iter_mut() {
+        while rest.ncols() > 0 {
+            let (block, tail) = rest.split_at(Axis(1), d);
+            blocks.push(block);
+            rest = tail;
+        }
     }
-    let inv = T::one() / sum;
-    row.slice_mut(s![..visible]).mapv_inplace(|v| v * inv);
-    row.slice_mut(s![visible..]).fill(T::zero());
+    blocks
 }
 
-fn view3<T: Float>(x: &Tensor<T>) -> ndarray::ArrayView3<'_, T> {
+/// [`column_blocks`] of a gradient, or as many `None`s where the gradient is not needed (then
+/// `x` has no rows).
+fn optional_blocks<A>(
+    x: ArrayViewMut3<'_, A>,
+    d: usize,
+    need: bool,
+) -> Vec<Option<ArrayViewMut2<'_, A>>> {
+    column_blocks(x, d)
+        .into_iter()
+        .map(|b| need.then_some(b))
+        .collect()
+}
+
+fn view3<T: Float>(x: &Tensor<T>) -> ArrayView3<'_, T> {
     x.view()
         .into_dimensionality::<Ix3>()
         .expect("checked rank 3")
+}
+
+/// Softmax of the first `visible` entries of a row in place; the masked rest become 0.
+fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
+    let (seen, masked) = row.split_at_mut(visible);
+    let max = seen.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    for v in seen.iter_mut() {
+        *v = (*v - max).exp_fast();
+    }
+    let inv = T::one() / crate::simd::sum_map(seen, |v| v);
+    for v in seen.iter_mut() {
+        *v *= inv;
+    }
+    masked.fill(T::zero());
+}
+
+/// Forward for all heads: q, k, v are `[B, T, ·]` views whose heads start at the given column
+/// offsets. Returns the probabilities `[B·H, Tq, Tk]` and the output `[B, Tq, H·D]`.
+fn forward_heads<T: Float>(
+    (q3, q_off): (ArrayView3<T>, usize),
+    (k3, k_off): (ArrayView3<T>, usize),
+    (v3, v_off): (ArrayView3<T>, usize),
+    dims: Dims,
+) -> (Array3<T>, Array3<T>) {
+    let Dims {
+        batch,
+        heads,
+        tq,
+        tk,
+        d,
+        ..
+    } = dims;
+    let mut probs = Array3::<T>::uninit((batch * heads, tq, tk));
+    let mut out = Array3::<T>::uninit((batch, tq, heads * d));
+    let out_heads = column_blocks(out.view_mut(), d);
+    probs
+        .outer_iter_mut()
+        .into_par_iter()
+        .zip(out_heads.into_par_iter())
+        .enumerate()
+        .for_each(|(bh, (mut p, o))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let kh = head(k3, b, h, d, k_off);
+            gemm_write(dims.scale(), head(q3, b, h, d, q_off), kh.t(), p.view_mut());
+            // SAFETY: the GEMM wrote every score.
+            let mut p = unsafe { p.assume_init() };
+            crate::simd::vectorized(|| {
+                for (i, row) in p.outer_iter_mut().enumerate() {
+                    softmax_masked_row(row.into_slice().expect("contiguous rows"), dims.visible(i));
+                }
+            });
+            gemm_write(T::one(), p.view(), head(v3, b, h, d, v_off), o);
+        });
+    // SAFETY: every (b, h) block of both was written above.
+    unsafe { (probs.assume_init(), out.assume_init()) }
+}
+
+/// Backward for all heads. `grads` holds, per (b, h), the blocks to write ∂q, ∂k, ∂v into
+/// (`None` where that input needs no gradient). `probs` is overwritten with ∂S.
+#[allow(clippy::type_complexity)]
+fn backward_heads<T: Float>(
+    g3: ArrayView3<T>,
+    (q3, q_off): (ArrayView3<T>, usize),
+    (k3, k_off): (ArrayView3<T>, usize),
+    (v3, v_off): (ArrayView3<T>, usize),
+    mut probs: Array3<T>,
+    grads: Vec<[Option<ArrayViewMut2<MaybeUninit<T>>>; 3]>,
+    dims: Dims,
+) {
+    let Dims {
+        heads, tq, tk, d, ..
+    } = dims;
+    let scale: T = dims.scale();
+    probs
+        .outer_iter_mut()
+        .into_par_iter()
+        .zip(grads.into_par_iter())
+        .enumerate()
+        .for_each(|(bh, (mut p, [dq, dk, dv]))| {
+            let (b, h) = (bh / heads, bh % heads);
+            let gh = head(g3, b, h, d, 0);
+            if let Some(dv) = dv {
+                gemm_write(T::one(), p.t(), gh, dv);
+            }
+            if dq.is_none() && dk.is_none() {
+                return;
+            }
+            // ∂P, then ∂S in place of P (P is not needed after this head).
+            let mut dp = ndarray::Array2::<T>::uninit((tq, tk));
+            gemm_write(T::one(), gh, head(v3, b, h, d, v_off).t(), dp.view_mut());
+            // SAFETY: the GEMM wrote all of ∂P.
+            let dp = unsafe { dp.assume_init() };
+            crate::simd::vectorized(|| {
+                for (p_row, dp_row) in p.outer_iter_mut().zip(dp.outer_iter()) {
+                    let p_row = p_row.into_slice().expect("contiguous rows");
+                    let dp_row = dp_row.to_slice().expect("contiguous rows");
+                    let dot = crate::simd::dot(p_row, dp_row);
+                    for (p, &dp) in p_row.iter_mut().zip(dp_row) {
+                        *p = *p * (dp - dot) * scale;
+                    }
+                }
+            });
+            if let Some(dq) = dq {
+                gemm_write(T::one(), p.view(), head(k3, b, h, d, k_off), dq);
+            }
+            if let Some(dk) = dk {
+                gemm_write(T::one(), p.t(), head(q3, b, h, d, q_off), dk);
+            }
+        });
+}
+
+/// Checks `c` splits into `n_head` heads and returns the head size.
+fn head_size(c: usize, n_head: usize) -> Result<usize> {
+    if n_head == 0 || c == 0 || !c.is_multiple_of(n_head) {
+        return arg_err(
+            "attention",
+            format!("{c} channels do not split into {n_head} heads"),
+        );
+    }
+    Ok(c / n_head)
 }
 
 /// Scaled dot-product attention over `n_head` heads (see the module docs).
@@ -91,106 +244,113 @@ pub fn attention<'t, T: Float>(
         );
     }
     let (batch, tq, c, tk) = (qs[0], qs[1], qs[2], ks[1]);
-    if n_head == 0 || c % n_head != 0 {
-        return arg_err(
-            "attention",
-            format!("{c} channels do not split into {n_head} heads"),
-        );
-    }
+    let d = head_size(c, n_head)?;
     if causal && tq > tk {
         return arg_err(
             "attention",
             format!("causal attention needs at least as many keys ({tk}) as queries ({tq})"),
         );
     }
-    let d = c / n_head;
-    let scale = T::from_f64(1.0 / (d as f64).sqrt());
-    let visible = move |i: usize| if causal { i + 1 + tk - tq } else { tk };
+    let dims = Dims {
+        batch,
+        heads: n_head,
+        tq,
+        tk,
+        d,
+        causal,
+    };
     let (qv, kv, vv) = (q.value().clone(), k.value().clone(), v.value().clone());
-
-    let mut probs = Array3::<T>::zeros((batch * n_head, tq, tk));
-    let mut heads_out = Array3::<T>::zeros((batch * n_head, tq, d));
-    {
-        let (q3, k3, v3) = (view3(&qv), view3(&kv), view3(&vv));
-        probs
-            .outer_iter_mut()
-            .into_par_iter()
-            .zip(heads_out.outer_iter_mut().into_par_iter())
-            .enumerate()
-            .for_each(|(bh, (mut p, o))| {
-                let (b, h) = (bh / n_head, bh % n_head);
-                let kh = head(k3, b, h, d);
-                gemm(scale, head(q3, b, h, d), kh.t(), T::zero(), p.view_mut());
-                for (i, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
-                    softmax_masked_row(&mut row, visible(i));
-                }
-                gemm(T::one(), p.view(), head(v3, b, h, d), T::zero(), o);
-            });
-    }
-    let out = heads_to_model_layout(heads_out, batch, n_head);
+    let (probs, out) = forward_heads((view3(&qv), 0), (view3(&kv), 0), (view3(&vv), 0), dims);
     OpRecord::new("attention", &[q, k, v])
         .attrs(format!("heads={n_head} causal={causal}"))
         .saves("q", &qv)
         .saves("k", &kv)
         .saves("v", &vv)
         .saves("probs", &probs)
-        .finish(out, move |g, needs| {
+        .finish(out.into_dyn(), move |g, needs| {
             let g3 = g.into_dimensionality::<Ix3>().expect("output rank 3");
-            let (q3, k3, v3) = (view3(&qv), view3(&kv), view3(&vv));
-            let mut dq = Array3::<T>::zeros((batch * n_head, if needs[0] { tq } else { 0 }, d));
-            let mut dk = Array3::<T>::zeros((batch * n_head, if needs[1] { tk } else { 0 }, d));
-            let mut dv = Array3::<T>::zeros((batch * n_head, if needs[2] { tk } else { 0 }, d));
-            probs
-                .outer_iter_mut()
-                .into_par_iter()
-                .zip(dq.outer_iter_mut().into_par_iter())
-                .zip(dk.outer_iter_mut().into_par_iter())
-                .zip(dv.outer_iter_mut().into_par_iter())
-                .enumerate()
-                .for_each(|(bh, (((mut p, dq), dk), dv))| {
-                    let (b, h) = (bh / n_head, bh % n_head);
-                    let gh = head(g3.view(), b, h, d);
-                    if needs[2] {
-                        gemm(T::one(), p.t(), gh, T::zero(), dv);
-                    }
-                    if !(needs[0] || needs[1]) {
-                        return;
-                    }
-                    // ∂P, then ∂S in place of P (P is not needed after this head).
-                    let mut dp = ndarray::Array2::<T>::zeros((tq, tk));
-                    gemm(
-                        T::one(),
-                        gh,
-                        head(v3, b, h, d).t(),
-                        T::zero(),
-                        dp.view_mut(),
-                    );
-                    for (mut p_row, dp_row) in p.axis_iter_mut(Axis(0)).zip(dp.axis_iter(Axis(0))) {
-                        let dot = p_row
-                            .iter()
-                            .zip(dp_row)
-                            .fold(T::zero(), |s, (&p, &dp)| s + p * dp);
-                        p_row.zip_mut_with(&dp_row, |p, &dp| *p = *p * (dp - dot) * scale);
-                    }
-                    let ds: ArrayViewMut2<T> = p;
-                    if needs[0] {
-                        gemm(T::one(), ds.view(), head(k3, b, h, d), T::zero(), dq);
-                    }
-                    if needs[1] {
-                        gemm(T::one(), ds.t(), head(q3, b, h, d), T::zero(), dk);
-                    }
-                });
-            vec![
-                needs[0].then(|| heads_to_model_layout(dq, batch, n_head)),
-                needs[1].then(|| heads_to_model_layout(dk, batch, n_head)),
-                needs[2].then(|| heads_to_model_layout(dv, batch, n_head)),
-            ]
+            let rows = |need: bool, t: usize| if need { t } else { 0 };
+            let mut dq = Array3::<T>::uninit((batch, rows(needs[0], tq), c));
+            let mut dk = Array3::<T>::uninit((batch, rows(needs[1], tk), c));
+            let mut dv = Array3::<T>::uninit((batch, rows(needs[2], tk), c));
+            let grads = optional_blocks(dq.view_mut(), d, needs[0])
+                .into_iter()
+                .zip(optional_blocks(dk.view_mut(), d, needs[1]))
+                .zip(optional_blocks(dv.view_mut(), d, needs[2]))
+                .map(|((q, k), v)| [q, k, v])
+                .collect();
+            backward_heads(
+                g3.view(),
+                (view3(&qv), 0),
+                (view3(&kv), 0),
+                (view3(&vv), 0),
+                probs,
+                grads,
+                dims,
+            );
+            // SAFETY: every head block of each needed gradient was written.
+            let done = |x: Array3<MaybeUninit<T>>, need: bool| {
+                need.then(|| unsafe { x.assume_init() }.into_dyn())
+            };
+            vec![done(dq, needs[0]), done(dk, needs[1]), done(dv, needs[2])]
+        })
+}
+
+/// Causal (or not) self-attention reading q, k and v in place from a fused `[B, T, 3C]`
+/// tensor — columns `0..C`, `C..2C`, `2C..3C` — with one `[B, T, 3C]` gradient (see the module
+/// docs). Equal to `attention(qkv.narrow(2, 0, C), qkv.narrow(2, C, C), qkv.narrow(2, 2C, C))`.
+pub fn attention_qkv<'t, T: Float>(
+    qkv: &Var<'t, T>,
+    n_head: usize,
+    causal: bool,
+) -> Result<Var<'t, T>> {
+    let shape = qkv.shape();
+    if shape.len() != 3 || !shape[2].is_multiple_of(3) {
+        return arg_err(
+            "attention_qkv",
+            format!("need a fused [B, T, 3C] tensor, got shape {:?}", shape),
+        );
+    }
+    let (batch, t, c) = (shape[0], shape[1], shape[2] / 3);
+    let d = head_size(c, n_head)?;
+    let dims = Dims {
+        batch,
+        heads: n_head,
+        tq: t,
+        tk: t,
+        d,
+        causal,
+    };
+    let x = qkv.value().clone();
+    let (probs, out) = forward_heads((view3(&x), 0), (view3(&x), c), (view3(&x), 2 * c), dims);
+    OpRecord::new("attention_qkv", &[qkv])
+        .attrs(format!("heads={n_head} causal={causal}"))
+        .saves("qkv", &x)
+        .saves("probs", &probs)
+        .finish(out.into_dyn(), move |g, _| {
+            let g3 = g.into_dimensionality::<Ix3>().expect("output rank 3");
+            let mut dqkv = Array3::<T>::uninit((batch, t, 3 * c));
+            // Per batch the blocks run q heads, k heads, v heads, left to right.
+            let mut blocks = column_blocks(dqkv.view_mut(), d).into_iter();
+            let mut grads = Vec::with_capacity(batch * n_head);
+            for _ in 0..batch {
+                let q: Vec<_> = blocks.by_ref().take(n_head).collect();
+                let k: Vec<_> = blocks.by_ref().take(n_head).collect();
+                let v: Vec<_> = blocks.by_ref().take(n_head).collect();
+                for ((q, k), v) in q.into_iter().zip(k).zip(v) {
+                    grads.push([Some(q), Some(k), Some(v)]);
+                }
+            }
+            let x3 = view3(&x);
+            backward_heads(g3.view(), (x3, 0), (x3, c), (x3, 2 * c), probs, grads, dims);
+            // SAFETY: the q, k and v blocks of every head cover all of ∂qkv.
+            vec![Some(unsafe { dqkv.assume_init() }.into_dyn())]
         })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::attention;
+    use super::{attention, attention_qkv};
     use crate::ops::test_util::{assert_gradcheck, rand_array};
     use crate::Tape;
 
@@ -268,11 +428,47 @@ mod tests {
     }
 
     #[test]
+    fn fused_qkv_equals_attention_on_narrowed_parts_values_and_gradients() {
+        // Output and ∂qkv of Σ (attention ⊙ weights), fused or from three narrowed parts.
+        let run = |fused: bool| {
+            let tape = Tape::<f64>::new();
+            let qkv = tape.param("qkv", rand_array(&[2, 5, 12], 9));
+            let y = if fused {
+                attention_qkv(&qkv, 2, true).unwrap()
+            } else {
+                let part = |i: usize| qkv.narrow(2, 4 * i, 4).unwrap();
+                attention(&part(0), &part(1), &part(2), 2, true).unwrap()
+            };
+            let weights = tape.constant(rand_array(&[2, 5, 4], 10));
+            let loss = y.mul(&weights).unwrap().sum_all().unwrap();
+            let grad = tape.backward(&loss).unwrap().get(&qkv).unwrap().clone();
+            (y.value().to_owned(), grad)
+        };
+        let ((y_fused, g_fused), (y_parts, g_parts)) = (run(true), run(false));
+        assert_eq!(y_fused, y_parts);
+        let diff = (&g_fused - &g_parts)
+            .mapv(f64::abs)
+            .fold(0.0f64, |m, &x| m.max(x));
+        assert!(diff < 1e-14, "max gradient diff {diff}");
+        assert_gradcheck(
+            |x| attention_qkv(&x[0], 3, true),
+            &[rand_array(&[2, 4, 18], 11)],
+        );
+        assert_gradcheck(
+            |x| attention_qkv(&x[0], 2, false),
+            &[rand_array(&[1, 3, 12], 12)],
+        );
+    }
+
+    #[test]
     fn bad_shapes_are_errors() {
         let tape = Tape::<f32>::new();
         let x = tape.constant(ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 3, 6])));
         assert!(attention(&x, &x, &x, 4, true).is_err());
         let short = x.narrow(1, 0, 2).unwrap();
         assert!(attention(&x, &short, &short, 2, true).is_err());
+        assert!(attention_qkv(&x, 4, true).is_err()); // 2 channels per part, 4 heads
+        let not_fused = tape.constant(ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 3, 7])));
+        assert!(attention_qkv(&not_fused, 1, true).is_err());
     }
 }

@@ -19,7 +19,7 @@ use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, Ix2, IxDyn};
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
-use crate::gemm::gemm;
+use crate::gemm::{gemm, gemm_new, gemm_write};
 use crate::tape::{OpRecord, Tensor, Var};
 use crate::Float;
 
@@ -39,9 +39,7 @@ fn as_batches<T: Float>(
 }
 
 fn matmul_2d<T: Float>(a: ArrayView2<T>, b: ArrayView2<T>) -> Array2<T> {
-    let mut c = Array2::zeros((a.nrows(), b.ncols()));
-    gemm(T::one(), a, b, T::zero(), c.view_mut());
-    c
+    gemm_new(T::one(), a, b)
 }
 
 /// `c[i] = a[i] · b[i]` for every batch entry `i`, in parallel over entries.
@@ -53,7 +51,7 @@ fn matmul_batched<T: Float>(
 ) -> Array3<T> {
     let m = if transpose_a { a.dim().2 } else { a.dim().1 };
     let n = if transpose_b { b.dim().1 } else { b.dim().2 };
-    let mut c = Array3::zeros((a.dim().0, m, n));
+    let mut c = Array3::uninit((a.dim().0, m, n));
     let work: Vec<_> = a
         .outer_iter()
         .zip(b.outer_iter())
@@ -62,9 +60,10 @@ fn matmul_batched<T: Float>(
     work.into_par_iter().for_each(|((a, b), c)| {
         let a = if transpose_a { a.reversed_axes() } else { a };
         let b = if transpose_b { b.reversed_axes() } else { b };
-        gemm(T::one(), a, b, T::zero(), c);
+        gemm_write(T::one(), a, b, c);
     });
-    c
+    // SAFETY: every entry's GEMM wrote all of its block.
+    unsafe { c.assume_init() }
 }
 
 fn to_shape<T: Float>(
@@ -188,25 +187,20 @@ impl<'t, T: Float> Var<'t, T> {
         let mut out_shape = x_shape[..x_shape.len() - 1].to_vec();
         out_shape.push(n);
         let (x, wv) = (self.value().clone(), w.value().clone());
-        let mut c = match bias {
+        let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
+        let c = match bias {
             Some(b) => {
                 let b = b
                     .value()
                     .view()
                     .into_dimensionality::<ndarray::Ix1>()
                     .expect("checked");
-                b.broadcast((rows, n)).expect("checked").to_owned()
+                let mut c = b.broadcast((rows, n)).expect("checked").to_owned();
+                gemm(T::one(), x2.view(), w2.view(), T::one(), c.view_mut());
+                c
             }
-            None => Array2::zeros((rows, n)),
+            None => gemm_new(T::one(), x2.view(), w2.view()),
         };
-        let beta = if bias.is_some() { T::one() } else { T::zero() };
-        gemm(
-            T::one(),
-            as_matrix(&x, rows, k).view(),
-            as_matrix(&wv, k, n).view(),
-            beta,
-            c.view_mut(),
-        );
         let out = to_shape(c, &out_shape);
         let mut inputs = vec![self, w];
         inputs.extend(bias);

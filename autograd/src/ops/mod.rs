@@ -33,6 +33,7 @@ pub mod unary;
 pub use shape::concat;
 
 use ndarray::{ArrayBase, ArrayD, Axis, Data, IxDyn, Zip};
+use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
 use crate::Float;
@@ -90,11 +91,56 @@ pub(crate) fn reduce_to_shape<T: Float>(g: ArrayD<T>, shape: &[usize]) -> ArrayD
     r
 }
 
+/// Elements per rayon task in the contiguous elementwise loops: large enough that a task's
+/// overhead is noise, small enough that both cores get work.
+const CHUNK: usize = 1 << 14;
+
+/// `out[i] = f(src[i])` over a contiguous slice, wide-vectorised and in parallel when large.
+fn map_slice<T: Float>(src: &[T], out: &mut [T], f: &(impl Fn(T) -> T + Sync)) {
+    let run = |src: &[T], out: &mut [T]| {
+        crate::simd::vectorized(|| {
+            for (o, &x) in out.iter_mut().zip(src) {
+                *o = f(x);
+            }
+        })
+    };
+    if src.len() >= PARALLEL_MIN_LEN {
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(o, s)| run(s, o));
+    } else {
+        run(src, out);
+    }
+}
+
+/// `out[i] = f(out[i], src[i])` over contiguous slices, like [`map_slice`].
+fn zip_slice<T: Float>(out: &mut [T], src: &[T], f: &(impl Fn(T, T) -> T + Sync)) {
+    let run = |out: &mut [T], src: &[T]| {
+        crate::simd::vectorized(|| {
+            for (o, &x) in out.iter_mut().zip(src) {
+                *o = f(*o, x);
+            }
+        })
+    };
+    if src.len() >= PARALLEL_MIN_LEN {
+        out.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(o, s)| run(o, s));
+    } else {
+        run(out, src);
+    }
+}
+
 /// `f` applied to every element, in parallel for large arrays.
 pub(crate) fn map<T: Float, S: Data<Elem = T>>(
     a: &ArrayBase<S, IxDyn>,
     f: impl Fn(T) -> T + Sync + Send,
 ) -> ArrayD<T> {
+    if let Some(src) = a.as_slice() {
+        let mut out = vec![T::zero(); src.len()];
+        map_slice(src, &mut out, &f);
+        return ArrayD::from_shape_vec(a.raw_dim(), out).expect("same size");
+    }
     if a.len() >= PARALLEL_MIN_LEN {
         Zip::from(a).par_map_collect(|&x| f(x))
     } else {
@@ -109,6 +155,13 @@ pub(crate) fn zip_map<T: Float, S1: Data<Elem = T>, S2: Data<Elem = T>>(
     b: &ArrayBase<S2, IxDyn>,
     f: impl Fn(T, T) -> T + Sync + Send,
 ) -> ArrayD<T> {
+    if a.shape() == shape && b.shape() == shape {
+        if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
+            let mut out = x.to_vec();
+            zip_slice(&mut out, y, &f);
+            return ArrayD::from_shape_vec(IxDyn(shape), out).expect("same size");
+        }
+    }
     let a = a.broadcast(IxDyn(shape)).expect("checked broadcast");
     let b = b.broadcast(IxDyn(shape)).expect("checked broadcast");
     let zip = Zip::from(&a).and(&b);
@@ -125,6 +178,10 @@ pub(crate) fn zip_inplace<T: Float, S: Data<Elem = T>>(
     x: &ArrayBase<S, IxDyn>,
     f: impl Fn(T, T) -> T + Sync + Send,
 ) -> ArrayD<T> {
+    if let (Some(out), Some(src)) = (g.as_slice_mut(), x.as_slice()) {
+        zip_slice(out, src, &f);
+        return g;
+    }
     let zip = Zip::from(&mut g).and(x);
     if x.len() >= PARALLEL_MIN_LEN {
         zip.par_for_each(|g, &x| *g = f(*g, x));
@@ -136,6 +193,9 @@ pub(crate) fn zip_inplace<T: Float, S: Data<Elem = T>>(
 
 /// `acc += g` in place (gradient accumulation when a value feeds several ops).
 pub(crate) fn add_assign_into<T: Float>(acc: &mut ArrayD<T>, g: &ArrayD<T>) {
+    if let (Some(out), Some(src)) = (acc.as_slice_mut(), g.as_slice()) {
+        return zip_slice(out, src, &|a, b| a + b);
+    }
     let zip = Zip::from(acc).and(g);
     if g.len() >= PARALLEL_MIN_LEN {
         zip.par_for_each(|a, &b| *a += b);

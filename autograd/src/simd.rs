@@ -1,0 +1,157 @@
+//! Wider vector code for the elementwise and row-wise loops, chosen at run time.
+//!
+//! The crate is built for baseline x86-64 (SSE2, 4 lanes of f32), so a portable binary runs
+//! anywhere. [`vectorized`] runs a closure inside a function compiled with AVX-512 (16 lanes)
+//! or AVX2 (8 lanes) enabled when the CPU has them; the closure's loops are inlined into that
+//! function and vectorised at its width. The same operations run in the same order in every
+//! build — no fused multiply-add is enabled, and Rust never contracts `a * b + c` on its own —
+//! so results do not depend on which build ran.
+//!
+//! The reductions here ([`sum_map`], [`sum_zip`], [`dot`]) keep sixteen partial sums, which
+//! is what lets a reduction loop vectorise at all without reordering floating-point math.
+
+use std::sync::OnceLock;
+
+use crate::Float;
+
+/// The widest instruction set the elementwise loops may use on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Width {
+    /// Baseline SSE2 (or a non-x86 target).
+    Baseline,
+    /// AVX2: 8 lanes of f32.
+    Avx2,
+    /// AVX-512 F/BW/DQ/VL: 16 lanes of f32.
+    Avx512,
+}
+
+/// The width detected once for this process (`TAPELORA_SIMD=baseline|avx2` caps it, which the
+/// tests use to compare builds).
+pub fn width() -> Width {
+    static WIDTH: OnceLock<Width> = OnceLock::new();
+    *WIDTH.get_or_init(|| {
+        let detected = detect();
+        match std::env::var("TAPELORA_SIMD").as_deref() {
+            Ok("baseline") => Width::Baseline,
+            Ok("avx2") if detected != Width::Baseline => Width::Avx2,
+            _ => detected,
+        }
+    })
+}
+
+fn detect() -> Width {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return Width::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Width::Avx2;
+        }
+    }
+    Width::Baseline
+}
+
+/// Runs `f` compiled at the widest vector width this CPU supports (see the module docs).
+/// `f` should hold the whole hot loop, so that it is inlined into the wide build.
+#[inline(always)]
+pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match width() {
+            // SAFETY: `width()` reported these features present on this CPU.
+            Width::Avx512 => return unsafe { avx512(f) },
+            Width::Avx2 => return unsafe { avx2(f) },
+            Width::Baseline => {}
+        }
+    }
+    f()
+}
+
+/// `Σ f(a[i])` with sixteen independent accumulators, so the loop vectorises (one running sum
+/// would serialise every addition). The lanes are combined in a fixed order, so the result is
+/// the same in every build.
+#[inline(always)]
+pub fn sum_map<T: Float>(a: &[T], f: impl Fn(T) -> T) -> T {
+    let mut lanes = [T::zero(); 16];
+    let chunks = a.chunks_exact(16);
+    let rest = chunks.remainder();
+    for x in chunks {
+        for l in 0..16 {
+            lanes[l] += f(x[l]);
+        }
+    }
+    rest.iter().fold(combine_lanes(lanes), |s, &x| s + f(x))
+}
+
+/// `Σ f(a[i], b[i])` over equal-length slices, like [`sum_map`].
+#[inline(always)]
+pub fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    assert_eq!(a.len(), b.len(), "sum_zip: slices of different lengths");
+    let mut lanes = [T::zero(); 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (a16.remainder(), b16.remainder());
+    for (x, y) in a16.zip(b16) {
+        for l in 0..16 {
+            lanes[l] += f(x[l], y[l]);
+        }
+    }
+    ra.iter()
+        .zip(rb)
+        .fold(combine_lanes(lanes), |s, (&x, &y)| s + f(x, y))
+}
+
+/// `a · b` (see [`sum_zip`]).
+#[inline(always)]
+pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    sum_zip(a, b, |x, y| x * y)
+}
+
+/// Adds sixteen lane sums in a fixed tree order.
+#[inline(always)]
+fn combine_lanes<T: Float>(lanes: [T; 16]) -> T {
+    let mut half = [T::zero(); 8];
+    for l in 0..8 {
+        half[l] = lanes[l] + lanes[l + 8];
+    }
+    ((half[0] + half[1]) + (half[2] + half[3])) + ((half[4] + half[5]) + (half[6] + half[7]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_build_computes_the_same_bits() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.037).collect();
+        let f = |x: &[f32]| -> Vec<f32> {
+            x.iter()
+                .map(|&v| crate::ops::unary::gelu_scalar(v) * 1.5 + v * v)
+                .collect()
+        };
+        let wide = vectorized(|| f(&x));
+        assert_eq!(wide, f(&x));
+    }
+
+    #[test]
+    fn lane_sums_match_plain_sums() {
+        let a: Vec<f64> = (0..37).map(|i| i as f64 * 0.5 - 3.0).collect();
+        let b: Vec<f64> = (0..37).map(|i| (i % 5) as f64).collect();
+        let plain_dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - plain_dot).abs() < 1e-12);
+        assert!((sum_map(&a, |x| x * x) - a.iter().map(|x| x * x).sum::<f64>()).abs() < 1e-12);
+        assert_eq!(sum_map(&[] as &[f64], |x| x), 0.0);
+    }
+}
