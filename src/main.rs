@@ -3,7 +3,17 @@ use clap::Parser;
 fn main() {
     tapelora::keep_freed_memory();
     let cli = tapelora::cli::Cli::parse();
-    if let Err(message) = tapelora::cli::run(cli) {
+    // The whole command runs on a worker of the one rayon pool: parallel sections then split
+    // work between this thread and the other workers, instead of parking an extra main thread
+    // that would compete with them for the cores between sections.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("tapelora-{i}"))
+        .build();
+    let result = match pool {
+        Ok(pool) => pool.install(|| tapelora::cli::run(cli)),
+        Err(_) => tapelora::cli::run(cli),
+    };
+    if let Err(message) = result {
         eprintln!("error: {message}");
         std::process::exit(1);
     }

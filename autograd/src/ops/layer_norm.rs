@@ -7,20 +7,25 @@
 //! ∂b = Σ_rows g. The weight and bias sums are taken over fixed blocks of rows in parallel and
 //! the block partials added in order, so the result does not depend on the thread count.
 
-use ndarray::{Array1, Array2, ArrayD, ArrayView1, IxDyn, Zip};
+use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
+use crate::simd::{sum_map, sum_zip, vectorized};
 use crate::tape::{OpRecord, Var};
 use crate::Float;
 
-/// Rows per block for the parallel weight/bias gradient sums.
+/// Rows per parallel task, forward and backward. The weight/bias gradient sums are taken per
+/// block of this many rows and the block partials added in order, so results do not depend on
+/// the thread count.
 const ROWS_PER_BLOCK: usize = 64;
 
-fn mean_and_rstd<T: Float>(row: ArrayView1<T>, eps: T) -> (T, T) {
+/// μ and r = 1/√(σ²+ε) of one row.
+#[inline(always)]
+fn mean_and_rstd<T: Float>(row: &[T], eps: T) -> (T, T) {
     let n = T::from_f64(row.len() as f64);
-    let mean = row.sum() / n;
-    let var = row.fold(T::zero(), |s, &v| s + (v - mean) * (v - mean)) / n;
+    let mean = sum_map(row, |v| v) / n;
+    let var = sum_map(row, |v| (v - mean) * (v - mean)) / n;
     (mean, T::one() / (var + eps).sqrt())
 }
 
@@ -43,105 +48,110 @@ impl<'t, T: Float> Var<'t, T> {
         }
         let eps = T::from_f64(eps);
         let rows = self.len() / c;
-        let x = self.value().clone();
-        let (w, b) = (weight.value().clone(), bias.value().clone());
-        let x2 = x.to_shape((rows, c)).expect("same size");
-        let w1 = w.to_shape(c).expect("[C]");
-        let b1 = b.to_shape(c).expect("[C]");
-        let mut y = Array2::<T>::zeros((rows, c));
-        let mut mean = Array1::<T>::zeros(rows);
-        let mut rstd = Array1::<T>::zeros(rows);
-        Zip::from(y.rows_mut())
-            .and(x2.rows())
-            .and(&mut mean)
-            .and(&mut rstd)
-            .par_for_each(|mut y, x, m, r| {
-                let (mu, rs) = mean_and_rstd(x, eps);
-                (*m, *r) = (mu, rs);
-                Zip::from(&mut y)
-                    .and(x)
-                    .and(&w1)
-                    .and(&b1)
-                    .for_each(|y, &x, &w, &b| *y = (x - mu) * rs * w + b);
+        let x = crate::ops::standard_layout(self.value().clone());
+        let w = weight.value().iter().copied().collect::<Vec<T>>();
+        let b = bias.value().iter().copied().collect::<Vec<T>>();
+        let xs = x.as_slice().expect("standard layout");
+        let mut y = vec![T::zero(); rows * c];
+        let mut mean = vec![T::zero(); rows];
+        let mut rstd = vec![T::zero(); rows];
+        y.par_chunks_mut(ROWS_PER_BLOCK * c)
+            .zip(xs.par_chunks(ROWS_PER_BLOCK * c))
+            .zip(mean.par_chunks_mut(ROWS_PER_BLOCK))
+            .zip(rstd.par_chunks_mut(ROWS_PER_BLOCK))
+            .for_each(|(((y, x), mean), rstd)| {
+                vectorized(|| {
+                    for (((y, x), m), r) in y
+                        .chunks_exact_mut(c)
+                        .zip(x.chunks_exact(c))
+                        .zip(mean.iter_mut())
+                        .zip(rstd.iter_mut())
+                    {
+                        let (mu, rs) = mean_and_rstd(x, eps);
+                        (*m, *r) = (mu, rs);
+                        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
+                            *y = (x - mu) * rs * w + b;
+                        }
+                    }
+                })
             });
-        drop((x2, w1, b1));
-        let out = y
-            .into_shape_with_order(IxDyn(self.shape()))
-            .expect("same size");
+        let out = ArrayD::from_shape_vec(IxDyn(self.shape()), y).expect("same size");
         OpRecord::new("layer_norm", &[self, weight, bias])
             .attrs(format!("C={c}"))
             .saves("x", &x)
-            .saves("mean", &mean)
-            .saves("rstd", &rstd)
+            .saves("mean", &ndarray::aview1(&mean))
+            .saves("rstd", &ndarray::aview1(&rstd))
             .finish(out, move |g, needs| {
-                let g2 = g.to_shape((rows, c)).expect("same size");
-                let x2 = x.to_shape((rows, c)).expect("same size");
-                let w1 = w.to_shape(c).expect("[C]");
+                let g = crate::ops::standard_layout(g.into_shared());
+                let gs = g.as_slice().expect("standard layout");
+                let xs = x.as_slice().expect("standard layout");
                 let inv_c = T::from_f64(1.0 / c as f64);
-                let dx =
-                    needs[0].then(|| {
-                        let mut dx = Array2::<T>::zeros((rows, c));
-                        Zip::from(dx.rows_mut())
-                            .and(g2.rows())
-                            .and(x2.rows())
-                            .and(&mean)
-                            .and(&rstd)
-                            .par_for_each(|mut dx, g, x, &mu, &rs| {
-                                let (mut mean_gw, mut mean_gw_xhat) = (T::zero(), T::zero());
-                                for ((&g, &x), &w) in g.iter().zip(x).zip(&w1) {
-                                    mean_gw += g * w;
-                                    mean_gw_xhat += g * w * (x - mu) * rs;
+                let blocks = || {
+                    gs.par_chunks(ROWS_PER_BLOCK * c)
+                        .zip(xs.par_chunks(ROWS_PER_BLOCK * c))
+                        .zip(mean.par_chunks(ROWS_PER_BLOCK))
+                        .zip(rstd.par_chunks(ROWS_PER_BLOCK))
+                };
+                let dx = needs[0].then(|| {
+                    let mut dx = vec![T::zero(); rows * c];
+                    dx.par_chunks_mut(ROWS_PER_BLOCK * c)
+                        .zip(blocks())
+                        .for_each(|(dx, (((g, x), mean), rstd))| {
+                            let mut gw = vec![T::zero(); c];
+                            vectorized(|| {
+                                for ((((dx, g), x), &mu), &rs) in dx
+                                    .chunks_exact_mut(c)
+                                    .zip(g.chunks_exact(c))
+                                    .zip(x.chunks_exact(c))
+                                    .zip(mean)
+                                    .zip(rstd)
+                                {
+                                    for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(&w) {
+                                        *gw = g * w;
+                                    }
+                                    let mean_gw = sum_map(&gw, |v| v) * inv_c;
+                                    let mean_gw_xhat =
+                                        sum_zip(&gw, x, |gw, x| gw * ((x - mu) * rs)) * inv_c;
+                                    for ((dx, &gw), &x) in dx.iter_mut().zip(&gw).zip(x) {
+                                        *dx = rs * (gw - mean_gw - (x - mu) * rs * mean_gw_xhat);
+                                    }
                                 }
-                                (mean_gw, mean_gw_xhat) = (mean_gw * inv_c, mean_gw_xhat * inv_c);
-                                Zip::from(&mut dx).and(g).and(x).and(&w1).for_each(
-                                    |dx, &g, &x, &w| {
-                                        *dx = rs * (g * w - mean_gw - (x - mu) * rs * mean_gw_xhat);
-                                    },
-                                );
-                            });
-                        dx.into_dyn()
-                    });
+                            })
+                        });
+                    ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("same size")
+                });
                 let (dw, db) = if needs[1] || needs[2] {
-                    let partials: Vec<(Array1<T>, Array1<T>)> = (0..rows.div_ceil(ROWS_PER_BLOCK))
-                        .into_par_iter()
-                        .map(|block| {
-                            let span =
-                                block * ROWS_PER_BLOCK..((block + 1) * ROWS_PER_BLOCK).min(rows);
-                            let (mut dw, mut db) = (Array1::<T>::zeros(c), Array1::<T>::zeros(c));
-                            for r in span {
-                                let (mu, rs) = (mean[r], rstd[r]);
-                                Zip::from(&mut dw)
-                                    .and(&mut db)
-                                    .and(g2.row(r))
-                                    .and(x2.row(r))
-                                    .for_each(|dw, db, &g, &x| {
-                                        *dw += g * (x - mu) * rs;
+                    let partials: Vec<(Vec<T>, Vec<T>)> = blocks()
+                        .map(|(((g, x), mean), rstd)| {
+                            let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
+                            vectorized(|| {
+                                for (((g, x), &mu), &rs) in
+                                    g.chunks_exact(c).zip(x.chunks_exact(c)).zip(mean).zip(rstd)
+                                {
+                                    for (((dw, db), &g), &x) in
+                                        dw.iter_mut().zip(db.iter_mut()).zip(g).zip(x)
+                                    {
+                                        *dw += g * ((x - mu) * rs);
                                         *db += g;
-                                    });
-                            }
+                                    }
+                                }
+                            });
                             (dw, db)
                         })
                         .collect();
-                    let (mut dw, mut db) = (Array1::<T>::zeros(c), Array1::<T>::zeros(c));
+                    let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
                     for (pw, pb) in &partials {
-                        dw += pw;
-                        db += pb;
+                        dw.iter_mut().zip(pw).for_each(|(a, &p)| *a += p);
+                        db.iter_mut().zip(pb).for_each(|(a, &p)| *a += p);
                     }
-                    (
-                        needs[1].then(|| dw.into_dyn()),
-                        needs[2].then(|| db.into_dyn()),
-                    )
+                    let vector = |v: Vec<T>| ArrayD::from_shape_vec(IxDyn(&[c]), v).expect("[C]");
+                    (needs[1].then(|| vector(dw)), needs[2].then(|| vector(db)))
                 } else {
                     (None, None)
                 };
-                let shape = x.shape().to_vec();
-                vec![dx.map(|d| reshape(d, &shape)), dw, db]
+                vec![dx, dw, db]
             })
     }
-}
-
-fn reshape<T: Float>(d: ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
-    d.into_shape_with_order(IxDyn(shape)).expect("same size")
 }
 
 #[cfg(test)]

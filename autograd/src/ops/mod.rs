@@ -204,6 +204,16 @@ pub(crate) fn add_assign_into<T: Float>(acc: &mut ArrayD<T>, g: &ArrayD<T>) {
     }
 }
 
+/// The tensor itself when it is already row-major (a cheap clone of a shared buffer), else a
+/// row-major copy: for loops that walk rows as slices.
+pub(crate) fn standard_layout<T: Float>(x: crate::tape::Tensor<T>) -> crate::tape::Tensor<T> {
+    if x.is_standard_layout() {
+        x
+    } else {
+        x.as_standard_layout().into_owned().into_shared()
+    }
+}
+
 /// Checks an axis argument against a rank.
 pub(crate) fn check_axis(op: &'static str, axis: usize, ndim: usize) -> Result<()> {
     if axis >= ndim {
