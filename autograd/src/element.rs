@@ -42,6 +42,14 @@ pub trait Float:
     /// couple of ulps; for `f64` (gradient checks) the exact `exp`.
     fn exp_fast(self) -> Self;
 
+    /// `a · b` in sixteen lanes combined in a fixed order ([`crate::simd::dot_lanes`]). `f32`
+    /// uses AVX-512 instructions for the same operations where the CPU has them (the compiler
+    /// does not vectorise the lane loop well on its own); the bits are the same either way.
+    #[inline(always)]
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        crate::simd::dot_lanes(a, b)
+    }
+
     /// `C ← α·A·B + β·C` on strided memory (matrixmultiply's kernel for this type).
     ///
     /// # Safety
@@ -80,6 +88,15 @@ impl Float for f32 {
     fn exp_fast(self) -> Self {
         exp_f32(self)
     }
+    #[inline(always)]
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::width() == crate::simd::Width::Avx512 {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { crate::simd::dot_avx512(a, b) };
+        }
+        crate::simd::dot_lanes(a, b)
+    }
     unsafe fn gemm(
         m: usize,
         k: usize,
@@ -96,7 +113,13 @@ impl Float for f32 {
         rsc: isize,
         csc: isize,
     ) {
-        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        // The 12×32 kernel pads a product narrower than 32 columns (LoRA's rank-r side) to a
+        // full panel; matrixmultiply's 16×16 tiles waste less there.
+        if m.min(n) >= 32 && crate::sgemm_avx512::available() {
+            crate::sgemm_avx512::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        } else {
+            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        }
     }
 }
 

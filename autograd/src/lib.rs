@@ -11,6 +11,7 @@
 //! | [`gemm`] | the one strided matmul kernel (matrixmultiply) and the GEMM call/FLOP counters |
 //! | [`gradcheck`](mod@gradcheck) | central-difference gradient checking in `f64` |
 //! | `display` | the tape as a text table (`Display`) and as Graphviz DOT ([`Tape::to_dot`]) |
+//! | [`sgemm_avx512`] | the f32 GEMM used where AVX-512 is present (12×32 FMA micro-kernel) |
 //! | [`simd`] | run-time choice of AVX-512 / AVX2 builds for the elementwise loops |
 //! | [`element`] | the [`Float`] trait: `f32` for training, `f64` for checking |
 //! | [`error`] | [`AutogradError`], typed errors naming the op and shapes |
@@ -53,6 +54,7 @@ pub mod error;
 pub mod gemm;
 pub mod gradcheck;
 pub mod ops;
+pub mod sgemm_avx512;
 pub mod simd;
 pub mod tape;
 

@@ -57,7 +57,8 @@ fn detect() -> Width {
 }
 
 /// Runs `f` compiled at the widest vector width this CPU supports (see the module docs).
-/// `f` should hold the whole hot loop, so that it is inlined into the wide build.
+/// `f` should hold the whole hot loop and be marked `#[inline(always)]`: only code inlined
+/// into the wide build is compiled wide, and LLVM declines to inline a large closure on its own.
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -113,10 +114,45 @@ pub fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
         .fold(combine_lanes(lanes), |s, (&x, &y)| s + f(x, y))
 }
 
-/// `a · b` (see [`sum_zip`]).
+/// `a · b` (see [`sum_zip`] and [`Float::dot`]).
 #[inline(always)]
 pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    T::dot(a, b)
+}
+
+/// `a · b` in portable code (see [`sum_zip`]).
+#[inline(always)]
+pub fn dot_lanes<T: Float>(a: &[T], b: &[T]) -> T {
     sum_zip(a, b, |x, y| x * y)
+}
+
+/// [`dot_lanes`] for f32 with one 16-lane AVX-512 register as the sixteen lanes: the same
+/// multiplications and additions in the same order, so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    assert_eq!(a.len(), b.len(), "dot: slices of different lengths");
+    let full = a.len() / 16 * 16;
+    let mut acc = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < full {
+        let product = _mm512_mul_ps(
+            _mm512_loadu_ps(a.as_ptr().add(i)),
+            _mm512_loadu_ps(b.as_ptr().add(i)),
+        );
+        acc = _mm512_add_ps(acc, product);
+        i += 16;
+    }
+    let mut lanes = [0.0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    a[full..]
+        .iter()
+        .zip(&b[full..])
+        .fold(combine_lanes(lanes), |s, (&x, &y)| s + x * y)
 }
 
 /// Adds sixteen lane sums in a fixed tree order.
@@ -151,6 +187,18 @@ mod tests {
         let b: Vec<f64> = (0..37).map(|i| (i % 5) as f64).collect();
         let plain_dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((dot(&a, &b) - plain_dot).abs() < 1e-12);
+        // The f32 AVX-512 build gives the portable build's bits.
+        let (a32, b32): (Vec<f32>, Vec<f32>) = (0..1000)
+            .map(|i| ((i as f32 * 0.37).sin(), (i as f32 * 0.11).cos()))
+            .unzip();
+        for len in [0, 5, 16, 37, 1000] {
+            let (x, y) = (&a32[..len], &b32[..len]);
+            assert_eq!(
+                dot(x, y).to_bits(),
+                dot_lanes(x, y).to_bits(),
+                "length {len}"
+            );
+        }
         assert!((sum_map(&a, |x| x * x) - a.iter().map(|x| x * x).sum::<f64>()).abs() < 1e-12);
         assert_eq!(sum_map(&[] as &[f64], |x| x), 0.0);
     }

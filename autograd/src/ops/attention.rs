@@ -147,11 +147,17 @@ fn forward_heads<T: Float>(
             gemm_write(dims.scale(), head(q3, b, h, d, q_off), kh.t(), p.view_mut());
             // SAFETY: the GEMM wrote every score.
             let mut p = unsafe { p.assume_init() };
-            crate::simd::vectorized(|| {
-                for (i, row) in p.outer_iter_mut().enumerate() {
-                    softmax_masked_row(row.into_slice().expect("contiguous rows"), dims.visible(i));
-                }
-            });
+            crate::simd::vectorized(
+                #[inline(always)]
+                || {
+                    for (i, row) in p.outer_iter_mut().enumerate() {
+                        softmax_masked_row(
+                            row.into_slice().expect("contiguous rows"),
+                            dims.visible(i),
+                        );
+                    }
+                },
+            );
             gemm_write(T::one(), p.view(), head(v3, b, h, d, v_off), o);
         });
     // SAFETY: every (b, h) block of both was written above.
@@ -193,16 +199,19 @@ fn backward_heads<T: Float>(
             gemm_write(T::one(), gh, head(v3, b, h, d, v_off).t(), dp.view_mut());
             // SAFETY: the GEMM wrote all of ∂P.
             let dp = unsafe { dp.assume_init() };
-            crate::simd::vectorized(|| {
-                for (p_row, dp_row) in p.outer_iter_mut().zip(dp.outer_iter()) {
-                    let p_row = p_row.into_slice().expect("contiguous rows");
-                    let dp_row = dp_row.to_slice().expect("contiguous rows");
-                    let dot = crate::simd::dot(p_row, dp_row);
-                    for (p, &dp) in p_row.iter_mut().zip(dp_row) {
-                        *p = *p * (dp - dot) * scale;
+            crate::simd::vectorized(
+                #[inline(always)]
+                || {
+                    for (p_row, dp_row) in p.outer_iter_mut().zip(dp.outer_iter()) {
+                        let p_row = p_row.into_slice().expect("contiguous rows");
+                        let dp_row = dp_row.to_slice().expect("contiguous rows");
+                        let dot = crate::simd::dot(p_row, dp_row);
+                        for (p, &dp) in p_row.iter_mut().zip(dp_row) {
+                            *p = *p * (dp - dot) * scale;
+                        }
                     }
-                }
-            });
+                },
+            );
             if let Some(dq) = dq {
                 gemm_write(T::one(), p.view(), head(k3, b, h, d, k_off), dq);
             }

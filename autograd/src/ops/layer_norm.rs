@@ -60,20 +60,23 @@ impl<'t, T: Float> Var<'t, T> {
             .zip(mean.par_chunks_mut(ROWS_PER_BLOCK))
             .zip(rstd.par_chunks_mut(ROWS_PER_BLOCK))
             .for_each(|(((y, x), mean), rstd)| {
-                vectorized(|| {
-                    for (((y, x), m), r) in y
-                        .chunks_exact_mut(c)
-                        .zip(x.chunks_exact(c))
-                        .zip(mean.iter_mut())
-                        .zip(rstd.iter_mut())
-                    {
-                        let (mu, rs) = mean_and_rstd(x, eps);
-                        (*m, *r) = (mu, rs);
-                        for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
-                            *y = (x - mu) * rs * w + b;
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (((y, x), m), r) in y
+                            .chunks_exact_mut(c)
+                            .zip(x.chunks_exact(c))
+                            .zip(mean.iter_mut())
+                            .zip(rstd.iter_mut())
+                        {
+                            let (mu, rs) = mean_and_rstd(x, eps);
+                            (*m, *r) = (mu, rs);
+                            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
+                                *y = (x - mu) * rs * w + b;
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         let out = ArrayD::from_shape_vec(IxDyn(self.shape()), y).expect("same size");
         OpRecord::new("layer_norm", &[self, weight, bias])
@@ -98,25 +101,29 @@ impl<'t, T: Float> Var<'t, T> {
                         .zip(blocks())
                         .for_each(|(dx, (((g, x), mean), rstd))| {
                             let mut gw = vec![T::zero(); c];
-                            vectorized(|| {
-                                for ((((dx, g), x), &mu), &rs) in dx
-                                    .chunks_exact_mut(c)
-                                    .zip(g.chunks_exact(c))
-                                    .zip(x.chunks_exact(c))
-                                    .zip(mean)
-                                    .zip(rstd)
-                                {
-                                    for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(&w) {
-                                        *gw = g * w;
+                            vectorized(
+                                #[inline(always)]
+                                || {
+                                    for ((((dx, g), x), &mu), &rs) in dx
+                                        .chunks_exact_mut(c)
+                                        .zip(g.chunks_exact(c))
+                                        .zip(x.chunks_exact(c))
+                                        .zip(mean)
+                                        .zip(rstd)
+                                    {
+                                        for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(&w) {
+                                            *gw = g * w;
+                                        }
+                                        let mean_gw = sum_map(&gw, |v| v) * inv_c;
+                                        let mean_gw_xhat =
+                                            sum_zip(&gw, x, |gw, x| gw * ((x - mu) * rs)) * inv_c;
+                                        for ((dx, &gw), &x) in dx.iter_mut().zip(&gw).zip(x) {
+                                            *dx =
+                                                rs * (gw - mean_gw - (x - mu) * rs * mean_gw_xhat);
+                                        }
                                     }
-                                    let mean_gw = sum_map(&gw, |v| v) * inv_c;
-                                    let mean_gw_xhat =
-                                        sum_zip(&gw, x, |gw, x| gw * ((x - mu) * rs)) * inv_c;
-                                    for ((dx, &gw), &x) in dx.iter_mut().zip(&gw).zip(x) {
-                                        *dx = rs * (gw - mean_gw - (x - mu) * rs * mean_gw_xhat);
-                                    }
-                                }
-                            })
+                                },
+                            )
                         });
                     ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("same size")
                 });
@@ -124,18 +131,21 @@ impl<'t, T: Float> Var<'t, T> {
                     let partials: Vec<(Vec<T>, Vec<T>)> = blocks()
                         .map(|(((g, x), mean), rstd)| {
                             let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
-                            vectorized(|| {
-                                for (((g, x), &mu), &rs) in
-                                    g.chunks_exact(c).zip(x.chunks_exact(c)).zip(mean).zip(rstd)
-                                {
-                                    for (((dw, db), &g), &x) in
-                                        dw.iter_mut().zip(db.iter_mut()).zip(g).zip(x)
+                            vectorized(
+                                #[inline(always)]
+                                || {
+                                    for (((g, x), &mu), &rs) in
+                                        g.chunks_exact(c).zip(x.chunks_exact(c)).zip(mean).zip(rstd)
                                     {
-                                        *dw += g * ((x - mu) * rs);
-                                        *db += g;
+                                        for (((dw, db), &g), &x) in
+                                            dw.iter_mut().zip(db.iter_mut()).zip(g).zip(x)
+                                        {
+                                            *dw += g * ((x - mu) * rs);
+                                            *db += g;
+                                        }
                                     }
-                                }
-                            });
+                                },
+                            );
                             (dw, db)
                         })
                         .collect();

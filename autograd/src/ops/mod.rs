@@ -98,11 +98,14 @@ const CHUNK: usize = 1 << 14;
 /// `out[i] = f(src[i])` over a contiguous slice, wide-vectorised and in parallel when large.
 fn map_slice<T: Float>(src: &[T], out: &mut [T], f: &(impl Fn(T) -> T + Sync)) {
     let run = |src: &[T], out: &mut [T]| {
-        crate::simd::vectorized(|| {
-            for (o, &x) in out.iter_mut().zip(src) {
-                *o = f(x);
-            }
-        })
+        crate::simd::vectorized(
+            #[inline(always)]
+            || {
+                for (o, &x) in out.iter_mut().zip(src) {
+                    *o = f(x);
+                }
+            },
+        )
     };
     if src.len() >= PARALLEL_MIN_LEN {
         out.par_chunks_mut(CHUNK)
@@ -116,11 +119,14 @@ fn map_slice<T: Float>(src: &[T], out: &mut [T], f: &(impl Fn(T) -> T + Sync)) {
 /// `out[i] = f(out[i], src[i])` over contiguous slices, like [`map_slice`].
 fn zip_slice<T: Float>(out: &mut [T], src: &[T], f: &(impl Fn(T, T) -> T + Sync)) {
     let run = |out: &mut [T], src: &[T]| {
-        crate::simd::vectorized(|| {
-            for (o, &x) in out.iter_mut().zip(src) {
-                *o = f(*o, x);
-            }
-        })
+        crate::simd::vectorized(
+            #[inline(always)]
+            || {
+                for (o, &x) in out.iter_mut().zip(src) {
+                    *o = f(*o, x);
+                }
+            },
+        )
     };
     if src.len() >= PARALLEL_MIN_LEN {
         out.par_chunks_mut(CHUNK)

@@ -1,0 +1,345 @@
+//! An f32 GEMM for CPUs with AVX-512: BLIS-style blocking around a 12×32 FMA micro-kernel.
+//!
+//! matrixmultiply (the portable kernel used everywhere else) has a 16×16 AVX-512 micro-kernel:
+//! each step over k loads one vector of B and broadcasts sixteen values of A for sixteen FMAs,
+//! so loads and FMAs compete for the same cycles. Here each step loads two vectors of B
+//! (32 columns) and broadcasts twelve values of A for 24 FMAs into 24 accumulator registers,
+//! which leaves the FMA units as the only bottleneck.
+//!
+//! The loops, outermost first (BLIS's names):
+//!
+//! ```text
+//! jc: NC columns of B/C          pack B[pc.., jc..] into 32-column panels (kc × 32 each)
+//!   pc: KC steps of k
+//!     ic: MC rows of A/C         pack A[ic.., pc..] into 12-row panels (kc × 12 each)
+//!       jr: 32-column panel
+//!         ir: 12-row panel       micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C
+//! ```
+//! Panels are zero-padded at the edges; an edge tile is computed whole into a local buffer and
+//! only its valid part is written to C. β is applied on the first k block only (later blocks
+//! accumulate), and when β = 0 C is never read, so C may be uninitialised memory.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// Rows of the micro-tile.
+const MR: usize = 12;
+/// Columns of the micro-tile (two 16-lane vectors).
+const NR: usize = 32;
+/// Steps of k per packed block: a 32-column B panel (32 KiB) plus a 12-row A panel (12 KiB)
+/// fit the 48 KiB L1.
+const KC: usize = 256;
+/// Rows of A per packed block (a multiple of MR; 120 × 256 × 4 B = 120 KiB stays in L2).
+const MC: usize = 120;
+/// Columns of B per packed block (a multiple of NR; 256 × 1024 × 4 B = 1 MiB in L2).
+const NC: usize = 1024;
+
+/// Whether this kernel can run here (AVX-512F present, and not switched off with
+/// `TAPELORA_GEMM=matrixmultiply`, which the tests use to compare the two).
+pub fn available() -> bool {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let wanted = std::env::var("TAPELORA_GEMM").as_deref() != Ok("matrixmultiply");
+        #[cfg(target_arch = "x86_64")]
+        return wanted && std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = wanted;
+            false
+        }
+    })
+}
+
+/// A 64-byte aligned line of 16 floats: the packing buffers are made of these so that the
+/// micro-kernel's vector loads are aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+thread_local! {
+    /// Per-thread packing buffers, reused across calls (A block, B block).
+    static BUFFERS: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+fn lines(buffer: &mut Vec<Line>, floats: usize) -> *mut f32 {
+    let needed = floats.div_ceil(16);
+    if buffer.len() < needed {
+        buffer.resize(needed, Line([0.0; 16]));
+    }
+    buffer.as_mut_ptr().cast::<f32>()
+}
+
+/// `c ← α·a·b + β·c` with element strides, like matrixmultiply's `sgemm`; with β = 0, `c` is
+/// not read.
+///
+/// # Safety
+/// [`available`] returned true; the pointers and strides describe valid `m×k`, `k×n` and
+/// `m×n` matrices, and `c` aliases neither `a` nor `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    BUFFERS.with(|buffers| {
+        let (a_buf, b_buf) = &mut *buffers.borrow_mut();
+        let a_pack = lines(a_buf, MC * KC);
+        let b_pack = lines(b_buf, NC * KC);
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                let beta_block = if pc == 0 { beta } else { 1.0 };
+                let b_block = b.offset(pc as isize * rsb + jc as isize * csb);
+                pack_b(kc, nc, b_block, rsb, csb, b_pack);
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    let a_block = a.offset(ic as isize * rsa + pc as isize * csa);
+                    pack_a(mc, kc, a_block, rsa, csa, a_pack);
+                    for jr in (0..nc).step_by(NR) {
+                        let cols = NR.min(nc - jr);
+                        let b_panel = b_pack.add(jr * kc);
+                        for ir in (0..mc).step_by(MR) {
+                            let rows = MR.min(mc - ir);
+                            let a_panel = a_pack.add(ir * kc);
+                            let c_tile =
+                                c.offset((ic + ir) as isize * rsc + (jc + jr) as isize * csc);
+                            kernel(
+                                kc, alpha, a_panel, b_panel, beta_block, c_tile, rsc, csc, rows,
+                                cols,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Packs `mc × kc` of A into 12-row panels: panel `p` holds, for each step of k, its 12 row
+/// values side by side (zero past the last row).
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, out: *mut f32) {
+    for (panel, ir) in (0..mc).step_by(MR).enumerate() {
+        let rows = MR.min(mc - ir);
+        let dst = out.add(panel * MR * kc);
+        if rows < MR {
+            std::ptr::write_bytes(dst, 0, MR * kc);
+        }
+        for i in 0..rows {
+            let src = a.offset((ir + i) as isize * rsa);
+            for p in 0..kc {
+                *dst.add(p * MR + i) = *src.offset(p as isize * csa);
+            }
+        }
+    }
+}
+
+/// Packs `kc × nc` of B into 32-column panels: panel `q` holds, for each step of k, its 32
+/// column values side by side (zero past the last column).
+#[cfg(target_arch = "x86_64")]
+unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, out: *mut f32) {
+    for (panel, jr) in (0..nc).step_by(NR).enumerate() {
+        let cols = NR.min(nc - jr);
+        let dst = out.add(panel * NR * kc);
+        if cols == NR && csb == 1 {
+            for p in 0..kc {
+                let src = b.offset(p as isize * rsb + jr as isize);
+                std::ptr::copy_nonoverlapping(src, dst.add(p * NR), NR);
+            }
+            continue;
+        }
+        if cols < NR {
+            std::ptr::write_bytes(dst, 0, NR * kc);
+        }
+        for j in 0..cols {
+            let src = b.offset((jr + j) as isize * csb);
+            for p in 0..kc {
+                *dst.add(p * NR + j) = *src.offset(p as isize * rsb);
+            }
+        }
+    }
+}
+
+/// The 12×32 micro-kernel: `C[rows × cols] ← α·A·B + β·C` over `kc` steps of packed panels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    kc: usize,
+    alpha: f32,
+    a: *const f32,
+    b: *const f32,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    rows: usize,
+    cols: usize,
+) {
+    let mut left = [_mm512_setzero_ps(); MR];
+    let mut right = [_mm512_setzero_ps(); MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        let b0 = _mm512_load_ps(b);
+        let b1 = _mm512_load_ps(b.add(16));
+        for i in 0..MR {
+            let ai = _mm512_set1_ps(*a.add(i));
+            left[i] = _mm512_fmadd_ps(ai, b0, left[i]);
+            right[i] = _mm512_fmadd_ps(ai, b1, right[i]);
+        }
+        a = a.add(MR);
+        b = b.add(NR);
+    }
+    let alpha_v = _mm512_set1_ps(alpha);
+    if rows == MR && cols == NR && csc == 1 {
+        for i in 0..MR {
+            let row = c.offset(i as isize * rsc);
+            let (mut l, mut r) = (
+                _mm512_mul_ps(alpha_v, left[i]),
+                _mm512_mul_ps(alpha_v, right[i]),
+            );
+            if beta != 0.0 {
+                let beta_v = _mm512_set1_ps(beta);
+                l = _mm512_fmadd_ps(beta_v, _mm512_loadu_ps(row), l);
+                r = _mm512_fmadd_ps(beta_v, _mm512_loadu_ps(row.add(16)), r);
+            }
+            _mm512_storeu_ps(row, l);
+            _mm512_storeu_ps(row.add(16), r);
+        }
+        return;
+    }
+    let mut tile = [Line([0.0; 16]); 2 * MR];
+    for i in 0..MR {
+        _mm512_store_ps(tile[2 * i].0.as_mut_ptr(), _mm512_mul_ps(alpha_v, left[i]));
+        _mm512_store_ps(
+            tile[2 * i + 1].0.as_mut_ptr(),
+            _mm512_mul_ps(alpha_v, right[i]),
+        );
+    }
+    for i in 0..rows {
+        for j in 0..cols {
+            let value = tile[2 * i + j / 16].0[j % 16];
+            let dst = c.offset(i as isize * rsc + j as isize * csc);
+            *dst = if beta == 0.0 {
+                value
+            } else {
+                beta.mul_add(*dst, value)
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference product in f64.
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+        let mut c = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                    .sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_a_naive_product_for_edge_sizes_strides_alpha_and_beta() {
+        if !available() {
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (12, 256, 32),
+            (13, 257, 33),
+            (125, 300, 1050),
+            (7, 600, 5),
+            (240, 3, 64),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            let want = naive(m, k, n, &a, &b);
+            let tolerance = 1e-4 * k as f64;
+            // Row-major operands, β = 0 into garbage (must not be read: NaN would show).
+            let mut c = vec![f32::NAN; m * n];
+            unsafe {
+                sgemm(
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+            for (got, want) in c.iter().zip(&want) {
+                assert!(
+                    (*got as f64 - want).abs() < tolerance,
+                    "{m}×{k}×{n}: {got} vs {want}"
+                );
+            }
+            // Transposed operands (column-major views of the same data) and a column-major C,
+            // with α = 2 and β = 0.5 onto ones.
+            let at: Vec<f32> = (0..k * m).map(|idx| a[(idx % m) * k + idx / m]).collect();
+            let bt: Vec<f32> = (0..n * k).map(|idx| b[(idx % k) * n + idx / k]).collect();
+            let mut ct = vec![1.0f32; m * n];
+            unsafe {
+                sgemm(
+                    m,
+                    k,
+                    n,
+                    2.0,
+                    at.as_ptr(),
+                    1,
+                    m as isize,
+                    bt.as_ptr(),
+                    1,
+                    k as isize,
+                    0.5,
+                    ct.as_mut_ptr(),
+                    1,
+                    m as isize,
+                );
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let (got, want) = (ct[j * m + i] as f64, 2.0 * want[i * n + j] + 0.5);
+                    assert!(
+                        (got - want).abs() < 2.0 * tolerance,
+                        "{m}×{k}×{n} transposed"
+                    );
+                }
+            }
+        }
+    }
+}
