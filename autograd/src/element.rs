@@ -42,7 +42,7 @@ pub trait Float:
     /// couple of ulps; for `f64` (gradient checks) the exact `exp`.
     fn exp_fast(self) -> Self;
 
-    /// `a · b` in sixteen lanes combined in a fixed order ([`crate::simd::dot_lanes`]). `f32`
+    /// `a · b` in 4 × 16 lanes combined in a fixed order ([`crate::simd::dot_lanes`]). `f32`
     /// uses AVX-512 instructions for the same operations where the CPU has them (the compiler
     /// does not vectorise the lane loop well on its own); the bits are the same either way.
     #[inline(always)]

@@ -178,11 +178,10 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
                 let range = i * rows..((i + 1) * rows).min(k);
                 let mut part = vec![T::zero(); n];
                 let b = b.slice(ndarray::s![range.clone(), ..]);
-                if has_avx2() {
-                    unsafe_avx2::axpy_rows(&a_vec[range], b, &mut part);
-                } else {
-                    axpy_rows(&a_vec[range], b, &mut part);
-                }
+                crate::simd::vectorized(
+                    #[inline(always)]
+                    || axpy_rows(&a_vec[range], b, &mut part),
+                );
                 part
             })
             .collect();
@@ -193,11 +192,10 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
         let cols = n.div_ceil(threads).max(1);
         acc.par_chunks_mut(cols).enumerate().for_each(|(i, acc)| {
             let b = b.slice(ndarray::s![.., i * cols..i * cols + acc.len()]);
-            if has_avx2() {
-                unsafe_avx2::dot_columns(&a_vec, b, acc);
-            } else {
-                dot_columns(&a_vec, b, acc);
-            }
+            crate::simd::vectorized(
+                #[inline(always)]
+                || dot_columns(&a_vec, b, acc),
+            );
         });
     }
     for (j, acc) in acc.into_iter().enumerate() {
@@ -211,16 +209,6 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
             c.write(0, j, value);
         }
     }
-}
-
-/// Whether the single-row kernels may use their AVX2 build: they are memory-bound, and 8-wide
-/// loads move twice what the baseline x86-64 build's 4-wide ones do. Both builds do the same
-/// operations in the same order (no FMA), so results do not depend on the CPU.
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// `acc[j] += Σ_p a[p]·b[p, j]` for a `b` with contiguous rows, four rows per pass over `acc`.
@@ -255,39 +243,6 @@ fn dot_columns<T: Float>(a: &[T], b: ArrayView2<T>, acc: &mut [T]) {
                 .zip(a)
                 .fold(T::zero(), |s, (&bv, &av)| s + av * bv),
         };
-    }
-}
-
-/// The single-row kernels compiled with AVX2 enabled; called only after [`has_avx2`].
-mod unsafe_avx2 {
-    use super::{ArrayView2, Float};
-
-    pub(super) fn axpy_rows<T: Float>(a: &[T], b: ArrayView2<T>, acc: &mut [T]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2")]
-            unsafe fn run<T: Float>(a: &[T], b: ArrayView2<T>, acc: &mut [T]) {
-                super::axpy_rows(a, b, acc)
-            }
-            // SAFETY: called only after `has_avx2()` returned true.
-            unsafe { run(a, b, acc) }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        super::axpy_rows(a, b, acc)
-    }
-
-    pub(super) fn dot_columns<T: Float>(a: &[T], b: ArrayView2<T>, acc: &mut [T]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2")]
-            unsafe fn run<T: Float>(a: &[T], b: ArrayView2<T>, acc: &mut [T]) {
-                super::dot_columns(a, b, acc)
-            }
-            // SAFETY: called only after `has_avx2()` returned true.
-            unsafe { run(a, b, acc) }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        super::dot_columns(a, b, acc)
     }
 }
 

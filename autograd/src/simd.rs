@@ -7,8 +7,9 @@
 //! build — no fused multiply-add is enabled, and Rust never contracts `a * b + c` on its own —
 //! so results do not depend on which build ran.
 //!
-//! The reductions here ([`sum_map`], [`sum_zip`], [`dot`]) keep sixteen partial sums, which
-//! is what lets a reduction loop vectorise at all without reordering floating-point math.
+//! The reductions here ([`sum_map`], [`sum_zip`], [`dot`]) keep 4 × 16 partial sums, which
+//! is what lets a reduction loop vectorise (and not wait on each addition) without letting
+//! the compiler reorder floating-point math.
 
 use std::sync::OnceLock;
 
@@ -81,37 +82,53 @@ pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// `Σ f(a[i])` with sixteen independent accumulators, so the loop vectorises (one running sum
-/// would serialise every addition). The lanes are combined in a fixed order, so the result is
-/// the same in every build.
+/// `Σ f(a[i])` with sixty-four independent accumulators (four rows of sixteen lanes), so the
+/// loop vectorises and its additions do not wait on each other (one running sum would
+/// serialise every addition; one vector of lanes would wait on the add latency). The partial
+/// sums are combined in a fixed order, so the result is the same in every build.
 #[inline(always)]
 pub fn sum_map<T: Float>(a: &[T], f: impl Fn(T) -> T) -> T {
-    let mut lanes = [T::zero(); 16];
-    let chunks = a.chunks_exact(16);
-    let rest = chunks.remainder();
-    for x in chunks {
-        for l in 0..16 {
-            lanes[l] += f(x[l]);
+    let mut acc = [[T::zero(); 16]; 4];
+    let (a64, rest) = a.as_chunks::<64>();
+    for x in a64 {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for l in 0..16 {
+                acc[l] += f(x[16 * r + l]);
+            }
         }
     }
-    rest.iter().fold(combine_lanes(lanes), |s, &x| s + f(x))
+    let (a16, tail) = rest.as_chunks::<16>();
+    for x in a16 {
+        for l in 0..16 {
+            acc[0][l] += f(x[l]);
+        }
+    }
+    tail.iter().fold(combine(acc), |s, &x| s + f(x))
 }
 
 /// `Σ f(a[i], b[i])` over equal-length slices, like [`sum_map`].
 #[inline(always)]
 pub fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
     assert_eq!(a.len(), b.len(), "sum_zip: slices of different lengths");
-    let mut lanes = [T::zero(); 16];
-    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (a16.remainder(), b16.remainder());
-    for (x, y) in a16.zip(b16) {
-        for l in 0..16 {
-            lanes[l] += f(x[l], y[l]);
+    let mut acc = [[T::zero(); 16]; 4];
+    let ((a64, a_rest), (b64, b_rest)) = (a.as_chunks::<64>(), b.as_chunks::<64>());
+    for (x, y) in a64.iter().zip(b64) {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for l in 0..16 {
+                acc[l] += f(x[16 * r + l], y[16 * r + l]);
+            }
         }
     }
-    ra.iter()
-        .zip(rb)
-        .fold(combine_lanes(lanes), |s, (&x, &y)| s + f(x, y))
+    let ((a16, a_tail), (b16, b_tail)) = (a_rest.as_chunks::<16>(), b_rest.as_chunks::<16>());
+    for (x, y) in a16.iter().zip(b16) {
+        for l in 0..16 {
+            acc[0][l] += f(x[l], y[l]);
+        }
+    }
+    a_tail
+        .iter()
+        .zip(b_tail)
+        .fold(combine(acc), |s, (&x, &y)| s + f(x, y))
 }
 
 /// `a · b` (see [`sum_zip`] and [`Float::dot`]).
@@ -126,8 +143,8 @@ pub fn dot_lanes<T: Float>(a: &[T], b: &[T]) -> T {
     sum_zip(a, b, |x, y| x * y)
 }
 
-/// [`dot_lanes`] for f32 with one 16-lane AVX-512 register as the sixteen lanes: the same
-/// multiplications and additions in the same order, so the same bits.
+/// [`dot_lanes`] for f32 with four AVX-512 registers as the four rows of sixteen lanes: the
+/// same multiplications and additions in the same order, so the same bits.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
@@ -136,28 +153,39 @@ pub fn dot_lanes<T: Float>(a: &[T], b: &[T]) -> T {
 pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     assert_eq!(a.len(), b.len(), "dot: slices of different lengths");
-    let full = a.len() / 16 * 16;
-    let mut acc = _mm512_setzero_ps();
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let product = |i: usize| _mm512_mul_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)));
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let full64 = a.len() / 64 * 64;
     let mut i = 0;
-    while i < full {
-        let product = _mm512_mul_ps(
-            _mm512_loadu_ps(a.as_ptr().add(i)),
-            _mm512_loadu_ps(b.as_ptr().add(i)),
-        );
-        acc = _mm512_add_ps(acc, product);
+    while i < full64 {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm512_add_ps(*acc, product(i + 16 * r));
+        }
+        i += 64;
+    }
+    let full16 = a.len() / 16 * 16;
+    while i < full16 {
+        acc[0] = _mm512_add_ps(acc[0], product(i));
         i += 16;
     }
-    let mut lanes = [0.0f32; 16];
-    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-    a[full..]
+    let mut rows = [[0.0f32; 16]; 4];
+    for (row, acc) in rows.iter_mut().zip(acc) {
+        _mm512_storeu_ps(row.as_mut_ptr(), acc);
+    }
+    a[full16..]
         .iter()
-        .zip(&b[full..])
-        .fold(combine_lanes(lanes), |s, (&x, &y)| s + x * y)
+        .zip(&b[full16..])
+        .fold(combine(rows), |s, (&x, &y)| s + x * y)
 }
 
-/// Adds sixteen lane sums in a fixed tree order.
+/// Adds the 4 × 16 partial sums in a fixed tree order.
 #[inline(always)]
-fn combine_lanes<T: Float>(lanes: [T; 16]) -> T {
+fn combine<T: Float>(acc: [[T; 16]; 4]) -> T {
+    let mut lanes = [T::zero(); 16];
+    for l in 0..16 {
+        lanes[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+    }
     let mut half = [T::zero(); 8];
     for l in 0..8 {
         half[l] = lanes[l] + lanes[l + 8];
