@@ -106,6 +106,22 @@ pub fn sum_map<T: Float>(a: &[T], f: impl Fn(T) -> T) -> T {
     tail.iter().fold(combine(acc), |s, &x| s + f(x))
 }
 
+/// The largest element (−∞ for an empty slice; NaNs are skipped, as by `f32::max`), with
+/// sixteen lanes so the loop vectorises. A maximum does not depend on the order it is taken in.
+#[inline(always)]
+pub fn max_of<T: Float>(a: &[T]) -> T {
+    let mut lanes = [T::neg_infinity(); 16];
+    let (a16, tail) = a.as_chunks::<16>();
+    for x in a16 {
+        for l in 0..16 {
+            lanes[l] = lanes[l].max(x[l]);
+        }
+    }
+    tail.iter()
+        .chain(&lanes)
+        .fold(T::neg_infinity(), |m, &v| m.max(v))
+}
+
 /// `Σ f(a[i], b[i])` over equal-length slices, like [`sum_map`].
 #[inline(always)]
 pub fn sum_zip<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
@@ -229,5 +245,7 @@ mod tests {
         }
         assert!((sum_map(&a, |x| x * x) - a.iter().map(|x| x * x).sum::<f64>()).abs() < 1e-12);
         assert_eq!(sum_map(&[] as &[f64], |x| x), 0.0);
+        assert_eq!(max_of(&a), 15.0);
+        assert_eq!(max_of(&[] as &[f64]), f64::NEG_INFINITY);
     }
 }

@@ -106,7 +106,7 @@ fn view3<T: Float>(x: &Tensor<T>) -> ArrayView3<'_, T> {
 /// Softmax of the first `visible` entries of a row in place; the masked rest become 0.
 fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
     let (seen, masked) = row.split_at_mut(visible);
-    let max = seen.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    let max = crate::simd::max_of(seen);
     for v in seen.iter_mut() {
         *v = (*v - max).exp_fast();
     }

@@ -4,7 +4,7 @@
 //! recomputes the softmax and subtracts the one-hot target in a single pass — in the logits'
 //! own buffer when nothing else holds it — giving ∂loss/∂logits = (softmax − onehot)·g/count.
 
-use ndarray::{Array2, Axis, IxDyn, Zip};
+use ndarray::IxDyn;
 use rayon::prelude::*;
 
 use super::PARALLEL_MIN_LEN;
@@ -44,24 +44,28 @@ impl<'t, T: Float> Var<'t, T> {
                 format!("target {bad} is out of range for {vocab} classes"),
             );
         }
-        let logits = self.value().clone();
-        let x = logits.to_shape((rows, vocab)).expect("same size");
+        let logits = crate::ops::standard_layout(self.value().clone());
+        let x = logits.as_slice().expect("standard layout");
+        // One log-sum-exp per row; the row sums keep lane partials so they vectorise.
         let log_sum_exp: Vec<T> = x
-            .axis_iter(Axis(0))
-            .into_par_iter()
+            .par_chunks(vocab.max(1))
             .map(|row| {
-                let max = row.fold(T::neg_infinity(), |m, &v| m.max(v));
-                row.fold(T::zero(), |s, &v| s + (v - max).exp_fast()).ln() + max
+                crate::simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        let max = crate::simd::max_of(row);
+                        crate::simd::sum_map(row, |v| (v - max).exp_fast()).ln() + max
+                    },
+                )
             })
             .collect();
         let (mut total, mut count) = (0.0f64, 0usize);
         for (r, &t) in targets.iter().enumerate() {
             if !is_ignored(t) {
-                total += (log_sum_exp[r] - x[[r, t as usize]]).as_f64();
+                total += (log_sum_exp[r] - x[r * vocab + t as usize]).as_f64();
                 count += 1;
             }
         }
-        drop(x);
         let loss = ndarray::arr0(T::from_f64(total / count as f64)).into_dyn();
         let targets = targets.to_vec();
         OpRecord::new("cross_entropy", &[self])
@@ -71,29 +75,29 @@ impl<'t, T: Float> Var<'t, T> {
                 let scale =
                     g.iter().next().copied().unwrap_or_else(T::zero) / T::from_f64(count as f64);
                 let shape = logits.shape().to_vec();
-                let owned = logits.into_owned();
-                let owned = if owned.is_standard_layout() {
-                    owned
-                } else {
-                    owned.as_standard_layout().into_owned()
-                };
-                let mut d: Array2<T> = owned
-                    .into_shape_with_order((rows, vocab))
-                    .expect("same size");
-                let per_row = |r: usize, mut row: ndarray::ArrayViewMut1<T>| {
+                // The logits' own buffer when nothing else holds it, else a copy.
+                let mut d = logits.into_owned();
+                let d_rows = d.as_slice_mut().expect("standard layout");
+                let per_row = |(r, row): (usize, &mut [T])| {
                     if is_ignored(targets[r]) {
                         row.fill(T::zero());
                         return;
                     }
                     let lse = log_sum_exp[r];
-                    row.mapv_inplace(|v| (v - lse).exp_fast() * scale);
+                    crate::simd::vectorized(
+                        #[inline(always)]
+                        || {
+                            for v in row.iter_mut() {
+                                *v = (*v - lse).exp_fast() * scale;
+                            }
+                        },
+                    );
                     row[targets[r] as usize] -= scale;
                 };
-                let zip = Zip::indexed(d.rows_mut());
                 if rows * vocab >= PARALLEL_MIN_LEN {
-                    zip.par_for_each(per_row);
+                    d_rows.par_chunks_mut(vocab).enumerate().for_each(per_row);
                 } else {
-                    zip.for_each(per_row);
+                    d_rows.chunks_mut(vocab).enumerate().for_each(per_row);
                 }
                 vec![Some(
                     d.into_shape_with_order(IxDyn(&shape)).expect("same size"),
