@@ -1,7 +1,10 @@
 //! Strided matrix multiplication, the one kernel every matmul (forward and backward) goes through.
 //!
-//! matrixmultiply reads any row/column strides, so a transposed operand is just a view with
-//! swapped strides: no copy is ever made to transpose. Large products are split into row (or
+//! Both kernels — our AVX-512 one ([`crate::sgemm_avx512`]) for f32 products at least 32 wide
+//! on CPUs that have it, matrixmultiply otherwise — read any row/column strides, so a
+//! transposed operand is just a view with swapped strides: no copy is ever made to transpose.
+//! Outputs may be uninitialised memory ([`gemm_write`], [`gemm_new`]): with β = 0 nothing reads
+//! them before they are written. Large products are split into row (or
 //! column) blocks that run on rayon's pool — the only thread pool in the process — each block a
 //! single-threaded GEMM. The split never changes the order of the inner (k) sum, so results are
 //! deterministic for a given thread count.
