@@ -140,6 +140,15 @@ unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, ou
         if rows < MR {
             std::ptr::write_bytes(dst, 0, MR * kc);
         }
+        if rsa == 1 {
+            // Column-major A (a transposed view, e.g. xᵀ in ∂W = xᵀ·G): a panel's rows are
+            // side by side in memory, so each step of k is one short contiguous copy.
+            for p in 0..kc {
+                let src = a.offset(ir as isize + p as isize * csa);
+                std::ptr::copy_nonoverlapping(src, dst.add(p * MR), rows);
+            }
+            continue;
+        }
         for i in 0..rows {
             let src = a.offset((ir + i) as isize * rsa);
             for p in 0..kc {
