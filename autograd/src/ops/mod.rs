@@ -95,28 +95,8 @@ pub(crate) fn reduce_to_shape<T: Float>(g: ArrayD<T>, shape: &[usize]) -> ArrayD
 /// overhead is noise, small enough that both cores get work.
 const CHUNK: usize = 1 << 14;
 
-/// `out[i] = f(src[i])` over a contiguous slice, wide-vectorised and in parallel when large.
-fn map_slice<T: Float>(src: &[T], out: &mut [T], f: &(impl Fn(T) -> T + Sync)) {
-    let run = |src: &[T], out: &mut [T]| {
-        crate::simd::vectorized(
-            #[inline(always)]
-            || {
-                for (o, &x) in out.iter_mut().zip(src) {
-                    *o = f(x);
-                }
-            },
-        )
-    };
-    if src.len() >= PARALLEL_MIN_LEN {
-        out.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(o, s)| run(s, o));
-    } else {
-        run(src, out);
-    }
-}
-
-/// `out[i] = f(out[i], src[i])` over contiguous slices, like [`map_slice`].
+/// `out[i] = f(out[i], src[i])` over contiguous slices, wide-vectorised and in parallel when
+/// large.
 fn zip_slice<T: Float>(out: &mut [T], src: &[T], f: &(impl Fn(T, T) -> T + Sync)) {
     let run = |out: &mut [T], src: &[T]| {
         crate::simd::vectorized(
@@ -144,7 +124,7 @@ pub(crate) fn map<T: Float, S: Data<Elem = T>>(
 ) -> ArrayD<T> {
     if let Some(src) = a.as_slice() {
         let mut out = vec![T::zero(); src.len()];
-        map_slice(src, &mut out, &f);
+        zip_slice(&mut out, src, &|_, x| f(x));
         return ArrayD::from_shape_vec(a.raw_dim(), out).expect("same size");
     }
     if a.len() >= PARALLEL_MIN_LEN {
