@@ -36,7 +36,8 @@ const MC: usize = 120;
 const NC: usize = 1024;
 
 /// Whether this kernel can run here (AVX-512F present, and not switched off with
-/// `TAPELORA_GEMM=matrixmultiply`, which the tests use to compare the two).
+/// `TAPELORA_GEMM=matrixmultiply`, for A/B timing against matrixmultiply with
+/// `benchmarks/ab.sh`; the tests check this kernel against a naive product instead).
 pub fn available() -> bool {
     use std::sync::OnceLock;
     static AVAILABLE: OnceLock<bool> = OnceLock::new();

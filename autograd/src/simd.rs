@@ -26,8 +26,8 @@ pub enum Width {
     Avx512,
 }
 
-/// The width detected once for this process (`TAPELORA_SIMD=baseline|avx2` caps it, which the
-/// tests use to compare builds).
+/// The width detected once for this process. `TAPELORA_SIMD=baseline|avx2` caps it, for timing
+/// the narrower builds; that every build gives the same bits is tested within one process.
 pub fn width() -> Width {
     static WIDTH: OnceLock<Width> = OnceLock::new();
     *WIDTH.get_or_init(|| {
