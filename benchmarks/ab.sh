@@ -7,16 +7,18 @@
 #   benchmarks/ab.sh 8 /tmp/before target/release/tapelora -- bench --mode full
 #
 # Prints, per binary, the best and median ms/step and every run in order (read them pairwise).
+# METRIC=best_ms_per_step compares each run's quickest step instead of its mean (less noisy).
 set -euo pipefail
 if [ $# -lt 4 ] || [ "$4" != "--" ]; then
     echo "usage: benchmarks/ab.sh RUNS BINARY_A BINARY_B -- bench ARGS..." >&2
     exit 2
 fi
 runs=$1; a=$2; b=$3; shift 4
+metric=${METRIC:-ms_per_step}
 for _ in $(seq "$runs"); do
     for bin in "$a" "$b"; do
         ms=$("$bin" "$@" --json 2>/dev/null | tail -1 |
-            python3 -c "import sys, json; print(json.load(sys.stdin)['ms_per_step'])")
+            python3 -c "import sys, json; print(json.load(sys.stdin)['$metric'])")
         echo "$bin $ms"
     done
 done | python3 -c "

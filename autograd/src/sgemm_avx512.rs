@@ -100,6 +100,11 @@ pub unsafe fn sgemm(
         let (a_buf, b_buf) = &mut *buffers.borrow_mut();
         let a_pack = lines(a_buf, MC * KC);
         let b_pack = lines(b_buf, NC * KC);
+        // A row-major A is read in place (BLIS's "sup" idea): the micro-kernel broadcasts its
+        // values straight from the rows, and only a partial last panel is packed. Packing it
+        // would scatter every value to a stride-12 slot, which costs a quarter of a small
+        // product's time.
+        let a_in_place = csa == 1;
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(KC) {
@@ -110,19 +115,42 @@ pub unsafe fn sgemm(
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     let a_block = a.offset(ic as isize * rsa + pc as isize * csa);
-                    pack_a(mc, kc, a_block, rsa, csa, a_pack);
+                    let full_rows = if a_in_place { mc - mc % MR } else { 0 };
+                    pack_a(
+                        mc - full_rows,
+                        kc,
+                        a_block.offset(full_rows as isize * rsa),
+                        rsa,
+                        csa,
+                        a_pack,
+                    );
                     for jr in (0..nc).step_by(NR) {
                         let cols = NR.min(nc - jr);
                         let b_panel = b_pack.add(jr * kc);
                         for ir in (0..mc).step_by(MR) {
                             let rows = MR.min(mc - ir);
-                            let a_panel = a_pack.add(ir * kc);
                             let c_tile =
                                 c.offset((ic + ir) as isize * rsc + (jc + jr) as isize * csc);
-                            kernel(
-                                kc, alpha, a_panel, b_panel, beta_block, c_tile, rsc, csc, rows,
+                            let tile = Tile {
+                                c: c_tile,
+                                rsc,
+                                csc,
+                                rows,
                                 cols,
-                            );
+                                alpha,
+                                beta: beta_block,
+                            };
+                            if ir < full_rows {
+                                kernel_rows(
+                                    kc,
+                                    a_block.offset(ir as isize * rsa),
+                                    rsa,
+                                    b_panel,
+                                    tile,
+                                );
+                            } else {
+                                kernel(kc, a_pack.add((ir - full_rows) * kc), b_panel, tile);
+                            }
                         }
                     }
                 }
@@ -146,7 +174,14 @@ unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, ou
             // side by side in memory, so each step of k is one short contiguous copy.
             for p in 0..kc {
                 let src = a.offset(ir as isize + p as isize * csa);
-                std::ptr::copy_nonoverlapping(src, dst.add(p * MR), rows);
+                if rows == MR {
+                    // A fixed-size copy compiles to a few vector moves, not a memmove call.
+                    dst.add(p * MR)
+                        .cast::<[f32; MR]>()
+                        .write_unaligned(src.cast::<[f32; MR]>().read_unaligned());
+                } else {
+                    std::ptr::copy_nonoverlapping(src, dst.add(p * MR), rows);
+                }
             }
             continue;
         }
@@ -169,7 +204,22 @@ unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, ou
         if cols == NR && csb == 1 {
             for p in 0..kc {
                 let src = b.offset(p as isize * rsb + jr as isize);
-                std::ptr::copy_nonoverlapping(src, dst.add(p * NR), NR);
+                dst.add(p * NR)
+                    .cast::<[f32; NR]>()
+                    .write(src.cast::<[f32; NR]>().read_unaligned());
+            }
+            continue;
+        }
+        if cols == NR && rsb == 1 {
+            // Column-major B (a transposed weight, as in ∂x = G·Wᵀ): 16×16 blocks are
+            // transposed in registers instead of scattering each value to a stride-32 slot.
+            let src = b.offset(jr as isize * csb);
+            let whole = kc - kc % 16;
+            transpose_columns(whole, src, csb, dst);
+            for j in 0..NR {
+                for p in whole..kc {
+                    *dst.add(p * NR + j) = *src.offset(j as isize * csb + p as isize);
+                }
             }
             continue;
         }
@@ -185,22 +235,79 @@ unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, ou
     }
 }
 
-/// The 12×32 micro-kernel: `C[rows × cols] ← α·A·B + β·C` over `kc` steps of packed panels.
+/// For 32 contiguous columns of `kc` values (`kc` a multiple of 16) starting at `src`, `csb`
+/// apart, writes row `p` of the 32-wide panel for every `p`: two 16×16 transposes per 16 steps.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
-    kc: usize,
-    alpha: f32,
-    a: *const f32,
-    b: *const f32,
-    beta: f32,
+unsafe fn transpose_columns(kc: usize, src: *const f32, csb: isize, dst: *mut f32) {
+    for p in (0..kc).step_by(16) {
+        for half in 0..2 {
+            let mut rows = [_mm512_setzero_ps(); 16];
+            for (j, row) in rows.iter_mut().enumerate() {
+                *row = _mm512_loadu_ps(src.offset((16 * half + j) as isize * csb + p as isize));
+            }
+            let columns = transpose16(rows);
+            for (q, column) in columns.iter().enumerate() {
+                _mm512_store_ps(dst.add((p + q) * NR + 16 * half), *column);
+            }
+        }
+    }
+}
+
+/// Transposes a 16×16 block held as 16 row vectors.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // Interleave pairs of rows, then pairs of pairs (within 128-bit lanes), then move the
+    // 128-bit lanes across (twice).
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        let (a0, a1, b0, b1) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        u[4 * i] = _mm512_shuffle_ps::<0x44>(a0, b0);
+        u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a0, b0);
+        u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(a1, b1);
+        u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(a1, b1);
+    }
+    // u[4i + c] holds, in each 128-bit lane L, column 4L + c of rows 4i..4i+4.
+    let mut v = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        v[c] = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        v[4 + c] = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+        v[8 + c] = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        v[12 + c] = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        out[c] = _mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]);
+        out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v[c], v[8 + c]);
+        out[4 + c] = _mm512_shuffle_f32x4::<0x88>(v[4 + c], v[12 + c]);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(v[4 + c], v[12 + c]);
+    }
+    out
+}
+
+/// Where a micro-tile's result goes: `C[rows × cols] ← α·(A·B) + β·C`.
+#[derive(Clone, Copy)]
+struct Tile {
     c: *mut f32,
     rsc: isize,
     csc: isize,
     rows: usize,
     cols: usize,
-) {
+    alpha: f32,
+    beta: f32,
+}
+
+/// The 12×32 micro-kernel over `kc` steps of a packed A panel and a packed B panel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, tile: Tile) {
     let mut left = [_mm512_setzero_ps(); MR];
     let mut right = [_mm512_setzero_ps(); MR];
     let (mut a, mut b) = (a, b);
@@ -215,6 +322,54 @@ unsafe fn kernel(
         a = a.add(MR);
         b = b.add(NR);
     }
+    store(left, right, tile);
+}
+
+/// The micro-kernel reading 12 full rows of a row-major A in place (row `i`, step `p` at
+/// `a + i·rsa + p`) against a packed B panel.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_rows(kc: usize, a: *const f32, rsa: isize, b: *const f32, tile: Tile) {
+    let mut left = [_mm512_setzero_ps(); MR];
+    let mut right = [_mm512_setzero_ps(); MR];
+    // Four base pointers, rows 0, 3, 6, 9; the others are one or two row strides further,
+    // which x86 addressing ([base + index·4] / [base + index·8]) reaches without extra work.
+    let mut bases = [a, a.offset(3 * rsa), a.offset(6 * rsa), a.offset(9 * rsa)];
+    let mut b = b;
+    for _ in 0..kc {
+        let b0 = _mm512_load_ps(b);
+        let b1 = _mm512_load_ps(b.add(16));
+        for (g, base) in bases.iter().enumerate() {
+            for r in 0..3 {
+                let i = 3 * g + r;
+                let ai = _mm512_set1_ps(*base.offset(r as isize * rsa));
+                left[i] = _mm512_fmadd_ps(ai, b0, left[i]);
+                right[i] = _mm512_fmadd_ps(ai, b1, right[i]);
+            }
+        }
+        for base in bases.iter_mut() {
+            *base = base.add(1);
+        }
+        b = b.add(NR);
+    }
+    store(left, right, tile);
+}
+
+/// Writes a finished 12×32 accumulator tile: whole rows with vector stores where possible, an
+/// edge tile through a local buffer (only its valid part reaches C).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
+    let Tile {
+        c,
+        rsc,
+        csc,
+        rows,
+        cols,
+        alpha,
+        beta,
+    } = tile;
     let alpha_v = _mm512_set1_ps(alpha);
     if rows == MR && cols == NR && csc == 1 {
         for i in 0..MR {
@@ -233,17 +388,20 @@ unsafe fn kernel(
         }
         return;
     }
-    let mut tile = [Line([0.0; 16]); 2 * MR];
+    let mut buffer = [Line([0.0; 16]); 2 * MR];
     for i in 0..MR {
-        _mm512_store_ps(tile[2 * i].0.as_mut_ptr(), _mm512_mul_ps(alpha_v, left[i]));
         _mm512_store_ps(
-            tile[2 * i + 1].0.as_mut_ptr(),
+            buffer[2 * i].0.as_mut_ptr(),
+            _mm512_mul_ps(alpha_v, left[i]),
+        );
+        _mm512_store_ps(
+            buffer[2 * i + 1].0.as_mut_ptr(),
             _mm512_mul_ps(alpha_v, right[i]),
         );
     }
     for i in 0..rows {
         for j in 0..cols {
-            let value = tile[2 * i + j / 16].0[j % 16];
+            let value = buffer[2 * i + j / 16].0[j % 16];
             let dst = c.offset(i as isize * rsc + j as isize * csc);
             *dst = if beta == 0.0 {
                 value

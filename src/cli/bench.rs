@@ -337,8 +337,12 @@ impl ModelBench {
         step(model, false)?; // warm-up
         let flops0 = tapelora_autograd::gemm::gemm_flops();
         let start = Instant::now();
+        // The quickest step shows the code's speed when the shared machine left it alone.
+        let mut best_secs = f64::INFINITY;
         for _ in 0..steps {
+            let step_start = Instant::now();
             step(model, true)?;
+            best_secs = best_secs.min(step_start.elapsed().as_secs_f64());
         }
         let secs = start.elapsed().as_secs_f64() / steps as f64;
         if self.profile {
@@ -355,9 +359,9 @@ impl ModelBench {
         );
         if !self.json {
             println!("{} {} step (batch {batch} × block {block}, {} trainable of {} parameters, {} steps after 1 warm-up):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, model.num_trainable_params(), model.num_params(), steps);
-            println!("  {ms:.1} ms/step, {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; sgemm peak here {:.1} GFLOP/s → MFU {:.1}%; peak RSS {rss:.0} MiB", flops / 1e9, flops / secs / 1e9, peak / 1e9, 100.0 * mfu);
+            println!("  {ms:.1} ms/step (quickest {:.1}), {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; sgemm peak here {:.1} GFLOP/s → MFU {:.1}%; peak RSS {rss:.0} MiB", best_secs * 1e3, flops / 1e9, flops / secs / 1e9, peak / 1e9, 100.0 * mfu);
         }
-        println!("{{\"ms_per_step\": {ms:.3}, \"tokens_per_sec\": {tps:.1}, \"peak_rss_mib\": {rss:.1}, \"mfu\": {mfu:.4}}}");
+        println!("{{\"ms_per_step\": {ms:.3}, \"best_ms_per_step\": {:.3}, \"tokens_per_sec\": {tps:.1}, \"peak_rss_mib\": {rss:.1}, \"mfu\": {mfu:.4}}}", best_secs * 1e3);
         Ok(())
     }
 
