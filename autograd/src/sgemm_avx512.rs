@@ -162,6 +162,7 @@ pub unsafe fn sgemm(
 /// Packs `mc × kc` of A into 12-row panels: panel `p` holds, for each step of k, its 12 row
 /// values side by side (zero past the last row).
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, out: *mut f32) {
     for (panel, ir) in (0..mc).step_by(MR).enumerate() {
         let rows = MR.min(mc - ir);
@@ -197,6 +198,7 @@ unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, ou
 /// Packs `kc × nc` of B into 32-column panels: panel `q` holds, for each step of k, its 32
 /// column values side by side (zero past the last column).
 #[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
 unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, out: *mut f32) {
     for (panel, jr) in (0..nc).step_by(NR).enumerate() {
         let cols = NR.min(nc - jr);

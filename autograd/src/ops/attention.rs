@@ -104,6 +104,8 @@ fn view3<T: Float>(x: &Tensor<T>) -> ArrayView3<'_, T> {
 }
 
 /// Softmax of the first `visible` entries of a row in place; the masked rest become 0.
+/// Inlined so that it is compiled wide inside [`crate::simd::vectorized`].
+#[inline(always)]
 fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
     let (seen, masked) = row.split_at_mut(visible);
     let max = crate::simd::max_of(seen);
