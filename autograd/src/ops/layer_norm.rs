@@ -52,10 +52,11 @@ impl<'t, T: Float> Var<'t, T> {
         let w = weight.value().iter().copied().collect::<Vec<T>>();
         let b = bias.value().iter().copied().collect::<Vec<T>>();
         let xs = x.as_slice().expect("standard layout");
-        let mut y = vec![T::zero(); rows * c];
+        let mut y = Vec::with_capacity(rows * c);
         let mut mean = vec![T::zero(); rows];
         let mut rstd = vec![T::zero(); rows];
-        y.par_chunks_mut(ROWS_PER_BLOCK * c)
+        y.spare_capacity_mut()[..rows * c]
+            .par_chunks_mut(ROWS_PER_BLOCK * c)
             .zip(xs.par_chunks(ROWS_PER_BLOCK * c))
             .zip(mean.par_chunks_mut(ROWS_PER_BLOCK))
             .zip(rstd.par_chunks_mut(ROWS_PER_BLOCK))
@@ -72,12 +73,14 @@ impl<'t, T: Float> Var<'t, T> {
                             let (mu, rs) = mean_and_rstd(x, eps);
                             (*m, *r) = (mu, rs);
                             for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
-                                *y = (x - mu) * rs * w + b;
+                                y.write((x - mu) * rs * w + b);
                             }
                         }
                     },
                 )
             });
+        // SAFETY: every row of y was written above.
+        unsafe { y.set_len(rows * c) };
         let out = ArrayD::from_shape_vec(IxDyn(self.shape()), y).expect("same size");
         OpRecord::new("layer_norm", &[self, weight, bias])
             .attrs(format!("C={c}"))
@@ -96,8 +99,9 @@ impl<'t, T: Float> Var<'t, T> {
                         .zip(rstd.par_chunks(ROWS_PER_BLOCK))
                 };
                 let dx = needs[0].then(|| {
-                    let mut dx = vec![T::zero(); rows * c];
-                    dx.par_chunks_mut(ROWS_PER_BLOCK * c)
+                    let mut dx = Vec::with_capacity(rows * c);
+                    dx.spare_capacity_mut()[..rows * c]
+                        .par_chunks_mut(ROWS_PER_BLOCK * c)
                         .zip(blocks())
                         .for_each(|(dx, (((g, x), mean), rstd))| {
                             let mut gw = vec![T::zero(); c];
@@ -118,13 +122,16 @@ impl<'t, T: Float> Var<'t, T> {
                                         let mean_gw_xhat =
                                             sum_zip(&gw, x, |gw, x| gw * ((x - mu) * rs)) * inv_c;
                                         for ((dx, &gw), &x) in dx.iter_mut().zip(&gw).zip(x) {
-                                            *dx =
-                                                rs * (gw - mean_gw - (x - mu) * rs * mean_gw_xhat);
+                                            dx.write(
+                                                rs * (gw - mean_gw - (x - mu) * rs * mean_gw_xhat),
+                                            );
                                         }
                                     }
                                 },
                             )
                         });
+                    // SAFETY: every row of dx was written above.
+                    unsafe { dx.set_len(rows * c) };
                     ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("same size")
                 });
                 let (dw, db) = if needs[1] || needs[2] {

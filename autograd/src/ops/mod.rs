@@ -32,6 +32,8 @@ pub mod unary;
 
 pub use shape::concat;
 
+use std::mem::MaybeUninit;
+
 use ndarray::{ArrayBase, ArrayD, Axis, Data, IxDyn, Zip};
 use rayon::prelude::*;
 
@@ -117,14 +119,43 @@ fn zip_slice<T: Float>(out: &mut [T], src: &[T], f: &(impl Fn(T, T) -> T + Sync)
     }
 }
 
+/// `f(a[i], b[i])` into a new vector, wide-vectorised and in parallel when large. Each output
+/// element is written once: the buffer is not zeroed first.
+fn zip_new<T: Float>(a: &[T], b: &[T], f: &(impl Fn(T, T) -> T + Sync)) -> Vec<T> {
+    debug_assert_eq!(a.len(), b.len());
+    let mut out = Vec::with_capacity(a.len());
+    let run = |out: &mut [MaybeUninit<T>], a: &[T], b: &[T]| {
+        crate::simd::vectorized(
+            #[inline(always)]
+            || {
+                for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                    o.write(f(x, y));
+                }
+            },
+        )
+    };
+    let spare = &mut out.spare_capacity_mut()[..a.len()];
+    if a.len() >= PARALLEL_MIN_LEN {
+        spare
+            .par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK))
+            .zip(b.par_chunks(CHUNK))
+            .for_each(|((o, a), b)| run(o, a, b));
+    } else {
+        run(spare, a, b);
+    }
+    // SAFETY: the loops above wrote every element below a.len().
+    unsafe { out.set_len(a.len()) };
+    out
+}
+
 /// `f` applied to every element, in parallel for large arrays.
 pub(crate) fn map<T: Float, S: Data<Elem = T>>(
     a: &ArrayBase<S, IxDyn>,
     f: impl Fn(T) -> T + Sync + Send,
 ) -> ArrayD<T> {
     if let Some(src) = a.as_slice() {
-        let mut out = vec![T::zero(); src.len()];
-        zip_slice(&mut out, src, &|_, x| f(x));
+        let out = zip_new(src, src, &|x, _| f(x));
         return ArrayD::from_shape_vec(a.raw_dim(), out).expect("same size");
     }
     if a.len() >= PARALLEL_MIN_LEN {
@@ -143,8 +174,7 @@ pub(crate) fn zip_map<T: Float, S1: Data<Elem = T>, S2: Data<Elem = T>>(
 ) -> ArrayD<T> {
     if a.shape() == shape && b.shape() == shape {
         if let (Some(x), Some(y)) = (a.as_slice(), b.as_slice()) {
-            let mut out = x.to_vec();
-            zip_slice(&mut out, y, &f);
+            let out = zip_new(x, y, &f);
             return ArrayD::from_shape_vec(IxDyn(shape), out).expect("same size");
         }
     }
