@@ -230,19 +230,18 @@ def infer(args):
     for blk in merged.h:
         blk.c_attn.merge()
 
-    def median(m):
+    def seconds(m):
         with torch.no_grad():
+            start = time.perf_counter()
             m(ids)
-            times = []
-            for _ in range(max(steps, 3)):
-                start = time.perf_counter()
-                m(ids)
-                times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
+            return time.perf_counter() - start
 
+    # As tapelora's bench: one forward of each model in turn, the quickest of each.
+    for m in (base, unmerged, merged):
+        seconds(m)  # warm-up
     b = u = g = float("inf")
-    for _ in range(3):
-        b, u, g = min(b, median(base)), min(u, median(unmerged)), min(g, median(merged))
+    for _ in range(max(3 * steps, 9)):
+        b, u, g = min(b, seconds(base)), min(u, seconds(unmerged)), min(g, seconds(merged))
     print(f"PyTorch {args.config} forward, batch {batch} × block {block}: base {b * 1e3:.2f} ms, "
           f"unmerged {u * 1e3:.2f} ms ({100 * (u / b - 1):+.1f}%), merged {g * 1e3:.2f} ms "
           f"({100 * (g / b - 1):+.1f}%)")

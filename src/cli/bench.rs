@@ -412,16 +412,26 @@ impl ModelBench {
                     .expect("fits");
             })
         };
-        let reps = steps.max(3);
+        // One forward of each model in turn, many rounds, and the quickest of each: the machine's
+        // noise only ever slows a run down, and taking turns exposes all three to the same drift.
+        let rounds = (3 * steps).max(9);
+        let quickest = |m: &tapelora_gpt::Gpt, best: &mut f64| {
+            let start = Instant::now();
+            forward(m);
+            *best = best.min(start.elapsed().as_secs_f64());
+        };
         let (mut b, mut u, mut g) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
-        for _ in 0..3 {
-            b = b.min(median_seconds(reps, || forward(&model)));
-            u = u.min(median_seconds(reps, || forward(&lm.model)));
-            g = g.min(median_seconds(reps, || forward(&merged)));
+        for m in [&model, &lm.model, &merged] {
+            forward(m); // warm-up
+        }
+        for _ in 0..rounds {
+            quickest(&model, &mut b);
+            quickest(&lm.model, &mut u);
+            quickest(&merged, &mut g);
         }
         if !self.json {
             println!(
-                "{} forward, batch {batch} × block {block} (best of 3 interleaved medians):",
+                "{} forward, batch {batch} × block {block} (quickest of {rounds} interleaved runs each):",
                 self.config
             );
             println!(
