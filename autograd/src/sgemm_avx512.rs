@@ -11,8 +11,8 @@
 //! ```text
 //! jc: NC columns of B/C          pack B[pc.., jc..] into 32-column panels (kc × 32 each)
 //!   pc: KC steps of k
-//!     ic: MC rows of A/C         pack A[ic.., pc..] into 12-row panels (kc × 12 each),
-//!                                unless A is row-major: then only a partial last panel is
+//!     ic: MC rows of A/C         pack A[ic.., pc..] into 12-row panels (kc × 12 each);
+//!                                a row-major A: only a partial last panel is packed
 //!       jr: 32-column panel
 //!         ir: 12-row panel       micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C
 //! ```
@@ -20,9 +20,10 @@
 //! ∂x = G·Wᵀ) is read in place by [`kernel_rows`], as BLIS's "sup" kernels do for small
 //! products: packing it meant a scalar store per value to a stride-12 slot, a quarter of a
 //! small product's time. A column-major B (Wᵀ in ∂x = G·Wᵀ) is packed through 16×16
-//! in-register transposes. Panels are zero-padded at the edges; an edge tile is computed whole into a local buffer and
-//! only its valid part is written to C. β is applied on the first k block only (later blocks
-//! accumulate), and when β = 0 C is never read, so C may be uninitialised memory.
+//! in-register transposes. Panels are zero-padded at the edges; an edge tile is computed
+//! whole into a local buffer and only its valid part is written to C. β is applied on the
+//! first k block only (later blocks accumulate), and when β = 0 C is never read, so C may be
+//! uninitialised memory.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
