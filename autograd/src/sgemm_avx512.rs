@@ -17,7 +17,7 @@
 //!         ir: 12-row panel       micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C
 //! ```
 //! A row-major A (activations, incoming gradients: the A of every forward product and every
-//! ∂x = G·Wᵀ) is read in place by [`kernel_rows`], as BLIS's "sup" kernels do for small
+//! ∂x = G·Wᵀ) is read in place by `kernel_rows`, as BLIS's "sup" kernels do for small
 //! products: packing it meant a scalar store per value to a stride-12 slot, a quarter of a
 //! small product's time. A column-major B (Wᵀ in ∂x = G·Wᵀ) is packed through 16×16
 //! in-register transposes. Panels are zero-padded at the edges; an edge tile is computed
