@@ -540,8 +540,9 @@ impl<'t, T: Float> Var<'t, T> {
     /// The value as an owned array, leaving an empty one behind: no copy when this Var held
     /// the only reference (an op consuming its input can then write in place).
     pub(crate) fn take_value(&mut self) -> ArrayD<T> {
-        if self.id.is_none() {
+        if self.id.is_none() && self.tape.is_grad_enabled() {
             // Not on the tape yet: recording it as a constant needs its shape, so keep it.
+            // (Under `no_grad` nothing is recorded, so inference takes the value too.)
             return self.value.to_owned();
         }
         std::mem::replace(&mut self.value, ArrayD::zeros(IxDyn(&[0])).into_shared()).into_owned()

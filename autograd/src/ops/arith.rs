@@ -218,6 +218,19 @@ mod tests {
             assert!((v - want).abs() < 1e-12);
         }
         assert!(base.clone().add_scaled_columns(&[(&dq, 7, 1.0)]).is_err());
+        // Under no_grad the base's buffer is taken instead of copied when nothing else holds
+        // it; a clone that does hold it keeps its value.
+        tape.no_grad(|| {
+            let product = base.mul(&base).unwrap();
+            let kept = product.clone();
+            let sum = product.add_scaled_columns(&[(&dq, 0, 1.0)]).unwrap();
+            let want = &kept.value().slice(ndarray::s![.., .., 0..3]).into_dyn() + dq.value();
+            assert_eq!(
+                sum.value().slice(ndarray::s![.., .., 0..3]).into_dyn(),
+                want
+            );
+            assert_eq!(kept.value().to_owned(), base.value() * base.value());
+        });
         assert_gradcheck(
             |x| {
                 x[0].clone()
