@@ -8,6 +8,7 @@ use super::{broadcast_shape, map, reduce_to_shape, zip_inplace, zip_map};
 use crate::error::Result;
 use crate::tape::{OpRecord, Var};
 use crate::Float;
+use rayon::prelude::*;
 
 impl<'t, T: Float> Var<'t, T> {
     /// `self + other`, broadcasting. ∂/∂a = g, ∂/∂b = g (each reduced to its input's shape).
@@ -142,15 +143,39 @@ impl<'t, T: Float> Var<'t, T> {
         }
         let mut out = self.take_value();
         {
-            let mut out2 = out
-                .view_mut()
-                .into_shape_with_order((rows, width))
+            let deltas: Vec<_> = parts
+                .iter()
+                .map(|(delta, _, _)| crate::ops::standard_layout(delta.value().clone()))
+                .collect();
+            let deltas: Vec<&[T]> = deltas
+                .iter()
+                .map(|d| d.as_slice().expect("standard layout"))
+                .collect();
+            let out_rows = out
+                .as_slice_mut()
                 .expect("owned arrays are standard layout");
-            for ((delta, _, _), &(start, w, scale)) in parts.iter().zip(&spans) {
-                let d = delta.value().to_shape((rows, w)).expect("same size");
-                out2.slice_mut(ndarray::s![.., start..start + w])
-                    .scaled_add(scale, &d);
-            }
+            // Row by row, each delta row added into its column span: contiguous slices, wide
+            // and in parallel over blocks of rows.
+            let rows_per_block = (crate::ops::PARALLEL_MIN_LEN / width.max(1)).max(1);
+            out_rows
+                .par_chunks_mut(rows_per_block * width)
+                .enumerate()
+                .for_each(|(block, out)| {
+                    crate::simd::vectorized(
+                        #[inline(always)]
+                        || {
+                            for (i, row) in out.chunks_exact_mut(width).enumerate() {
+                                let r = block * rows_per_block + i;
+                                for (d, &(start, w, scale)) in deltas.iter().zip(&spans) {
+                                    let d = &d[r * w..(r + 1) * w];
+                                    for (o, &d) in row[start..start + w].iter_mut().zip(d) {
+                                        *o += scale * d;
+                                    }
+                                }
+                            }
+                        },
+                    )
+                });
         }
         let mut inputs = vec![&self];
         inputs.extend(parts.iter().map(|p| p.0));
@@ -218,6 +243,16 @@ mod tests {
             assert!((v - want).abs() < 1e-12);
         }
         assert!(base.clone().add_scaled_columns(&[(&dq, 7, 1.0)]).is_err());
+        // Enough rows for several parallel blocks.
+        let (big, big_dv) = (rand_array(&[4000, 9], 7), rand_array(&[4000, 3], 8));
+        let y = tape
+            .constant(big.clone())
+            .add_scaled_columns(&[(&tape.constant(big_dv.clone()), 6, 2.0)])
+            .unwrap();
+        let mut want = big;
+        want.slice_mut(ndarray::s![.., 6..9])
+            .scaled_add(2.0, &big_dv);
+        assert_eq!(y.value().to_owned(), want);
         // Under no_grad the base's buffer is taken instead of copied when nothing else holds
         // it; a clone that does hold it keeps its value.
         tape.no_grad(|| {
