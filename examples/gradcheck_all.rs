@@ -54,9 +54,13 @@ fn cases() -> Vec<Case> {
             |x| x[0].linear(&x[1].transpose(0, 1)?, Some(&x[2])),
         ),
         case(
-            "add_scaled_columns",
-            vec![rand(&[2, 3, 6], 104), rand(&[2, 3, 2], 105)],
-            |x| x[0].clone().add_scaled_columns(&[(&x[1], 4, 0.5)]),
+            "add_low_rank_columns",
+            vec![
+                rand(&[2, 3, 6], 104),
+                rand(&[2, 3, 2], 105),
+                rand(&[2, 2], 106),
+            ],
+            |x| x[0].clone().add_low_rank_columns(&[(&x[1], &x[2], 4, 0.5)]),
         ),
         case("add", vec![rand(&[2, 3, 4], 5), rand(&[3, 1], 6)], |x| {
             x[0].add(&x[1])

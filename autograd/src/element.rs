@@ -113,13 +113,27 @@ impl Float for f32 {
         rsc: isize,
         csc: isize,
     ) {
-        // The 12×32 kernel pads a product narrower than 32 columns (LoRA's rank-r side) to a
-        // full panel; matrixmultiply's 16×16 tiles waste less there.
-        if m.min(n) >= 32 && crate::sgemm_avx512::available() {
-            crate::sgemm_avx512::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
-        } else {
-            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+        use crate::sgemm_avx512::{self as fast, THIN_MAX};
+        if fast::available() {
+            if m.min(n) >= 32 {
+                return fast::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc);
+            }
+            // LoRA's rank-r side: at most 16 columns (or rows: Cᵀ = Bᵀ·Aᵀ, so the thin side
+            // becomes the columns by swapping the operands and every pair of strides).
+            if n <= THIN_MAX && n <= m {
+                return fast::sgemm_thin(
+                    m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
+                );
+            }
+            if m <= THIN_MAX {
+                return fast::sgemm_thin(
+                    n, k, m, alpha, b, csb, rsb, a, csa, rsa, beta, c, csc, rsc,
+                );
+            }
         }
+        // Products 17–31 wide: the 12×32 kernel would pad them to a full panel, and
+        // matrixmultiply's 16×16 tiles waste less.
+        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
     }
 }
 

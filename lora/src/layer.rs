@@ -103,23 +103,26 @@ impl LinearAdapter for LoraLinear {
         base: Var<'t, f32>,
     ) -> tapelora_nn::Result<Var<'t, f32>> {
         // Each part's s·(x·Aᵀ)·Bᵀ goes straight into its columns of the base output (q and v
-        // of c_attn): no zero-padded full-width delta, no separate scale or add pass.
-        let mut deltas: Vec<(Var<'t, f32>, usize, f64)> = Vec::new();
+        // of c_attn): x·Aᵀ is a matmul on the tape, and its product with Bᵀ is accumulated by
+        // one GEMM into a strided view of those columns — no full-width or even [.., w] delta.
+        let mut products: Vec<(Var<'t, f32>, Var<'t, f32>, usize, f64)> = Vec::new();
         for (adapter, weight) in self.acting() {
             let x = ctx.dropout(x, adapter.dropout)?;
             for part in &adapter.parts {
                 let a = part.a.on(ctx.tape).transpose(0, 1)?;
                 let b = part.b.on(ctx.tape).transpose(0, 1)?;
-                let delta = x.matmul(&a)?.matmul(&b)?;
-                deltas.push((delta, part.slice.start, part.scaling() * weight));
+                let xa = x.matmul(&a)?;
+                products.push((xa, b, part.slice.start, part.scaling() * weight));
             }
         }
-        if deltas.is_empty() {
+        if products.is_empty() {
             return Ok(base);
         }
-        let parts: Vec<(&Var<'t, f32>, usize, f64)> =
-            deltas.iter().map(|(d, start, s)| (d, *start, *s)).collect();
-        Ok(base.add_scaled_columns(&parts)?)
+        let parts: Vec<_> = products
+            .iter()
+            .map(|(xa, b, start, s)| (xa, b, *start, *s))
+            .collect();
+        Ok(base.add_low_rank_columns(&parts)?)
     }
 
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {

@@ -8,7 +8,6 @@ use super::{broadcast_shape, map, reduce_to_shape, zip_inplace, zip_map};
 use crate::error::Result;
 use crate::tape::{OpRecord, Var};
 use crate::Float;
-use rayon::prelude::*;
 
 impl<'t, T: Float> Var<'t, T> {
     /// `self + other`, broadcasting. ∂/∂a = g, ∂/∂b = g (each reduced to its input's shape).
@@ -115,169 +114,11 @@ impl<'t, T: Float> Var<'t, T> {
     }
 }
 
-impl<'t, T: Float> Var<'t, T> {
-    /// `self` with `scale_i · delta_i` added into last-axis columns `start_i .. start_i + w_i`
-    /// (each `delta_i` is `self`'s shape with `w_i` last): LoRA's update of some slices of a
-    /// fused projection (q and v of c_attn) without building a zero-padded full-width delta.
-    /// ∂self = G; ∂delta_i = scale_i · G[..., start_i .. start_i + w_i]. Takes `self` by value
-    /// so that, when nothing else holds its buffer, the sum is written in place.
-    pub fn add_scaled_columns(mut self, parts: &[(&Var<'t, T>, usize, f64)]) -> Result<Var<'t, T>> {
-        let shape = self.shape().to_vec();
-        let Some((&width, lead)) = shape.split_last() else {
-            return crate::error::arg_err("add_scaled_columns", "needs at least one axis");
-        };
-        let rows = lead.iter().product::<usize>();
-        let mut spans = Vec::with_capacity(parts.len());
-        for (delta, start, scale) in parts {
-            let ds = delta.shape();
-            let w = ds.last().copied().unwrap_or(0);
-            if ds.len() != shape.len() || &ds[..ds.len() - 1] != lead || start + w > width {
-                return crate::error::shape_err(
-                    "add_scaled_columns",
-                    &shape,
-                    ds,
-                    format!("a delta must match on the leading dims and fit in columns {start}..{width}"),
-                );
-            }
-            spans.push((*start, w, T::from_f64(*scale)));
-        }
-        let mut out = self.take_value();
-        {
-            let deltas: Vec<_> = parts
-                .iter()
-                .map(|(delta, _, _)| crate::ops::standard_layout(delta.value().clone()))
-                .collect();
-            let deltas: Vec<&[T]> = deltas
-                .iter()
-                .map(|d| d.as_slice().expect("standard layout"))
-                .collect();
-            let out_rows = out
-                .as_slice_mut()
-                .expect("owned arrays are standard layout");
-            // Row by row, each delta row added into its column span: contiguous slices, wide
-            // and in parallel over blocks of rows.
-            let rows_per_block = (crate::ops::PARALLEL_MIN_LEN / width.max(1)).max(1);
-            out_rows
-                .par_chunks_mut(rows_per_block * width)
-                .enumerate()
-                .for_each(|(block, out)| {
-                    crate::simd::vectorized(
-                        #[inline(always)]
-                        || {
-                            for (i, row) in out.chunks_exact_mut(width).enumerate() {
-                                let r = block * rows_per_block + i;
-                                for (d, &(start, w, scale)) in deltas.iter().zip(&spans) {
-                                    let d = &d[r * w..(r + 1) * w];
-                                    for (o, &d) in row[start..start + w].iter_mut().zip(d) {
-                                        *o += scale * d;
-                                    }
-                                }
-                            }
-                        },
-                    )
-                });
-        }
-        let mut inputs = vec![&self];
-        inputs.extend(parts.iter().map(|p| p.0));
-        OpRecord::new("add_scaled_columns", &inputs)
-            .attrs(
-                spans
-                    .iter()
-                    .map(|(s, w, _)| format!("{s}..{}", s + w))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-            .finish(out, move |g, needs| {
-                let g2 = g
-                    .to_shape((rows, width))
-                    .expect("gradient has the output's size");
-                let mut grads: Vec<Option<ndarray::ArrayD<T>>> = vec![None];
-                for (i, &(start, w, scale)) in spans.iter().enumerate() {
-                    grads.push(needs[i + 1].then(|| {
-                        let mut lead_w = shape[..shape.len() - 1].to_vec();
-                        lead_w.push(w);
-                        g2.slice(ndarray::s![.., start..start + w])
-                            .mapv(|v| v * scale)
-                            .into_shape_with_order(ndarray::IxDyn(&lead_w))
-                            .expect("same size")
-                    }));
-                }
-                drop(g2);
-                if needs[0] {
-                    grads[0] = Some(g);
-                }
-                grads
-            })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use crate::ops::test_util::{assert_gradcheck, rand_array};
     use crate::{AutogradError, Tape};
     use ndarray::{arr1, arr2};
-
-    #[test]
-    fn add_scaled_columns_equals_the_zero_padded_sum_and_passes_gradcheck() {
-        let tape = Tape::<f64>::new();
-        let base = tape.constant(rand_array(&[2, 3, 9], 1));
-        let dq = tape.constant(rand_array(&[2, 3, 3], 2));
-        let dv = tape.constant(rand_array(&[2, 3, 3], 3));
-        let y = base
-            .clone()
-            .add_scaled_columns(&[(&dq, 0, 0.5), (&dv, 6, 2.0)])
-            .unwrap();
-        for ((i, j, c), &v) in y
-            .value()
-            .view()
-            .into_dimensionality::<ndarray::Ix3>()
-            .unwrap()
-            .indexed_iter()
-        {
-            let mut want = base.value()[[i, j, c]];
-            if c < 3 {
-                want += 0.5 * dq.value()[[i, j, c]];
-            } else if c >= 6 {
-                want += 2.0 * dv.value()[[i, j, c - 6]];
-            }
-            assert!((v - want).abs() < 1e-12);
-        }
-        assert!(base.clone().add_scaled_columns(&[(&dq, 7, 1.0)]).is_err());
-        // Enough rows for several parallel blocks.
-        let (big, big_dv) = (rand_array(&[4000, 9], 7), rand_array(&[4000, 3], 8));
-        let y = tape
-            .constant(big.clone())
-            .add_scaled_columns(&[(&tape.constant(big_dv.clone()), 6, 2.0)])
-            .unwrap();
-        let mut want = big;
-        want.slice_mut(ndarray::s![.., 6..9])
-            .scaled_add(2.0, &big_dv);
-        assert_eq!(y.value().to_owned(), want);
-        // Under no_grad the base's buffer is taken instead of copied when nothing else holds
-        // it; a clone that does hold it keeps its value.
-        tape.no_grad(|| {
-            let product = base.mul(&base).unwrap();
-            let kept = product.clone();
-            let sum = product.add_scaled_columns(&[(&dq, 0, 1.0)]).unwrap();
-            let want = &kept.value().slice(ndarray::s![.., .., 0..3]).into_dyn() + dq.value();
-            assert_eq!(
-                sum.value().slice(ndarray::s![.., .., 0..3]).into_dyn(),
-                want
-            );
-            assert_eq!(kept.value().to_owned(), base.value() * base.value());
-        });
-        assert_gradcheck(
-            |x| {
-                x[0].clone()
-                    .add_scaled_columns(&[(&x[1], 0, 0.5), (&x[2], 6, -1.5)])
-            },
-            &[
-                rand_array(&[2, 3, 9], 4),
-                rand_array(&[2, 3, 3], 5),
-                rand_array(&[2, 3, 3], 6),
-            ],
-        );
-    }
 
     #[test]
     fn add_broadcasts_and_reduces_gradients_back() {
