@@ -481,14 +481,21 @@ pub unsafe fn sgemm_thin(
     BUFFERS.with(|buffers| {
         let (a_buf, b_buf) = &mut *buffers.borrow_mut();
         let b_lines = lines(b_buf, k * THIN_MAX);
-        for p in 0..k {
-            let line = b_lines.add(p * THIN_MAX);
-            for j in 0..THIN_MAX {
-                *line.add(j) = if j < n {
-                    *b.offset(p as isize * rsb + j as isize * csb)
-                } else {
-                    0.0
-                };
+        std::ptr::write_bytes(b_lines, 0, k * THIN_MAX);
+        if csb == 1 {
+            for p in 0..k {
+                std::ptr::copy_nonoverlapping(
+                    b.offset(p as isize * rsb),
+                    b_lines.add(p * THIN_MAX),
+                    n,
+                );
+            }
+        } else {
+            // Column by column: contiguous reads when B is column-major (a transposed view).
+            for j in 0..n {
+                for p in 0..k {
+                    *b_lines.add(p * THIN_MAX + j) = *b.offset(p as isize * rsb + j as isize * csb);
+                }
             }
         }
         if rsa == 1 && csa != 1 {
