@@ -1,8 +1,9 @@
 //! Strided matrix multiplication, the one kernel every matmul (forward and backward) goes through.
 //!
-//! Both kernels — our AVX-512 one ([`crate::sgemm_avx512`]) for f32 products at least 32 wide
-//! on CPUs that have it, matrixmultiply otherwise — read any row/column strides, so a
-//! transposed operand is just a view with swapped strides: no copy is ever made to transpose.
+//! Every kernel — our AVX-512 ones ([`crate::sgemm_avx512`]) for f32 products at least 32
+//! wide or at most 16 wide (LoRA's rank side) on CPUs that have it, matrixmultiply otherwise —
+//! reads any row/column strides, so a transposed operand is just a view with swapped strides:
+//! no copy is ever made to transpose.
 //! Outputs may be uninitialised memory ([`gemm_write`], [`gemm_new`]): with β = 0 nothing reads
 //! them before they are written. Large products are split into row (or
 //! column) blocks that run on rayon's pool — the only thread pool in the process — each block a

@@ -24,6 +24,10 @@
 //! whole into a local buffer and only its valid part is written to C. β is applied on the
 //! first k block only (later blocks accumulate), and when β = 0 C is never read, so C may be
 //! uninitialised memory.
+//!
+//! [`sgemm_thin`] is the second kernel, for products at most 16 columns wide (LoRA's rank
+//! side, where the 12×32 tile would leave most lanes idle): B packed into 16-float lines,
+//! A read in place.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
