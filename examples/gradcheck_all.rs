@@ -60,7 +60,7 @@ fn cases() -> Vec<Case> {
                 rand(&[2, 3, 2], 105),
                 rand(&[2, 2], 106),
             ],
-            |x| x[0].clone().add_low_rank_columns(&[(&x[1], &x[2], 4, 0.5)]),
+            |x| x[0].clone().add_low_rank_columns(&x[1], &[(&x[2], 4, 0.5)]),
         ),
         case("add", vec![rand(&[2, 3, 4], 5), rand(&[3, 1], 6)], |x| {
             x[0].add(&x[1])

@@ -102,27 +102,33 @@ impl LinearAdapter for LoraLinear {
         x: &Var<'t, f32>,
         base: Var<'t, f32>,
     ) -> tapelora_nn::Result<Var<'t, f32>> {
-        // Each part's s·(x·Aᵀ)·Bᵀ goes straight into its columns of the base output (q and v
-        // of c_attn): x·Aᵀ is a matmul on the tape, and its product with Bᵀ is accumulated by
-        // one GEMM into a strided view of those columns — no full-width or even [.., w] delta.
-        let mut products: Vec<(Var<'t, f32>, Var<'t, f32>, usize, f64)> = Vec::new();
+        // Per adapter: u = x·[A₁; A₂; …]ᵀ, one thin matmul (one pass over x) for all its parts
+        // (q and v of c_attn), then each part's s·u[.., block]·Bᵀ accumulated by one GEMM
+        // straight into its columns of the base output — no delta tensor at all.
+        let mut out = base;
         for (adapter, weight) in self.acting() {
             let x = ctx.dropout(x, adapter.dropout)?;
-            for part in &adapter.parts {
-                let a = part.a.on(ctx.tape).transpose(0, 1)?;
-                let b = part.b.on(ctx.tape).transpose(0, 1)?;
-                let xa = x.matmul(&a)?;
-                products.push((xa, b, part.slice.start, part.scaling() * weight));
-            }
+            let a_parts: Vec<Var<'t, f32>> =
+                adapter.parts.iter().map(|p| p.a.on(ctx.tape)).collect();
+            let a_all = match a_parts.as_slice() {
+                [a] => a.clone(),
+                parts => tapelora_autograd::concat(&parts.iter().collect::<Vec<_>>(), 0)?,
+            };
+            let u = x.matmul(&a_all.transpose(0, 1)?)?;
+            let b_parts: Vec<Var<'t, f32>> = adapter
+                .parts
+                .iter()
+                .map(|p| p.b.on(ctx.tape).transpose(0, 1))
+                .collect::<Result<_, _>>()?;
+            let parts: Vec<_> = adapter
+                .parts
+                .iter()
+                .zip(&b_parts)
+                .map(|(p, bt)| (bt, p.slice.start, p.scaling() * weight))
+                .collect();
+            out = out.add_low_rank_columns(&u, &parts)?;
         }
-        if products.is_empty() {
-            return Ok(base);
-        }
-        let parts: Vec<_> = products
-            .iter()
-            .map(|(xa, b, start, s)| (xa, b, *start, *s))
-            .collect();
-        Ok(base.add_low_rank_columns(&parts)?)
+        Ok(out)
     }
 
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {

@@ -229,101 +229,125 @@ impl<'t, T: Float> Var<'t, T> {
 }
 
 impl<'t, T: Float> Var<'t, T> {
-    /// `self` with `scale·(u·v)` added into the last-axis columns `start .. start + w` for each
-    /// part `(u, v, start, scale)`, `u` being `[..., r]` (`self`'s leading dims) and `v` `[r, w]`:
-    /// LoRA's `s·(x·Aᵀ)·Bᵀ` added straight into the q and v columns of c_attn's output.
+    /// `self` plus, for each part `(v, start, scale)`, `scale · u[..., cols] · v` added into the
+    /// last-axis columns `start .. start + w` (`v` is `[r, w]`; `cols` is the part's block of
+    /// `u`'s columns: the parts take `u`'s `[..., r₁ + r₂ + …]` columns in order). This is LoRA's
+    /// `s·(x·Aᵀ)·Bᵀ` for every part of an adapter at once: `u = x·[A_q; A_v]ᵀ` is one thin
+    /// product (one pass over x), and each part's product with Bᵀ lands straight in its q or v
+    /// columns of c_attn's output.
     ///
     /// Each part is one GEMM accumulating (β = 1, α = scale) into a strided view of the output's
-    /// columns, so the `[..., w]` delta is never built and no separate add pass reads it.
-    /// Backward reads the gradient's columns in place the same way:
-    /// ∂self = G, ∂u = scale·G[..., span]·vᵀ, ∂v = scale·uᵀ·G[..., span] (each only if needed).
-    /// Takes `self` by value so that, when nothing else holds its buffer (always under
-    /// `no_grad`), the sum is written in place.
+    /// columns, so no `[..., w]` delta is ever built and no separate add pass reads it.
+    /// Backward reads the gradient's columns in place the same way: ∂self = G,
+    /// ∂u[..., cols] = scale·G[..., span]·vᵀ, ∂v = scale·u[..., cols]ᵀ·G[..., span] (each only
+    /// if needed). Takes `self` by value so that, when nothing else holds its buffer (always
+    /// under `no_grad`), the sum is written in place.
     pub fn add_low_rank_columns(
         mut self,
-        parts: &[(&Var<'t, T>, &Var<'t, T>, usize, f64)],
+        u: &Var<'t, T>,
+        parts: &[(&Var<'t, T>, usize, f64)],
     ) -> Result<Var<'t, T>> {
         let shape = self.shape().to_vec();
         let Some((&width, lead)) = shape.split_last() else {
             return crate::error::arg_err("add_low_rank_columns", "needs at least one axis");
         };
         let rows = lead.iter().product::<usize>();
+        let us = u.shape().to_vec();
+        let lead_text = lead
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if us.len() != shape.len() || &us[..us.len() - 1] != lead {
+            return shape_err(
+                "add_low_rank_columns",
+                &shape,
+                &us,
+                format!("u must be [{lead_text}, r₁ + r₂ + …]"),
+            );
+        }
+        let u_width = us[us.len() - 1];
+        // (output start, u's first column, rank, output width, scale) per part.
         let mut spans = Vec::with_capacity(parts.len());
-        for (u, v, start, scale) in parts {
-            let (us, vs) = (u.shape(), v.shape());
-            let fits = us.len() == shape.len()
-                && &us[..us.len() - 1] == lead
-                && vs.len() == 2
-                && vs[0] == us[us.len() - 1]
-                && start + vs[1] <= width;
-            if !fits {
+        let mut u_from = 0;
+        for (v, start, scale) in parts {
+            let vs = v.shape();
+            if vs.len() != 2 || u_from + vs[0] > u_width || start + vs[1] > width {
                 return shape_err(
                     "add_low_rank_columns",
-                    us,
+                    &us,
                     vs,
                     format!(
-                        "need u [{}, r] and v [r, w] with {start} + w ≤ {width}",
-                        lead.iter()
-                            .map(|d| d.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        "need v [r, w] with r among u's columns {u_from}..{u_width} and {start} + w ≤ {width}"
                     ),
                 );
             }
-            spans.push((*start, us[us.len() - 1], vs[1], T::from_f64(*scale)));
+            spans.push((*start, u_from, vs[0], vs[1], T::from_f64(*scale)));
+            u_from += vs[0];
+        }
+        if u_from != u_width {
+            return shape_err(
+                "add_low_rank_columns",
+                &us,
+                &[u_from],
+                "the parts' ranks must add up to u's last dim",
+            );
         }
         let mut out = self.take_value();
-        let us: Vec<Tensor<T>> = parts.iter().map(|p| p.0.value().clone()).collect();
-        let vs: Vec<Tensor<T>> = parts.iter().map(|p| p.1.value().clone()).collect();
+        let u_value = u.value().clone();
+        let vs: Vec<Tensor<T>> = parts.iter().map(|p| p.0.value().clone()).collect();
         {
             let mut out2 = out
                 .view_mut()
                 .into_shape_with_order((rows, width))
                 .expect("owned arrays are standard layout");
-            for ((u, v), &(start, r, w, scale)) in us.iter().zip(&vs).zip(&spans) {
+            let u2 = as_matrix(&u_value, rows, u_width);
+            for (v, &(start, from, r, w, scale)) in vs.iter().zip(&spans) {
                 gemm(
                     scale,
-                    as_matrix(u, rows, r).view(),
+                    u2.slice(ndarray::s![.., from..from + r]),
                     as_matrix(v, r, w).view(),
                     T::one(),
                     out2.slice_mut(ndarray::s![.., start..start + w]),
                 );
             }
         }
-        let mut inputs = vec![&self];
-        for (u, v, _, _) in parts {
-            inputs.push(u);
-            inputs.push(v);
-        }
+        let mut inputs = vec![&self, u];
+        inputs.extend(parts.iter().map(|p| p.0));
         OpRecord::new("add_low_rank_columns", &inputs)
             .attrs(
                 spans
                     .iter()
-                    .map(|(s, r, w, _)| format!("{s}..{} (rank {r})", s + w))
+                    .map(|(s, _, r, w, _)| format!("{s}..{} (rank {r})", s + w))
                     .collect::<Vec<_>>()
                     .join(", "),
             )
             .finish(out, move |g, needs| {
-                let mut grads: Vec<Option<ArrayD<T>>> = vec![None];
+                let mut grads: Vec<Option<ArrayD<T>>> = vec![None, None];
                 {
                     let g2 = g
                         .to_shape((rows, width))
                         .expect("gradient has the output's size");
-                    for (i, ((u, v), &(start, r, w, scale))) in
-                        us.iter().zip(&vs).zip(&spans).enumerate()
-                    {
+                    let u2 = as_matrix(&u_value, rows, u_width);
+                    let mut gu = needs[1].then(|| Array2::<T>::uninit((rows, u_width)));
+                    for (i, (v, &(start, from, r, w, scale))) in vs.iter().zip(&spans).enumerate() {
                         let g_span = g2.slice(ndarray::s![.., start..start + w]);
-                        let gu = needs[1 + 2 * i].then(|| {
-                            let gu = gemm_new(scale, g_span, as_matrix(v, r, w).t());
-                            let mut u_shape = lead_of(&shape);
-                            u_shape.push(r);
-                            to_shape(gu, &u_shape)
-                        });
-                        let gv = needs[2 + 2 * i]
-                            .then(|| gemm_new(scale, as_matrix(u, rows, r).t(), g_span).into_dyn());
-                        grads.push(gu);
-                        grads.push(gv);
+                        if let Some(gu) = gu.as_mut() {
+                            gemm_write(
+                                scale,
+                                g_span,
+                                as_matrix(v, r, w).t(),
+                                gu.slice_mut(ndarray::s![.., from..from + r]),
+                            );
+                        }
+                        grads.push(needs[2 + i].then(|| {
+                            gemm_new(scale, u2.slice(ndarray::s![.., from..from + r]).t(), g_span)
+                                .into_dyn()
+                        }));
                     }
+                    // SAFETY: the parts' column blocks cover all of u's columns (checked above),
+                    // and each GEMM wrote its block.
+                    grads[1] = gu.map(|gu| to_shape(unsafe { gu.assume_init() }, &us));
                 }
                 if needs[0] {
                     grads[0] = Some(g);
@@ -331,10 +355,6 @@ impl<'t, T: Float> Var<'t, T> {
                 grads
             })
     }
-}
-
-fn lead_of(shape: &[usize]) -> Vec<usize> {
-    shape[..shape.len() - 1].to_vec()
 }
 
 #[cfg(test)]
@@ -368,25 +388,26 @@ mod tests {
     fn add_low_rank_columns_equals_the_padded_sum_of_products_and_passes_gradcheck() {
         let tape = Tape::<f64>::new();
         let base = tape.constant(rand_array(&[2, 3, 9], 1));
-        let (uq, vq) = (rand_array(&[2, 3, 2], 2), rand_array(&[2, 3], 3));
-        let (uv, vv) = (rand_array(&[2, 3, 2], 4), rand_array(&[2, 3], 5));
-        let (cuq, cvq, cuv, cvv) = (
-            tape.constant(uq.clone()),
+        // u holds both parts' columns: rank 2 for q (into columns 0..3), rank 1 for v (6..9).
+        let u = rand_array(&[2, 3, 3], 2);
+        let (vq, vv) = (rand_array(&[2, 3], 3), rand_array(&[1, 3], 5));
+        let (cu, cvq, cvv) = (
+            tape.constant(u.clone()),
             tape.constant(vq.clone()),
-            tape.constant(uv.clone()),
             tape.constant(vv.clone()),
         );
         let y = base
             .clone()
-            .add_low_rank_columns(&[(&cuq, &cvq, 0, 0.5), (&cuv, &cvv, 6, 2.0)])
+            .add_low_rank_columns(&cu, &[(&cvq, 0, 0.5), (&cvv, 6, 2.0)])
             .unwrap();
-        let (uq2, uv2) = (
-            uq.into_shape_with_order((6, 2)).unwrap(),
-            uv.into_shape_with_order((6, 2)).unwrap(),
-        );
+        let u2 = u.into_shape_with_order((6, 3)).unwrap();
         let (vq2, vv2) = (
             vq.into_dimensionality::<ndarray::Ix2>().unwrap(),
             vv.into_dimensionality::<ndarray::Ix2>().unwrap(),
+        );
+        let (uq2, uv2) = (
+            u2.slice(ndarray::s![.., 0..2]).to_owned(),
+            u2.slice(ndarray::s![.., 2..3]).to_owned(),
         );
         let mut want = base
             .value()
@@ -402,18 +423,18 @@ mod tests {
             .mapv(f64::abs)
             .fold(0.0, |m: f64, &v| m.max(v));
         assert!(diff < 1e-12, "{diff}");
-        // Wrong leading dims, a v whose rows are not u's rank, columns past the end.
+        // Wrong leading dims of u, ranks not adding up to u's columns, columns past the end.
         assert!(base
             .clone()
-            .add_low_rank_columns(&[(&cvq, &cvq, 0, 1.0)])
+            .add_low_rank_columns(&cvq, &[(&cvq, 0, 1.0)])
             .is_err());
         assert!(base
             .clone()
-            .add_low_rank_columns(&[(&cuq, &cuq, 0, 1.0)])
+            .add_low_rank_columns(&cu, &[(&cvq, 0, 1.0)])
             .is_err());
         assert!(base
             .clone()
-            .add_low_rank_columns(&[(&cuq, &cvq, 7, 1.0)])
+            .add_low_rank_columns(&cu, &[(&cvq, 0, 1.0), (&cvv, 7, 1.0)])
             .is_err());
         // Under no_grad the base's buffer is taken instead of copied when nothing else holds
         // it; a clone that does hold it keeps its value.
@@ -421,46 +442,52 @@ mod tests {
             let product = base.mul(&base).unwrap();
             let kept = product.clone();
             let sum = product
-                .add_low_rank_columns(&[(&cuq, &cvq, 0, 1.0)])
+                .add_low_rank_columns(&cu, &[(&cvq, 0, 1.0), (&cvv, 6, 1.0)])
                 .unwrap();
             assert_eq!(kept.value().to_owned(), base.value() * base.value());
             let sum = sum.value().to_shape((6, 9)).unwrap().to_owned();
             let mut want = kept.value().to_shape((6, 9)).unwrap().to_owned();
             want.slice_mut(ndarray::s![.., 0..3])
                 .scaled_add(1.0, &uq2.dot(&vq2));
+            want.slice_mut(ndarray::s![.., 6..9])
+                .scaled_add(1.0, &uv2.dot(&vv2));
             let diff = (&sum - &want)
                 .mapv(f64::abs)
                 .fold(0.0, |m: f64, &v| m.max(v));
             assert!(diff < 1e-12, "{diff}");
         });
-        // v as a transposed view (LoRA passes Bᵀ), and large enough for the parallel GEMM.
+        // v as a transposed view (LoRA passes Bᵀ); one part and two.
         assert_gradcheck(
             |x| {
-                let vt = x[4].transpose(0, 1)?;
+                let vt = x[3].transpose(0, 1)?;
                 x[0].clone()
-                    .add_low_rank_columns(&[(&x[1], &x[2], 0, 0.5), (&x[3], &vt, 6, -1.5)])
+                    .add_low_rank_columns(&x[1], &[(&x[2], 0, 0.5), (&vt, 6, -1.5)])
             },
             &[
                 rand_array(&[2, 3, 9], 6),
-                rand_array(&[2, 3, 2], 7),
+                rand_array(&[2, 3, 4], 7),
                 rand_array(&[2, 3], 8),
-                rand_array(&[2, 3, 2], 9),
                 rand_array(&[3, 2], 10),
             ],
         );
+        assert_gradcheck(
+            |x| x[0].clone().add_low_rank_columns(&x[1], &[(&x[2], 4, 0.5)]),
+            &[
+                rand_array(&[3, 7], 11),
+                rand_array(&[3, 2], 12),
+                rand_array(&[2, 3], 13),
+            ],
+        );
+        // f32, large enough for the parallel and AVX-512 kernels.
         let tape = Tape::<f32>::new();
         let (m, width, r) = (300, 200, 8);
         let base = rand_array(&[m, width], 11).mapv(|v| v as f32);
-        let u = rand_array(&[m, r], 12).mapv(|v| v as f32);
+        let u = rand_array(&[m, 2 * r], 12).mapv(|v| v as f32);
         let v = rand_array(&[r, 64], 13).mapv(|v| v as f32);
+        let cv = tape.constant(v.clone());
         let y = tape
             .constant(base.clone())
-            .add_low_rank_columns(&[(
-                &tape.constant(u.clone()),
-                &tape.constant(v.clone()),
-                100,
-                2.0,
-            )])
+            .add_low_rank_columns(&tape.constant(u.clone()), &[(&cv, 100, 2.0), (&cv, 0, 1.0)])
             .unwrap();
         let (u2, v2) = (
             u.into_dimensionality::<ndarray::Ix2>().unwrap(),
@@ -468,7 +495,9 @@ mod tests {
         );
         let mut want = base.into_dimensionality::<ndarray::Ix2>().unwrap();
         want.slice_mut(ndarray::s![.., 100..164])
-            .scaled_add(2.0, &u2.dot(&v2));
+            .scaled_add(2.0, &u2.slice(ndarray::s![.., 0..r]).dot(&v2));
+        want.slice_mut(ndarray::s![.., 0..64])
+            .scaled_add(1.0, &u2.slice(ndarray::s![.., r..]).dot(&v2));
         let diff = (&y.value().to_shape((m, width)).unwrap() - &want)
             .mapv(f32::abs)
             .fold(0.0, |m: f32, &v| m.max(v));
