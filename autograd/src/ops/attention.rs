@@ -122,6 +122,41 @@ fn zero_tail<T: Float>(x: &mut ArrayViewMut2<MaybeUninit<T>>, rows: Range<usize>
     }
 }
 
+/// `out = P·x` for a `[Tq, Tk]` matrix P (probabilities or ∂S) whose masked entries are zero:
+/// each block of query rows reads only the keys it sees.
+fn p_times<T: Float>(
+    dims: &Dims,
+    p: ArrayView2<T>,
+    x: ArrayView2<T>,
+    mut out: ArrayViewMut2<MaybeUninit<T>>,
+) {
+    for (rows, keys) in dims.query_blocks() {
+        gemm_write(
+            T::one(),
+            p.slice(s![rows.clone(), ..keys]),
+            x.slice(s![..keys, ..]),
+            out.slice_mut(s![rows, ..]),
+        );
+    }
+}
+
+/// `out = Pᵀ·x` for the same P: each block of keys reads only the query rows that see them.
+fn p_transposed_times<T: Float>(
+    dims: &Dims,
+    p: ArrayView2<T>,
+    x: ArrayView2<T>,
+    mut out: ArrayViewMut2<MaybeUninit<T>>,
+) {
+    for (keys, first) in dims.key_blocks() {
+        gemm_write(
+            T::one(),
+            p.slice(s![first.., keys.clone()]).t(),
+            x.slice(s![first.., ..]),
+            out.slice_mut(s![keys, ..]),
+        );
+    }
+}
+
 /// The (b, h) head slice `[T, D]` of a `[B, T, ·]` tensor whose head columns start at `offset`.
 fn head<'a, T: Float>(
     x: ArrayView3<'a, T>,
@@ -231,15 +266,7 @@ fn forward_heads<T: Float>(
                     }
                 },
             );
-            let (vh, mut o) = (head(v3, b, h, d, v_off), o);
-            for (rows, keys) in dims.query_blocks() {
-                gemm_write(
-                    T::one(),
-                    p.slice(s![rows.clone(), ..keys]),
-                    vh.slice(s![..keys, ..]),
-                    o.slice_mut(s![rows, ..]),
-                );
-            }
+            p_times(&dims, p.view(), head(v3, b, h, d, v_off), o);
         });
     // SAFETY: every (b, h) block of both was written above.
     unsafe { (probs.assume_init(), out.assume_init()) }
@@ -274,17 +301,8 @@ fn backward_heads<T: Float>(
                 head(k3, b, h, d, k_off),
                 head(v3, b, h, d, v_off),
             );
-            // Products over keys read only the query rows that see them, products over queries
-            // only the keys they see: the masked entries of P and ∂S are zero.
-            if let Some(mut dv) = dv {
-                for (keys, first) in dims.key_blocks() {
-                    gemm_write(
-                        T::one(),
-                        p.slice(s![first.., keys.clone()]).t(),
-                        gh.slice(s![first.., ..]),
-                        dv.slice_mut(s![keys, ..]),
-                    );
-                }
+            if let Some(dv) = dv {
+                p_transposed_times(&dims, p.view(), gh, dv);
             }
             if dq.is_none() && dk.is_none() {
                 return;
@@ -317,25 +335,11 @@ fn backward_heads<T: Float>(
                     }
                 },
             );
-            if let Some(mut dq) = dq {
-                for (rows, keys) in dims.query_blocks() {
-                    gemm_write(
-                        T::one(),
-                        p.slice(s![rows.clone(), ..keys]),
-                        kh.slice(s![..keys, ..]),
-                        dq.slice_mut(s![rows, ..]),
-                    );
-                }
+            if let Some(dq) = dq {
+                p_times(&dims, p.view(), kh, dq);
             }
-            if let Some(mut dk) = dk {
-                for (keys, first) in dims.key_blocks() {
-                    gemm_write(
-                        T::one(),
-                        p.slice(s![first.., keys.clone()]).t(),
-                        qh.slice(s![first.., ..]),
-                        dk.slice_mut(s![keys, ..]),
-                    );
-                }
+            if let Some(dk) = dk {
+                p_transposed_times(&dims, p.view(), qh, dk);
             }
         });
 }
