@@ -106,7 +106,7 @@ impl LinearAdapter for LoraLinear {
         // (q and v of c_attn), then each part's s·u[.., block]·Bᵀ accumulated by one GEMM
         // straight into its columns of the base output — no delta tensor at all.
         let mut out = base;
-        for (adapter, weight) in self.acting() {
+        for (adapter, weight) in self.acting().filter(|(a, _)| !a.parts.is_empty()) {
             let x = ctx.dropout(x, adapter.dropout)?;
             let a_parts: Vec<Var<'t, f32>> =
                 adapter.parts.iter().map(|p| p.a.on(ctx.tape)).collect();
