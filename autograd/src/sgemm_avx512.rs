@@ -393,6 +393,17 @@ unsafe fn prefetch_c(tile: Tile) {
     }
 }
 
+/// `*dst ← value + β·*dst`, not reading `dst` when β = 0 (C may be uninitialised then): the
+/// scalar store of edge tiles and strided outputs.
+#[inline(always)]
+unsafe fn write_scaled(dst: *mut f32, value: f32, beta: f32) {
+    *dst = if beta == 0.0 {
+        value
+    } else {
+        beta.mul_add(*dst, value)
+    };
+}
+
 /// Writes a finished 12×32 accumulator tile: whole rows with vector stores where possible, an
 /// edge tile through a local buffer (only its valid part reaches C).
 #[cfg(target_arch = "x86_64")]
@@ -440,12 +451,7 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
     for i in 0..rows {
         for j in 0..cols {
             let value = buffer[2 * i + j / 16].0[j % 16];
-            let dst = c.offset(i as isize * rsc + j as isize * csc);
-            *dst = if beta == 0.0 {
-                value
-            } else {
-                beta.mul_add(*dst, value)
-            };
+            write_scaled(c.offset(i as isize * rsc + j as isize * csc), value, beta);
         }
     }
 }
@@ -598,11 +604,7 @@ unsafe fn thin_columns<const N: usize, const V: usize>(
                 _mm512_store_ps(out.0.as_mut_ptr(), _mm512_mul_ps(alpha_v, *acc));
                 for (l, &value) in out.0.iter().enumerate().take(rows) {
                     let dst = c.offset((i0 + 16 * v + l) as isize * rsc + j as isize * csc);
-                    *dst = if beta == 0.0 {
-                        value
-                    } else {
-                        beta.mul_add(*dst, value)
-                    };
+                    write_scaled(dst, value, beta);
                 }
             }
         }
@@ -658,12 +660,7 @@ unsafe fn thin_kernel(k: usize, a: *const f32, rsa: isize, csa: isize, b: *const
     for (i, acc) in acc.iter().enumerate().take(rows) {
         _mm512_store_ps(line.0.as_mut_ptr(), _mm512_mul_ps(alpha_v, *acc));
         for (j, &value) in line.0.iter().enumerate().take(cols) {
-            let dst = c.offset(i as isize * rsc + j as isize * csc);
-            *dst = if beta == 0.0 {
-                value
-            } else {
-                beta.mul_add(*dst, value)
-            };
+            write_scaled(c.offset(i as isize * rsc + j as isize * csc), value, beta);
         }
     }
 }

@@ -258,11 +258,12 @@ fn forward_heads<T: Float>(
             crate::simd::vectorized(
                 #[inline(always)]
                 || {
-                    for (i, row) in p.outer_iter_mut().enumerate() {
-                        softmax_masked_row(
-                            row.into_slice().expect("contiguous rows"),
-                            dims.visible(i),
-                        );
+                    // Past a block's keys the row is already zero: softmax only up to them.
+                    for (rows, keys) in dims.query_blocks() {
+                        for i in rows {
+                            let row = p.row_mut(i).into_slice().expect("contiguous rows");
+                            softmax_masked_row(&mut row[..keys], dims.visible(i));
+                        }
                     }
                 },
             );
