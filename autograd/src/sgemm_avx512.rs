@@ -13,8 +13,9 @@
 //!   pc: KC steps of k
 //!     ic: MC rows of A/C         pack A[ic.., pc..] into 12-row panels (kc × 12 each);
 //!                                a row-major A: only a partial last panel is packed
-//!       jr: 32-column panel
-//!         ir: 12-row panel       micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C
+//!       ir: 12-row panel         stays in L1 (18 KiB at kc = 384) for the whole jr loop
+//!         jr: 32-column panel    micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C, B streamed
+//!                                from L2 with a software prefetch 8 steps of k ahead
 //! ```
 //! A row-major A (activations, incoming gradients: the A of every forward product and every
 //! ∂x = G·Wᵀ) is read in place by `kernel_rows`, as BLIS's "sup" kernels do for small
@@ -136,11 +137,13 @@ pub unsafe fn sgemm(
                         csa,
                         a_pack,
                     );
-                    for jr in (0..nc).step_by(NR) {
-                        let cols = NR.min(nc - jr);
-                        let b_panel = b_pack.add(jr * kc);
-                        for ir in (0..mc).step_by(MR) {
-                            let rows = MR.min(mc - ir);
+                    // One A panel (12 × kc, 18 KiB) stays in L1 while every B panel of
+                    // the block streams past it from L2, as in BLIS's loop order.
+                    for ir in (0..mc).step_by(MR) {
+                        let rows = MR.min(mc - ir);
+                        for jr in (0..nc).step_by(NR) {
+                            let cols = NR.min(nc - jr);
+                            let b_panel = b_pack.add(jr * kc);
                             let c_tile =
                                 c.offset((ic + ir) as isize * rsc + (jc + jr) as isize * csc);
                             let tile = Tile {
@@ -335,6 +338,7 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, tile: Tile) {
     let mut right = [_mm512_setzero_ps(); MR];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
+        prefetch_b(b);
         let b0 = _mm512_load_ps(b);
         let b1 = _mm512_load_ps(b.add(16));
         for i in 0..MR {
@@ -361,6 +365,7 @@ unsafe fn kernel_rows(kc: usize, a: *const f32, rsa: isize, b: *const f32, tile:
     let mut bases = [a, a.offset(3 * rsa), a.offset(6 * rsa), a.offset(9 * rsa)];
     let mut b = b;
     for _ in 0..kc {
+        prefetch_b(b);
         let b0 = _mm512_load_ps(b);
         let b1 = _mm512_load_ps(b.add(16));
         for (g, base) in bases.iter().enumerate() {
@@ -377,6 +382,20 @@ unsafe fn kernel_rows(kc: usize, a: *const f32, rsa: isize, b: *const f32, tile:
         b = b.add(NR);
     }
     store(left, right, tile);
+}
+
+/// Steps of k ahead that the micro-kernels ask L1 for the B panel (streamed from L2): 8 steps
+/// (1 KiB) measured best against 0, 4, 6 and 16 — 5–10 % on GPT-2's products.
+const PREFETCH_B_STEPS: usize = 8;
+
+/// Asks for both cache lines of B's row [`PREFETCH_B_STEPS`] ahead of `b`. Prefetching past
+/// the panel's end is harmless (a hint, never a fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_b(b: *const f32) {
+    let ahead = b.wrapping_add(PREFETCH_B_STEPS * NR).cast::<i8>();
+    _mm_prefetch::<_MM_HINT_T0>(ahead);
+    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
 }
 
 /// Asks for the C tile's cache lines while the k loop runs, so that the β load and the stores
