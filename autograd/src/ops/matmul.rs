@@ -28,6 +28,11 @@ fn as_matrix<T: Float>(x: &Tensor<T>, rows: usize, cols: usize) -> ndarray::CowA
     x.to_shape((rows, cols)).expect("element count checked")
 }
 
+/// Whether `x` is a 2-D column-major matrix, i.e. the transposed view of a row-major one.
+fn is_transposed_matrix<T: Float>(x: &Tensor<T>) -> bool {
+    x.ndim() == 2 && !x.is_standard_layout() && x.t().is_standard_layout()
+}
+
 fn as_batches<T: Float>(
     x: &Tensor<T>,
     batch: usize,
@@ -118,8 +123,18 @@ impl<'t, T: Float> Var<'t, T> {
                         .expect("gradient has the output's size");
                     let b2 = as_matrix(&b, k, n);
                     let ga = needs[0].then(|| to_shape(matmul_2d(g2.view(), b2.t()), &a_shape));
-                    let gb = needs[1]
-                        .then(|| matmul_2d(as_matrix(&a, rows, k).t(), g2.view()).into_dyn());
+                    let gb = needs[1].then(|| {
+                        let a2 = as_matrix(&a, rows, k);
+                        if is_transposed_matrix(&b) {
+                            // b is a transposed view of a row-major weight (a tied embedding
+                            // as the output layer): compute ∂bᵀ = Gᵀ·a row-major, so that the
+                            // gradient reaching the weight has the weight's own layout (the
+                            // optimizer's contiguous fast path; same GEMM, same cost).
+                            matmul_2d(g2.t(), a2.view()).reversed_axes().into_dyn()
+                        } else {
+                            matmul_2d(a2.t(), g2.view()).into_dyn()
+                        }
+                    });
                     vec![ga, gb]
                 });
         }
@@ -361,7 +376,7 @@ impl<'t, T: Float> Var<'t, T> {
 mod tests {
     use crate::ops::test_util::{assert_gradcheck, rand_array};
     use crate::Tape;
-    use ndarray::arr2;
+    use ndarray::{arr2, Axis};
 
     #[test]
     fn matmul_values() {
@@ -533,6 +548,26 @@ mod tests {
             |v| v[0].linear(&v[1], None),
             &[rand_array(&[3, 4], 17), rand_array(&[4, 2], 18)],
         );
+    }
+
+    #[test]
+    fn a_weight_used_transposed_gets_a_row_major_gradient() {
+        // The tied lm_head: logits = x · wteᵀ. The gradient must come back in wte's own
+        // layout, or every consumer (accumulation, the optimizer) takes a strided slow path.
+        let tape = Tape::<f64>::new();
+        let x = tape.param("x", rand_array(&[2, 3, 4], 1));
+        let w = tape.param("w", rand_array(&[5, 4], 2));
+        let y = x.matmul(&w.transpose(0, 1).unwrap()).unwrap();
+        let grads = tape.backward(&y.sum_all().unwrap()).unwrap();
+        let gw = grads.get(&w).unwrap();
+        assert!(gw.is_standard_layout(), "strides {:?}", gw.strides());
+        // ∂w[j, :] = Σ_rows x[row, :] for every j (the upstream gradient is all ones).
+        let column_sums = x.value().sum_axis(Axis(0)).sum_axis(Axis(0));
+        for row in gw.outer_iter() {
+            for (g, want) in row.iter().zip(&column_sums) {
+                assert!((g - want).abs() < 1e-12);
+            }
+        }
     }
 
     #[test]
