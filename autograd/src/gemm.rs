@@ -28,6 +28,10 @@ static GEMM_FLOPS: AtomicU64 = AtomicU64::new(0);
 
 /// Products with fewer multiply-adds than this run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Elements of `b` per block of a parallel [`gemv`] (256 KiB of f32): small enough that the
+/// two threads of a GPT-2 product get dozens of blocks to balance, large enough that each
+/// block streams at full speed.
+const GEMV_BLOCK_FLOATS: usize = 1 << 16;
 
 /// Number of GEMM calls made so far by this process (all threads).
 pub fn gemm_calls() -> u64 {
@@ -161,21 +165,23 @@ impl<T: Float> Out<T> {
 }
 
 /// `c ← α·a·b + β·c` for a single row `a` (`1 × k`): one pass over `b` with no packing, the
-/// memory-bound shape of token-by-token generation. Each thread streams one contiguous block of
-/// `b`: for a row-major `b` a block of rows (partial sums over k, then added in thread order);
-/// for a column-major `b` (a transposed weight) a block of columns. Results are deterministic
-/// for a given thread count.
+/// memory-bound shape of token-by-token generation. `b` is cut into blocks of about
+/// [`GEMV_BLOCK_FLOATS`] that rayon hands out as threads come free (a fixed 50/50 split made
+/// every product wait for the slower core, and a shared machine always has one): for a
+/// row-major `b` blocks of rows, whose partial sums are added in block order; for a
+/// column-major `b` (a transposed weight) blocks of columns. The blocks depend only on the
+/// shape, so results are the same for every thread count.
 fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<T>) {
     let (k, n) = b.dim();
-    let threads = if k * n >= PARALLEL_MIN_MACS {
-        rayon::current_num_threads().max(1)
-    } else {
-        1
-    };
+    let parallel = k * n >= PARALLEL_MIN_MACS;
     let a_vec: Vec<T> = a.row(0).iter().copied().collect();
     let mut acc = vec![T::zero(); n];
     if b.strides()[1] == 1 {
-        let rows = k.div_ceil(threads).max(1);
+        let rows = if parallel {
+            (GEMV_BLOCK_FLOATS / n.max(1)).clamp(4, k)
+        } else {
+            k
+        };
         let partials: Vec<Vec<T>> = (0..k.div_ceil(rows))
             .into_par_iter()
             .map(|i| {
@@ -190,10 +196,17 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
             })
             .collect();
         for part in partials {
-            acc.iter_mut().zip(part).for_each(|(acc, p)| *acc += p);
+            crate::simd::vectorized(
+                #[inline(always)]
+                || acc.iter_mut().zip(part).for_each(|(acc, p)| *acc += p),
+            );
         }
     } else {
-        let cols = n.div_ceil(threads).max(1);
+        let cols = if parallel {
+            (GEMV_BLOCK_FLOATS / k.max(1)).clamp(16, n)
+        } else {
+            n
+        };
         acc.par_chunks_mut(cols).enumerate().for_each(|(i, acc)| {
             let b = b.slice(ndarray::s![.., i * cols..i * cols + acc.len()]);
             crate::simd::vectorized(
@@ -360,6 +373,36 @@ mod tests {
         let mut c2 = Array2::from_elem((1, 1000), 1.0);
         gemm(2.0, a.view(), bt.t(), 1.0, c2.view_mut());
         assert_eq!(c2, want * 2.0 + 1.0);
+    }
+
+    #[test]
+    fn gemv_gives_the_same_bits_on_one_thread_and_on_three() {
+        // Non-integer values, so that a different summation order would show in the bits.
+        let a = Array2::from_shape_fn((1, 700), |(_, j)| ((j * 37) % 101) as f32 * 0.013 - 0.6);
+        let b = Array2::from_shape_fn((700, 900), |(i, j)| {
+            ((i * 7 + j * 13) % 97) as f32 * 0.021 - 1.0
+        });
+        let bt = b.t().as_standard_layout().into_owned();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut rows = Array2::zeros((1, 900));
+                gemm(1.0, a.view(), b.view(), 0.0, rows.view_mut());
+                let mut columns = Array2::zeros((1, 900));
+                gemm(1.0, a.view(), bt.t(), 0.0, columns.view_mut());
+                (rows, columns)
+            })
+        };
+        let (one, three) = (run(1), run(3));
+        assert_eq!(one.0, three.0, "row-major weight");
+        assert_eq!(one.1, three.1, "column-major weight");
+        let want = naive(&a.mapv(f64::from), &b.mapv(f64::from));
+        for (got, want) in one.0.iter().zip(&want) {
+            assert!((f64::from(*got) - want).abs() < 1e-3, "{got} vs {want}");
+        }
     }
 
     #[test]
