@@ -178,7 +178,7 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
     let mut acc = vec![T::zero(); n];
     if b.strides()[1] == 1 {
         let rows = if parallel {
-            (GEMV_BLOCK_FLOATS / n.max(1)).clamp(4, k)
+            (GEMV_BLOCK_FLOATS / n.max(1)).max(4).min(k)
         } else {
             k
         };
@@ -203,7 +203,7 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
         }
     } else {
         let cols = if parallel {
-            (GEMV_BLOCK_FLOATS / k.max(1)).clamp(16, n)
+            (GEMV_BLOCK_FLOATS / k.max(1)).max(16).min(n)
         } else {
             n
         };
@@ -397,6 +397,21 @@ mod tests {
             })
         };
         let (one, three) = (run(1), run(3));
+        // Fewer rows (or columns) than one block's minimum, in a product large enough to split.
+        let (a3, b3) = (
+            Array2::from_elem((1, 3), 0.5f32),
+            Array2::from_elem((3, 100_000), 2.0f32),
+        );
+        let mut c3 = Array2::zeros((1, 100_000));
+        gemm(1.0, a3.view(), b3.view(), 0.0, c3.view_mut());
+        assert!(c3.iter().all(|&v| v == 3.0));
+        let (a4, b4) = (
+            Array2::from_elem((1, 30_000), 0.5f32),
+            Array2::from_elem((10, 30_000), 2.0f32),
+        );
+        let mut c4 = Array2::zeros((1, 10));
+        gemm(1.0, a4.view(), b4.t(), 0.0, c4.view_mut());
+        assert!(c4.iter().all(|&v| v == 30_000.0));
         assert_eq!(one.0, three.0, "row-major weight");
         assert_eq!(one.1, three.1, "column-major weight");
         let want = naive(&a.mapv(f64::from), &b.mapv(f64::from));
