@@ -397,6 +397,12 @@ mod tests {
             })
         };
         let (one, three) = (run(1), run(3));
+        assert_eq!(one.0, three.0, "row-major weight");
+        assert_eq!(one.1, three.1, "column-major weight");
+        let want = naive(&a.mapv(f64::from), &b.mapv(f64::from));
+        for (got, want) in one.0.iter().zip(&want) {
+            assert!((f64::from(*got) - want).abs() < 1e-3, "{got} vs {want}");
+        }
         // Fewer rows (or columns) than one block's minimum, in a product large enough to split.
         let (a3, b3) = (
             Array2::from_elem((1, 3), 0.5f32),
@@ -412,12 +418,6 @@ mod tests {
         let mut c4 = Array2::zeros((1, 10));
         gemm(1.0, a4.view(), b4.t(), 0.0, c4.view_mut());
         assert!(c4.iter().all(|&v| v == 30_000.0));
-        assert_eq!(one.0, three.0, "row-major weight");
-        assert_eq!(one.1, three.1, "column-major weight");
-        let want = naive(&a.mapv(f64::from), &b.mapv(f64::from));
-        for (got, want) in one.0.iter().zip(&want) {
-            assert!((f64::from(*got) - want).abs() < 1e-3, "{got} vs {want}");
-        }
     }
 
     #[test]
