@@ -72,6 +72,32 @@ pub trait Float:
         rsc: isize,
         csc: isize,
     );
+
+    /// [`Float::gemm`] on all of rayon's threads, if this type has a parallel kernel for
+    /// products of this shape (f32 with AVX-512: [`crate::sgemm_avx512::sgemm_parallel`]);
+    /// `false` (nothing done) otherwise, and the caller splits the product itself.
+    ///
+    /// # Safety
+    /// As for [`Float::gemm`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_parallel(
+        _m: usize,
+        _k: usize,
+        _n: usize,
+        _alpha: Self,
+        _a: *const Self,
+        _rsa: isize,
+        _csa: isize,
+        _b: *const Self,
+        _rsb: isize,
+        _csb: isize,
+        _beta: Self,
+        _c: *mut Self,
+        _rsc: isize,
+        _csc: isize,
+    ) -> bool {
+        false
+    }
 }
 
 impl Float for f32 {
@@ -134,6 +160,28 @@ impl Float for f32 {
         // Products 17–31 wide: the 12×32 kernel would pad them to a full panel, and
         // matrixmultiply's 16×16 tiles waste less.
         matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+    unsafe fn gemm_parallel(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        beta: Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    ) -> bool {
+        use crate::sgemm_avx512 as fast;
+        if !fast::available() || m.min(n) < 32 {
+            return false;
+        }
+        fast::sgemm_parallel(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
     }
 }
 

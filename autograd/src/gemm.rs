@@ -273,6 +273,31 @@ fn gemm_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c
     if threads <= 1 || m * n * k < PARALLEL_MIN_MACS || (m < 16 && n < 16) {
         return gemm_serial(alpha, a, b, beta, c);
     }
+    if k > 0 {
+        let (sa, sb) = (a.strides(), b.strides());
+        // SAFETY: as in `gemm_serial`, for the whole of `c`.
+        let done = unsafe {
+            T::gemm_parallel(
+                m,
+                k,
+                n,
+                alpha,
+                a.as_ptr(),
+                sa[0],
+                sa[1],
+                b.as_ptr(),
+                sb[0],
+                sb[1],
+                beta,
+                c.ptr,
+                c.row_stride,
+                c.col_stride,
+            )
+        };
+        if done {
+            return;
+        }
+    }
     if m >= n {
         let rows = m.div_ceil(threads);
         (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {

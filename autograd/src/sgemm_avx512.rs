@@ -107,71 +107,348 @@ pub unsafe fn sgemm(
     rsc: isize,
     csc: isize,
 ) {
+    let product = Product {
+        m,
+        k,
+        n,
+        kc_max: k_block(k),
+        alpha,
+        a,
+        rsa,
+        csa,
+        b,
+        rsb,
+        csb,
+        beta,
+        c,
+        rsc,
+        csc,
+    };
     #[cfg(target_arch = "x86_64")]
-    BUFFERS.with(|buffers| {
-        let (a_buf, b_buf) = &mut *buffers.borrow_mut();
-        let kc_max = k_block(k);
-        let a_pack = lines(a_buf, MC * kc_max);
-        let b_pack = lines(b_buf, NC * kc_max);
-        // A row-major A is read in place (BLIS's "sup" idea): the micro-kernel broadcasts its
-        // values straight from the rows, and only a partial last panel is packed. Packing it
-        // would scatter every value to a stride-12 slot, which costs a quarter of a small
-        // product's time.
-        let a_in_place = csa == 1;
-        for jc in (0..n).step_by(NC) {
-            let nc = NC.min(n - jc);
-            for pc in (0..k).step_by(kc_max) {
-                let kc = kc_max.min(k - pc);
-                let beta_block = if pc == 0 { beta } else { 1.0 };
-                let b_block = b.offset(pc as isize * rsb + jc as isize * csb);
-                pack_b(kc, nc, b_block, rsb, csb, b_pack);
-                for ic in (0..m).step_by(MC) {
-                    let mc = MC.min(m - ic);
-                    let a_block = a.offset(ic as isize * rsa + pc as isize * csa);
-                    let full_rows = if a_in_place { mc - mc % MR } else { 0 };
-                    pack_a(
-                        mc - full_rows,
-                        kc,
-                        a_block.offset(full_rows as isize * rsa),
-                        rsa,
-                        csa,
-                        a_pack,
-                    );
-                    // One A panel (12 × kc, 18 KiB) stays in L1 while every B panel of
-                    // the block streams past it from L2, as in BLIS's loop order.
-                    for ir in (0..mc).step_by(MR) {
-                        let rows = MR.min(mc - ir);
-                        for jr in (0..nc).step_by(NR) {
-                            let cols = NR.min(nc - jr);
-                            let b_panel = b_pack.add(jr * kc);
-                            let c_tile =
-                                c.offset((ic + ir) as isize * rsc + (jc + jr) as isize * csc);
-                            let tile = Tile {
-                                c: c_tile,
-                                rsc,
-                                csc,
-                                rows,
-                                cols,
-                                alpha,
-                                beta: beta_block,
-                            };
-                            if ir < full_rows {
-                                kernel_rows(
+    product.run(0..m, 0..n, None, None);
+}
+
+/// Largest operand (in floats) packed once and shared by all threads of a parallel product
+/// (64 MiB): every chunk reads it whole, so a larger one would stream from memory once per
+/// chunk.
+const SHARED_PACK_MAX_FLOATS: usize = 16 << 20;
+
+/// Fewest rows / columns of C a thread takes at a time in a parallel product (four panels):
+/// each chunk reads the whole shared operand once, so chunks may not get too small.
+const CHUNK_MIN_ROWS: usize = 4 * MR;
+const CHUNK_MIN_COLS: usize = 4 * NR;
+
+/// [`sgemm`] on all threads of rayon's pool, with the same result to the bit (every element
+/// of C is still one micro-kernel's sum over the same k blocks in the same order). Returns
+/// `false`, doing nothing, when the operand to share would be larger than
+/// [`SHARED_PACK_MAX_FLOATS`] (lm_head's ∂x = G·wte: 50257 × 768); the caller splits the
+/// product itself then.
+///
+/// The threads take rows (when `m ≥ n`) or columns of C from a shared counter in shrinking
+/// chunks — half of each thread's share of what is left, down to [`CHUNK_MIN_ROWS`] or
+/// [`CHUNK_MIN_COLS`] — so a thread slowed down by another process hands its work to the
+/// other instead of making it wait (a fixed half each left the threads idle 7–12 % of
+/// GPT-2's GEMM time). The operand every chunk reads whole is packed once, by all threads,
+/// into one buffer: B for a row split, A for a column split (unless A is row-major: it is
+/// read in place then).
+///
+/// # Safety
+/// As for [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_parallel(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) -> bool {
+    let split_rows = m >= n;
+    let shared_floats = if split_rows {
+        k * n.next_multiple_of(NR)
+    } else {
+        k * m.next_multiple_of(MR)
+    };
+    if shared_floats > SHARED_PACK_MAX_FLOATS {
+        return false;
+    }
+    let product = Product {
+        m,
+        k,
+        n,
+        kc_max: k_block(k),
+        alpha,
+        a,
+        rsa,
+        csa,
+        b,
+        rsb,
+        csb,
+        beta,
+        c,
+        rsc,
+        csc,
+    };
+    #[cfg(target_arch = "x86_64")]
+    product.run_parallel(split_rows);
+    true
+}
+
+/// One product's operands and output, as the drivers pass them around.
+#[derive(Clone, Copy)]
+struct Product {
+    m: usize,
+    k: usize,
+    n: usize,
+    /// Steps of k per packed block ([`k_block`] of `k`).
+    kc_max: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+}
+
+// SAFETY: the threads of a parallel product read A and B and write disjoint parts of C.
+unsafe impl Send for Product {}
+unsafe impl Sync for Product {}
+
+/// Where one (column block, k block) of B, or one (row block, k block) of A, starts in an
+/// operand packed whole: blocks of `width` (at most NC columns or MC rows, padded to whole
+/// panels) follow each other first along k, then along the other axis.
+#[cfg(target_arch = "x86_64")]
+fn shared_offset(start: usize, k: usize, pc: usize, width: usize, panel: usize) -> usize {
+    start * k + pc * width.next_multiple_of(panel)
+}
+
+/// The buffer parallel products pack their shared operand into, kept between calls (a
+/// product nested in another one's thread, which finds it taken, allocates its own).
+static SHARED_PACK: std::sync::Mutex<Vec<Line>> = std::sync::Mutex::new(Vec::new());
+
+#[cfg(target_arch = "x86_64")]
+impl Product {
+    /// `C[rows, cols]`, the serial loop nest of the module doc. `shared_a` / `shared_b`: that
+    /// operand already packed whole (then `rows` / `cols` must be all of them); otherwise its
+    /// blocks are packed here, in this thread's buffers.
+    unsafe fn run(
+        &self,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        shared_a: Option<*const f32>,
+        shared_b: Option<*const f32>,
+    ) {
+        let Product {
+            k,
+            kc_max,
+            alpha,
+            a,
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            beta,
+            c,
+            rsc,
+            csc,
+            ..
+        } = *self;
+        BUFFERS.with(|buffers| {
+            let (a_buf, b_buf) = &mut *buffers.borrow_mut();
+            let a_pack = lines(a_buf, if shared_a.is_none() { MC * kc_max } else { 0 });
+            let b_pack = lines(b_buf, if shared_b.is_none() { NC * kc_max } else { 0 });
+            // A row-major A is read in place (BLIS's "sup" idea): the micro-kernel broadcasts
+            // its values straight from the rows, and only a partial last panel is packed.
+            // Packing it would scatter every value to a stride-12 slot, which costs a quarter
+            // of a small product's time.
+            let a_in_place = csa == 1 && shared_a.is_none();
+            for jc in cols.clone().step_by(NC) {
+                let nc = NC.min(cols.end - jc);
+                for pc in (0..k).step_by(kc_max) {
+                    let kc = kc_max.min(k - pc);
+                    let beta_block = if pc == 0 { beta } else { 1.0 };
+                    let b_panels = match shared_b {
+                        Some(packed) => packed.add(shared_offset(jc, k, pc, nc, NR)),
+                        None => {
+                            let b_block = b.offset(pc as isize * rsb + jc as isize * csb);
+                            pack_b(kc, nc, b_block, rsb, csb, b_pack);
+                            b_pack
+                        }
+                    };
+                    for ic in rows.clone().step_by(MC) {
+                        let mc = MC.min(rows.end - ic);
+                        let a_block = a.offset(ic as isize * rsa + pc as isize * csa);
+                        let full_rows = if a_in_place { mc - mc % MR } else { 0 };
+                        let a_panels = match shared_a {
+                            Some(packed) => packed.add(shared_offset(ic, k, pc, mc, MR)),
+                            None => {
+                                pack_a(
+                                    mc - full_rows,
                                     kc,
-                                    a_block.offset(ir as isize * rsa),
+                                    a_block.offset(full_rows as isize * rsa),
                                     rsa,
-                                    b_panel,
-                                    tile,
+                                    csa,
+                                    a_pack,
                                 );
-                            } else {
-                                kernel(kc, a_pack.add((ir - full_rows) * kc), b_panel, tile);
+                                a_pack
+                            }
+                        };
+                        // One A panel (12 × kc, 18 KiB) stays in L1 while every B panel of
+                        // the block streams past it from L2, as in BLIS's loop order.
+                        for ir in (0..mc).step_by(MR) {
+                            let tile_rows = MR.min(mc - ir);
+                            for jr in (0..nc).step_by(NR) {
+                                let tile = Tile {
+                                    c: c.offset(
+                                        (ic + ir) as isize * rsc + (jc + jr) as isize * csc,
+                                    ),
+                                    rsc,
+                                    csc,
+                                    rows: tile_rows,
+                                    cols: NR.min(nc - jr),
+                                    alpha,
+                                    beta: beta_block,
+                                };
+                                let b_panel = b_panels.add(jr * kc);
+                                if ir < full_rows {
+                                    kernel_rows(
+                                        kc,
+                                        a_block.offset(ir as isize * rsa),
+                                        rsa,
+                                        b_panel,
+                                        tile,
+                                    );
+                                } else {
+                                    kernel(kc, a_panels.add((ir - full_rows) * kc), b_panel, tile);
+                                }
                             }
                         }
                     }
                 }
             }
+        });
+    }
+
+    /// This product on every thread of the pool: first the shared operand is packed (its
+    /// panels handed out from one counter), then chunks of rows or columns are handed out from
+    /// another. A thread that runs out of packing work waits for the panels others are still
+    /// packing — only for those, since a panel is claimed by a thread that is running — so
+    /// the product completes even if some of the pool's threads never join in.
+    unsafe fn run_parallel(&self, split_rows: bool) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let Product {
+            m, k, n, kc_max, ..
+        } = *self;
+        // The operand read whole by every chunk, as (start, width) blocks × k blocks.
+        let pack_a_whole = !split_rows && self.csa != 1;
+        let (shared_len, block, panel) = if split_rows { (n, NC, NR) } else { (m, MC, MR) };
+        let pack_whole = split_rows || pack_a_whole;
+        let mut own = Vec::new();
+        let mut kept = SHARED_PACK.try_lock().ok();
+        let buffer = kept.as_deref_mut().unwrap_or(&mut own);
+        let shared_ptr = if pack_whole {
+            lines(buffer, k * shared_len.next_multiple_of(panel)) as usize
+        } else {
+            0
+        };
+        // Packing tasks: (start of the block, k block, first panel) in groups of 8 panels.
+        let mut tasks = Vec::new();
+        if pack_whole {
+            for start in (0..shared_len).step_by(block) {
+                let width = block.min(shared_len - start);
+                for pc in (0..k).step_by(kc_max) {
+                    for first in (0..width).step_by(8 * panel) {
+                        tasks.push((start, pc, first));
+                    }
+                }
+            }
         }
-    });
+        let threads = rayon::current_num_threads();
+        let (next_task, packed, next_chunk) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let total = if split_rows { m } else { n };
+        rayon::iter::ParallelIterator::for_each(
+            rayon::iter::IntoParallelIterator::into_par_iter(0..threads),
+            |_| {
+                let shared = shared_ptr as *mut f32;
+                loop {
+                    let task = next_task.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(start, pc, first)) = tasks.get(task) else {
+                        break;
+                    };
+                    let width = block.min(shared_len - start);
+                    let kc = kc_max.min(k - pc);
+                    let count = (8 * panel).min(width - first);
+                    let dst = shared.add(shared_offset(start, k, pc, width, panel) + first * kc);
+                    if split_rows {
+                        let src = self
+                            .b
+                            .offset(pc as isize * self.rsb + (start + first) as isize * self.csb);
+                        pack_b(kc, count, src, self.rsb, self.csb, dst);
+                    } else {
+                        let src = self
+                            .a
+                            .offset((start + first) as isize * self.rsa + pc as isize * self.csa);
+                        pack_a(count, kc, src, self.rsa, self.csa, dst);
+                    }
+                    packed.fetch_add(1, Ordering::Release);
+                }
+                while packed.load(Ordering::Acquire) < tasks.len() {
+                    std::hint::spin_loop();
+                }
+                let shared = shared as *const f32;
+                let (align, min_chunk) = if split_rows {
+                    (MR, CHUNK_MIN_ROWS)
+                } else {
+                    (NR, CHUNK_MIN_COLS)
+                };
+                loop {
+                    let mut start = next_chunk.load(Ordering::Relaxed);
+                    let end = loop {
+                        if start >= total {
+                            return;
+                        }
+                        let chunk = ((total - start) / (2 * threads))
+                            .next_multiple_of(align)
+                            .max(min_chunk);
+                        let end = (start + chunk).min(total);
+                        match next_chunk.compare_exchange_weak(
+                            start,
+                            end,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        ) {
+                            Ok(_) => break end,
+                            Err(now) => start = now,
+                        }
+                    };
+                    if split_rows {
+                        self.run(start..end, 0..n, None, Some(shared));
+                    } else {
+                        self.run(0..m, start..end, pack_a_whole.then_some(shared), None);
+                    }
+                }
+            },
+        );
+        drop(kept);
+    }
 }
 
 /// Steps of k per block for a product of depth `k`: the fewest blocks of at most [`KC`],
@@ -822,6 +1099,95 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_parallel_driver_gives_the_serial_bits_for_every_split_and_thread_count() {
+        if !available() {
+            return;
+        }
+        // (m, k, n, A column-major, B column-major): row splits with B shared (row- and
+        // column-major B), column splits with A read in place and with A packed and shared;
+        // edges that leave partial panels, several k blocks, and more rows than one MC block.
+        let cases = [
+            (300, 200, 150, false, false),
+            (301, 800, 97, false, true),
+            (130, 70, 1000, false, false),
+            (97, 385, 700, true, false),
+            (250, 64, 2100, true, true),
+            (1200, 40, 33, true, false),
+        ];
+        for (m, k, n, a_cols, b_cols) in cases {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            let (rsa, csa) = if a_cols {
+                (1, m as isize)
+            } else {
+                (k as isize, 1)
+            };
+            let (rsb, csb) = if b_cols {
+                (1, k as isize)
+            } else {
+                (n as isize, 1)
+            };
+            let start: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32).collect();
+            let mut serial = start.clone();
+            unsafe {
+                sgemm(
+                    m,
+                    k,
+                    n,
+                    1.5,
+                    a.as_ptr(),
+                    rsa,
+                    csa,
+                    b.as_ptr(),
+                    rsb,
+                    csb,
+                    0.5,
+                    serial.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut parallel = start.clone();
+                let done = pool.install(|| unsafe {
+                    sgemm_parallel(
+                        m,
+                        k,
+                        n,
+                        1.5,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        0.5,
+                        parallel.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    )
+                });
+                assert!(done);
+                assert!(
+                    serial
+                        .iter()
+                        .zip(&parallel)
+                        .all(|(s, p)| s.to_bits() == p.to_bits()),
+                    "{m}×{k}×{n} (A col-major {a_cols}, B col-major {b_cols}) on {threads} threads"
+                );
             }
         }
     }
