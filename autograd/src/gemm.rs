@@ -5,10 +5,13 @@
 //! reads any row/column strides, so a transposed operand is just a view with swapped strides:
 //! no copy is ever made to transpose.
 //! Outputs may be uninitialised memory ([`gemm_write`], [`gemm_new`]): with β = 0 nothing reads
-//! them before they are written. Large products are split into row (or
-//! column) blocks that run on rayon's pool — the only thread pool in the process — each block a
-//! single-threaded GEMM. The split never changes the order of the inner (k) sum, so results are
-//! deterministic for a given thread count.
+//! them before they are written. Large products run on rayon's pool — the only thread pool in
+//! the process: f32 products of at least [`DYNAMIC_MIN_MACS`] with AVX-512 through
+//! [`crate::sgemm_avx512::sgemm_parallel`] (threads take shrinking chunks of rows or columns
+//! from a counter, so a core slowed by another process does not hold the other one up), the
+//! rest in fixed row (or column) halves, each a single-threaded GEMM. Neither split changes
+//! the order of the inner (k) sum, so results are deterministic for a given thread count (the
+//! dynamic one gives the serial bits on any thread count).
 //!
 //! Two global counters (calls and floating-point operations) let tests prove that a gradient
 //! nobody needs was never computed, and let benchmarks report FLOP/s.
@@ -28,6 +31,10 @@ static GEMM_FLOPS: AtomicU64 = AtomicU64::new(0);
 
 /// Products with fewer multiply-adds than this run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Products with fewer multiply-adds than this (under about a millisecond on two threads)
+/// are split in fixed halves: measured on nanogpt-cpu's products (50 M multiply-adds at
+/// most), the shared packing and the chunk counter cost more than they save.
+const DYNAMIC_MIN_MACS: usize = 1 << 26;
 /// Elements of `b` per block of a parallel [`gemv`] (256 KiB of f32): small enough that the
 /// two threads of a GPT-2 product get dozens of blocks to balance, large enough that each
 /// block streams at full speed.
@@ -273,7 +280,7 @@ fn gemm_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c
     if threads <= 1 || m * n * k < PARALLEL_MIN_MACS || (m < 16 && n < 16) {
         return gemm_serial(alpha, a, b, beta, c);
     }
-    if k > 0 {
+    if m * n * k >= DYNAMIC_MIN_MACS && !halves_only() {
         let (sa, sb) = (a.strides(), b.strides());
         // SAFETY: as in `gemm_serial`, for the whole of `c`.
         let done = unsafe {
@@ -313,6 +320,13 @@ fn gemm_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c
             gemm_serial(alpha, a, b_cols, beta, c.cols(start, len));
         });
     }
+}
+
+/// Whether every parallel product is split in fixed halves (`TAPELORA_GEMM_SPLIT=halves`),
+/// for timing the dynamic split against them side by side.
+fn halves_only() -> bool {
+    static HALVES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HALVES.get_or_init(|| std::env::var("TAPELORA_GEMM_SPLIT").as_deref() == Ok("halves"))
 }
 
 fn gemm_serial<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<T>) {
