@@ -473,4 +473,33 @@ mod tests {
         gemm(1.0, a1.view(), b1.view(), 0.0, c1.view_mut());
         assert_eq!(c1, naive(&a1, &b1));
     }
+
+    #[test]
+    fn products_past_the_dynamic_split_threshold_give_the_same_bits_on_any_thread_count() {
+        // 512 × 256 × 512 = 2²⁶ multiply-adds: the dynamic split where the kernel has it.
+        let a = Array2::from_shape_fn((512, 256), |(i, j)| ((i * 7 + j) % 13) as f32 * 0.1 - 0.6);
+        let b = Array2::from_shape_fn((512, 256), |(i, j)| ((i * 5 + j) % 11) as f32 * 0.1 - 0.5);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                // A row split (m ≥ n) with a column-major B, a column split with a row-major one.
+                let mut rows = Array2::zeros((512, 512));
+                gemm(1.0, a.view(), b.t(), 0.0, rows.view_mut());
+                let wide =
+                    Array2::from_shape_fn((256, 2048), |(i, j)| ((i + 3 * j) % 7) as f32 - 3.0);
+                let mut columns = Array2::zeros((512, 2048));
+                gemm(1.0, a.view(), wide.view(), 0.0, columns.view_mut());
+                (rows, columns)
+            })
+        };
+        let (one, three) = (run(1), run(3));
+        assert_eq!(one, three);
+        let want = naive(&a.mapv(f64::from), &b.t().mapv(f64::from));
+        for (got, want) in one.0.iter().zip(&want) {
+            assert!((f64::from(*got) - want).abs() < 1e-3, "{got} vs {want}");
+        }
+    }
 }
