@@ -4,8 +4,10 @@
 //! anywhere. [`vectorized`] runs a closure inside a function compiled with AVX-512 (16 lanes)
 //! or AVX2 (8 lanes) enabled when the CPU has them; the closure's loops are inlined into that
 //! function and vectorised at its width. The same operations run in the same order in every
-//! build — no fused multiply-add is enabled, and Rust never contracts `a * b + c` on its own —
-//! so results do not depend on which build ran.
+//! build — Rust never contracts `a * b + c` on its own, and the explicit fused multiply-adds
+//! ([`Float::exp_fused`]) are exactly rounded in every build (libm's `fmaf` in the baseline
+//! one) — so results do not depend on which build ran. The wide builds enable FMA (every
+//! AVX2 CPU we detect as such has it).
 //!
 //! The reductions here ([`sum_map`], [`sum_zip`], [`dot`]) keep 4 × 16 partial sums, which
 //! is what lets a reduction loop vectorise (and not wait on each addition) without letting
@@ -50,7 +52,8 @@ fn detect() -> Width {
         {
             return Width::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return Width::Avx2;
         }
     }
@@ -64,11 +67,11 @@ fn detect() -> Width {
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
         unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        #[target_feature(enable = "avx2")]
+        #[target_feature(enable = "avx2,fma")]
         unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
             f()
         }

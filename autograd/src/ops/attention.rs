@@ -208,7 +208,7 @@ fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
     let (seen, masked) = row.split_at_mut(visible);
     let max = crate::simd::max_of(seen);
     for v in seen.iter_mut() {
-        *v = (*v - max).exp_fast();
+        *v = (*v - max).exp_fused();
     }
     let inv = T::one() / crate::simd::sum_map(seen, |v| v);
     for v in seen.iter_mut() {

@@ -54,7 +54,7 @@ impl<'t, T: Float> Var<'t, T> {
                     #[inline(always)]
                     || {
                         let max = crate::simd::max_of(row);
-                        crate::simd::sum_map(row, |v| (v - max).exp_fast()).ln() + max
+                        crate::simd::sum_map(row, |v| (v - max).exp_fused()).ln() + max
                     },
                 )
             })
@@ -88,7 +88,7 @@ impl<'t, T: Float> Var<'t, T> {
                         #[inline(always)]
                         || {
                             for v in row.iter_mut() {
-                                *v = (*v - lse).exp_fast() * scale;
+                                *v = (*v - lse).exp_fused() * scale;
                             }
                         },
                     );
