@@ -22,7 +22,8 @@
 //! products: packing it meant a scalar store per value to a stride-12 slot, a quarter of a
 //! small product's time. A column-major B (Wᵀ in ∂x = G·Wᵀ) is packed through 16×16
 //! in-register transposes. Panels are zero-padded at the edges; an edge tile is computed
-//! whole into a local buffer and only its valid part is written to C. β is applied on the
+//! whole and only its valid part is written to C (masked vector stores along C's rows; through
+//! a local buffer for a C with strided rows). β is applied on the
 //! first k block only (later blocks accumulate), and when β = 0 C is never read, so C may be
 //! uninitialised memory.
 //!
@@ -690,7 +691,7 @@ unsafe fn prefetch_c(tile: Tile) {
 }
 
 /// `*dst ← value + β·*dst`, not reading `dst` when β = 0 (C may be uninitialised then): the
-/// scalar store of edge tiles and strided outputs.
+/// scalar store of outputs with strided rows and of the thin kernel's tiles.
 #[inline(always)]
 unsafe fn write_scaled(dst: *mut f32, value: f32, beta: f32) {
     *dst = if beta == 0.0 {
@@ -700,8 +701,9 @@ unsafe fn write_scaled(dst: *mut f32, value: f32, beta: f32) {
     };
 }
 
-/// Writes a finished 12×32 accumulator tile: whole rows with vector stores where possible, an
-/// edge tile through a local buffer (only its valid part reaches C).
+/// Writes a finished 12×32 accumulator tile: vector stores along C's rows (masked to the
+/// valid columns of an edge tile), or, for a C with strided rows (a transposed output), each
+/// value through a local buffer.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -716,20 +718,23 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
         beta,
     } = tile;
     let alpha_v = _mm512_set1_ps(alpha);
-    if rows == MR && cols == NR && csc == 1 {
-        for i in 0..MR {
+    if csc == 1 {
+        // All 16 lanes of each half, or the first `cols` of the 32 (edge tiles).
+        let lanes = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+        let (mask_l, mask_r) = (lanes(cols), lanes(cols.saturating_sub(16)));
+        let beta_v = _mm512_set1_ps(beta);
+        for i in 0..rows {
             let row = c.offset(i as isize * rsc);
             let (mut l, mut r) = (
                 _mm512_mul_ps(alpha_v, left[i]),
                 _mm512_mul_ps(alpha_v, right[i]),
             );
             if beta != 0.0 {
-                let beta_v = _mm512_set1_ps(beta);
-                l = _mm512_fmadd_ps(beta_v, _mm512_loadu_ps(row), l);
-                r = _mm512_fmadd_ps(beta_v, _mm512_loadu_ps(row.add(16)), r);
+                l = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask_l, row), l);
+                r = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask_r, row.add(16)), r);
             }
-            _mm512_storeu_ps(row, l);
-            _mm512_storeu_ps(row.add(16), r);
+            _mm512_mask_storeu_ps(row, mask_l, l);
+            _mm512_mask_storeu_ps(row.add(16), mask_r, r);
         }
         return;
     }
@@ -1065,6 +1070,33 @@ mod tests {
                     assert!(
                         (*got as f64 - want).abs() < tolerance,
                         "{name} {m}×{k}×{n}: {got} vs {want}"
+                    );
+                }
+                // Row-major C with β ≠ 0 (edge tiles load and store only their valid columns).
+                let mut c2 = vec![2.0f32; m * n];
+                unsafe {
+                    kernel(
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        a.as_ptr(),
+                        k as isize,
+                        1,
+                        b.as_ptr(),
+                        n as isize,
+                        1,
+                        -1.0,
+                        c2.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+                for (got, want) in c2.iter().zip(&want) {
+                    assert!(
+                        (*got as f64 - (want - 2.0)).abs() < tolerance,
+                        "{name} {m}×{k}×{n}, β = −1: {got} vs {}",
+                        want - 2.0
                     );
                 }
                 // Transposed operands (column-major views of the same data) and a column-major C,
