@@ -281,27 +281,8 @@ fn gemm_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c
         return gemm_serial(alpha, a, b, beta, c);
     }
     if m * n * k >= DYNAMIC_MIN_MACS && !halves_only() {
-        let (sa, sb) = (a.strides(), b.strides());
         // SAFETY: as in `gemm_serial`, for the whole of `c`.
-        let done = unsafe {
-            T::gemm_parallel(
-                m,
-                k,
-                n,
-                alpha,
-                a.as_ptr(),
-                sa[0],
-                sa[1],
-                b.as_ptr(),
-                sb[0],
-                sb[1],
-                beta,
-                c.ptr,
-                c.row_stride,
-                c.col_stride,
-            )
-        };
-        if done {
+        if unsafe { call_kernel(T::gemm_parallel, alpha, a, b, beta, c) } {
             return;
         }
     }
@@ -351,28 +332,60 @@ fn gemm_serial<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, 
         }
         return;
     }
-    let (sa, sb) = (a.strides(), b.strides());
     // SAFETY: the views describe valid matrices of the asserted shapes; `c` is this thread's
     // block of an output that aliases neither `a` nor `b`; with β = 0 matrixmultiply does not
     // read `c`.
-    unsafe {
-        T::gemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            sa[0],
-            sa[1],
-            b.as_ptr(),
-            sb[0],
-            sb[1],
-            beta,
-            c.ptr,
-            c.row_stride,
-            c.col_stride,
-        );
-    }
+    unsafe { call_kernel(T::gemm, alpha, a, b, beta, c) }
+}
+
+/// A kernel with [`Float::gemm`]'s raw signature.
+type Kernel<T, R> = unsafe fn(
+    usize,
+    usize,
+    usize,
+    T,
+    *const T,
+    isize,
+    isize,
+    *const T,
+    isize,
+    isize,
+    T,
+    *mut T,
+    isize,
+    isize,
+) -> R;
+
+/// `kernel` on the views' shapes, pointers and strides.
+///
+/// # Safety
+/// As for [`Float::gemm`]: `c` aliases neither `a` nor `b`.
+unsafe fn call_kernel<T: Float, R>(
+    kernel: Kernel<T, R>,
+    alpha: T,
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    beta: T,
+    c: Out<T>,
+) -> R {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    let (sa, sb) = (a.strides(), b.strides());
+    kernel(
+        m,
+        k,
+        n,
+        alpha,
+        a.as_ptr(),
+        sa[0],
+        sa[1],
+        b.as_ptr(),
+        sb[0],
+        sb[1],
+        beta,
+        c.ptr,
+        c.row_stride,
+        c.col_stride,
+    )
 }
 
 #[cfg(test)]

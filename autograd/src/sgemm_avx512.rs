@@ -108,23 +108,7 @@ pub unsafe fn sgemm(
     rsc: isize,
     csc: isize,
 ) {
-    let product = Product {
-        m,
-        k,
-        n,
-        kc_max: k_block(k),
-        alpha,
-        a,
-        rsa,
-        csa,
-        b,
-        rsb,
-        csb,
-        beta,
-        c,
-        rsc,
-        csc,
-    };
+    let product = Product::new(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc);
     #[cfg(target_arch = "x86_64")]
     product.run(0..m, 0..n, None, None);
 }
@@ -181,23 +165,7 @@ pub unsafe fn sgemm_parallel(
     if shared_floats > SHARED_PACK_MAX_FLOATS {
         return false;
     }
-    let product = Product {
-        m,
-        k,
-        n,
-        kc_max: k_block(k),
-        alpha,
-        a,
-        rsa,
-        csa,
-        b,
-        rsb,
-        csb,
-        beta,
-        c,
-        rsc,
-        csc,
-    };
+    let product = Product::new(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc);
     #[cfg(target_arch = "x86_64")]
     product.run_parallel(split_rows);
     true
@@ -222,6 +190,46 @@ struct Product {
     c: *mut f32,
     rsc: isize,
     csc: isize,
+}
+
+impl Product {
+    /// The arguments of [`sgemm`], with k's block size.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+        csc: isize,
+    ) -> Self {
+        let kc_max = k_block(k);
+        Product {
+            m,
+            k,
+            n,
+            kc_max,
+            alpha,
+            a,
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            beta,
+            c,
+            rsc,
+            csc,
+        }
+    }
 }
 
 // SAFETY: the threads of a parallel product read A and B and write disjoint parts of C.
