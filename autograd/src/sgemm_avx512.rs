@@ -358,6 +358,7 @@ impl Product {
     /// packing — only for those, since a panel is claimed by a thread that is running — so
     /// the product completes even if some of the pool's threads never join in.
     unsafe fn run_parallel(&self, split_rows: bool) {
+        use rayon::prelude::*;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let Product {
             m, k, n, kc_max, ..
@@ -393,69 +394,66 @@ impl Product {
             AtomicUsize::new(0),
         );
         let total = if split_rows { m } else { n };
-        rayon::iter::ParallelIterator::for_each(
-            rayon::iter::IntoParallelIterator::into_par_iter(0..threads),
-            |_| {
-                let shared = shared_ptr as *mut f32;
-                loop {
-                    let task = next_task.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(start, pc, first)) = tasks.get(task) else {
-                        break;
-                    };
-                    let width = block.min(shared_len - start);
-                    let kc = kc_max.min(k - pc);
-                    let count = (8 * panel).min(width - first);
-                    let dst = shared.add(shared_offset(start, k, pc, width, panel) + first * kc);
-                    if split_rows {
-                        let src = self
-                            .b
-                            .offset(pc as isize * self.rsb + (start + first) as isize * self.csb);
-                        pack_b(kc, count, src, self.rsb, self.csb, dst);
-                    } else {
-                        let src = self
-                            .a
-                            .offset((start + first) as isize * self.rsa + pc as isize * self.csa);
-                        pack_a(count, kc, src, self.rsa, self.csa, dst);
-                    }
-                    packed.fetch_add(1, Ordering::Release);
-                }
-                while packed.load(Ordering::Acquire) < tasks.len() {
-                    std::hint::spin_loop();
-                }
-                let shared = shared as *const f32;
-                let (align, min_chunk) = if split_rows {
-                    (MR, CHUNK_MIN_ROWS)
-                } else {
-                    (NR, CHUNK_MIN_COLS)
+        (0..threads).into_par_iter().for_each(|_| {
+            let shared = shared_ptr as *mut f32;
+            loop {
+                let task = next_task.fetch_add(1, Ordering::Relaxed);
+                let Some(&(start, pc, first)) = tasks.get(task) else {
+                    break;
                 };
-                loop {
-                    let mut start = next_chunk.load(Ordering::Relaxed);
-                    let end = loop {
-                        if start >= total {
-                            return;
-                        }
-                        let chunk = ((total - start) / (2 * threads))
-                            .next_multiple_of(align)
-                            .max(min_chunk);
-                        let end = (start + chunk).min(total);
-                        match next_chunk.compare_exchange_weak(
-                            start,
-                            end,
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                        ) {
-                            Ok(_) => break end,
-                            Err(now) => start = now,
-                        }
-                    };
-                    if split_rows {
-                        self.run(start..end, 0..n, None, Some(shared));
-                    } else {
-                        self.run(0..m, start..end, pack_a_whole.then_some(shared), None);
-                    }
+                let width = block.min(shared_len - start);
+                let kc = kc_max.min(k - pc);
+                let count = (8 * panel).min(width - first);
+                let dst = shared.add(shared_offset(start, k, pc, width, panel) + first * kc);
+                if split_rows {
+                    let src = self
+                        .b
+                        .offset(pc as isize * self.rsb + (start + first) as isize * self.csb);
+                    pack_b(kc, count, src, self.rsb, self.csb, dst);
+                } else {
+                    let src = self
+                        .a
+                        .offset((start + first) as isize * self.rsa + pc as isize * self.csa);
+                    pack_a(count, kc, src, self.rsa, self.csa, dst);
                 }
-            },
-        );
+                packed.fetch_add(1, Ordering::Release);
+            }
+            while packed.load(Ordering::Acquire) < tasks.len() {
+                std::hint::spin_loop();
+            }
+            let shared = shared as *const f32;
+            let (align, min_chunk) = if split_rows {
+                (MR, CHUNK_MIN_ROWS)
+            } else {
+                (NR, CHUNK_MIN_COLS)
+            };
+            loop {
+                let mut start = next_chunk.load(Ordering::Relaxed);
+                let end = loop {
+                    if start >= total {
+                        return;
+                    }
+                    let chunk = ((total - start) / (2 * threads))
+                        .next_multiple_of(align)
+                        .max(min_chunk);
+                    let end = (start + chunk).min(total);
+                    match next_chunk.compare_exchange_weak(
+                        start,
+                        end,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => break end,
+                        Err(now) => start = now,
+                    }
+                };
+                if split_rows {
+                    self.run(start..end, 0..n, None, Some(shared));
+                } else {
+                    self.run(0..m, start..end, pack_a_whole.then_some(shared), None);
+                }
+            }
+        });
         drop(kept);
     }
 }
