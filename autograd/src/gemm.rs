@@ -389,7 +389,7 @@ unsafe fn call_kernel<T: Float, R>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ndarray::Array2;
 
@@ -427,6 +427,15 @@ mod tests {
         assert_eq!(c2, want * 2.0 + 1.0);
     }
 
+    /// `f` on a pool of `threads` threads.
+    pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a thread pool")
+            .install(f)
+    }
+
     #[test]
     fn gemv_gives_the_same_bits_on_one_thread_and_on_three() {
         // Non-integer values, so that a different summation order would show in the bits.
@@ -436,11 +445,7 @@ mod tests {
         });
         let bt = b.t().as_standard_layout().into_owned();
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 let mut rows = Array2::zeros((1, 900));
                 gemm(1.0, a.view(), b.view(), 0.0, rows.view_mut());
                 let mut columns = Array2::zeros((1, 900));
@@ -493,11 +498,7 @@ mod tests {
         let a = Array2::from_shape_fn((512, 256), |(i, j)| ((i * 7 + j) % 13) as f32 * 0.1 - 0.6);
         let b = Array2::from_shape_fn((512, 256), |(i, j)| ((i * 5 + j) % 11) as f32 * 0.1 - 0.5);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            on_threads(threads, || {
                 // A row split (m ≥ n) with a column-major B, a column split with a row-major one.
                 let mut rows = Array2::zeros((512, 512));
                 gemm(1.0, a.view(), b.t(), 0.0, rows.view_mut());

@@ -1195,12 +1195,8 @@ mod tests {
                 );
             }
             for threads in [1, 2, 3] {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
                 let mut parallel = start.clone();
-                let done = pool.install(|| unsafe {
+                let done = crate::gemm::tests::on_threads(threads, || unsafe {
                     sgemm_parallel(
                         m,
                         k,
