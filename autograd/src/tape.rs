@@ -87,6 +87,9 @@ pub struct Node<T: Float> {
     pub value_norm: Option<f64>,
     pub grad_norm: Option<f64>,
     pub(crate) backward: Option<BackwardFn<T>>,
+    /// Set by ops whose backward returns, for input 0, one gradient row per entry here
+    /// (embedding): row `i` is added into row `scatter_rows[i]` of that input's gradient.
+    pub(crate) scatter_rows: Option<Vec<usize>>,
 }
 
 impl<T: Float> Node<T> {
@@ -271,6 +274,7 @@ impl<T: Float> Tape<T> {
             value_norm: self.track_norms.get().then(|| l2_norm(&value)),
             grad_norm: None,
             backward: None,
+            scatter_rows: None,
         });
         Var {
             tape: self,
@@ -406,14 +410,10 @@ fn run_backward<T: Float>(
         let input_grads = backward(grad, &needs);
         debug_assert_eq!(input_grads.len(), node.inputs.len(), "{}: arity", node.op);
         let (op, inputs) = (node.op, node.inputs.clone());
+        let scatter_rows = node.scatter_rows.take();
         for (slot, (j, g)) in inputs.into_iter().zip(input_grads).enumerate() {
             let status = match g {
                 Some(g) => {
-                    assert_eq!(
-                        g.shape(),
-                        &nodes[j].shape[..],
-                        "{op}: backward returned a gradient of the wrong shape for input {slot}"
-                    );
                     if anomaly && !g.iter().all(|v| v.is_finite()) {
                         return Err(AutogradError::NonFinite {
                             op,
@@ -421,7 +421,17 @@ fn run_backward<T: Float>(
                             place: format!("the gradient for its input {slot} (backward)"),
                         });
                     }
-                    accumulate(&mut grads[j], g);
+                    match (&scatter_rows, slot) {
+                        (Some(rows), 0) => scatter_add(&mut grads[j], &nodes[j].shape, rows, g),
+                        _ => {
+                            assert_eq!(
+                                g.shape(),
+                                &nodes[j].shape[..],
+                                "{op}: backward returned a gradient of the wrong shape for input {slot}"
+                            );
+                            accumulate(&mut grads[j], g);
+                        }
+                    }
                     GradStatus::Computed
                 }
                 None => GradStatus::Skipped,
@@ -433,6 +443,44 @@ fn run_backward<T: Float>(
         }
     }
     Ok(out)
+}
+
+/// Adds row `i` of `g` (`[rows.len(), dim]`) into row `rows[i]` of the slot's gradient of
+/// `shape` (`[n, dim]`), starting from zeros if nothing has reached it yet.
+fn scatter_add<T: Float>(
+    slot: &mut Option<ArrayD<T>>,
+    shape: &[usize],
+    rows: &[usize],
+    g: ArrayD<T>,
+) {
+    let dim = shape[1..].iter().product::<usize>();
+    assert_eq!(
+        g.len(),
+        rows.len() * dim,
+        "a scattered gradient has one row per id"
+    );
+    let acc = slot.get_or_insert_with(|| ArrayD::zeros(IxDyn(shape)));
+    let g = g.as_standard_layout();
+    let g = g.as_slice().expect("standard layout");
+    let g_rows = rows.iter().zip(g.chunks_exact(dim.max(1)));
+    if let Some(acc) = acc.as_slice_mut() {
+        for (&row, values) in g_rows {
+            for (a, &v) in acc[row * dim..(row + 1) * dim].iter_mut().zip(values) {
+                *a += v;
+            }
+        }
+    } else {
+        // A gradient another op left strided (a transposed table, say).
+        for (&row, values) in g_rows {
+            for (a, &v) in acc
+                .index_axis_mut(ndarray::Axis(0), row)
+                .iter_mut()
+                .zip(values)
+            {
+                *a += v;
+            }
+        }
+    }
 }
 
 /// Adds `g` into the slot; the first contribution is moved in, not added to zeros.
@@ -588,6 +636,7 @@ pub(crate) struct OpRecord<'a, 't, T: Float> {
     attrs: String,
     inputs: &'a [&'a Var<'t, T>],
     saved: Vec<SavedInfo>,
+    scatter_rows: Option<Vec<usize>>,
 }
 
 impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
@@ -597,6 +646,7 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
             attrs: String::new(),
             inputs,
             saved: Vec::new(),
+            scatter_rows: None,
         }
     }
 
@@ -612,6 +662,15 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
         a: &ndarray::ArrayBase<impl ndarray::RawData<Elem = T>, D>,
     ) -> Self {
         self.saved.push(SavedInfo::of(name, a));
+        self
+    }
+
+    /// The backward rule returns, for input 0, the gradient of the rows `rows` picked (one row
+    /// per entry, `[rows.len(), dim]`): the tape adds each into its row of input 0's gradient
+    /// in place, so a large table whose few rows were used (GPT-2's tied wte: 154 MB) gets no
+    /// dense zero gradient to be added to the one it already has.
+    pub(crate) fn scatters_rows(mut self, rows: Vec<usize>) -> Self {
+        self.scatter_rows = Some(rows);
         self
     }
 
@@ -684,6 +743,7 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
                         value_norm: None,
                         grad_norm: None,
                         backward: None,
+                        scatter_rows: None,
                     });
                     index
                 })
@@ -713,6 +773,11 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
             value_norm: tape.track_norms.get().then(|| l2_norm(&value)),
             grad_norm: None,
             backward: if requires_grad { backward } else { None },
+            scatter_rows: if requires_grad {
+                self.scatter_rows
+            } else {
+                None
+            },
         });
         Ok(Var {
             tape,

@@ -1,7 +1,9 @@
 //! Embedding lookup: rows of a table picked by integer ids.
 //!
 //! Backward is a scatter-add: the gradient row for output position i is added into table row
-//! `ids[i]`, so an id that appears several times collects all of its gradients.
+//! `ids[i]`, so an id that appears several times collects all of its gradients. The tape does
+//! the adding, in place into the table's gradient (which for GPT-2's tied wte already holds
+//! the lm_head's dense gradient), so no `[vocab, dim]` table of zeros is ever built.
 
 use ndarray::{Array2, ArrayD, Axis, IxDyn};
 
@@ -39,19 +41,12 @@ impl<'t, T: Float> Var<'t, T> {
         let out = out
             .into_shape_with_order(IxDyn(&out_shape))
             .expect("same size");
+        // Backward hands the tape one gradient row per id, which it adds into those rows of the
+        // table's gradient in place (see `OpRecord::scatters_rows`): no dense [vocab, dim] table.
         OpRecord::new("embedding", &[self])
             .attrs(format!("{} ids", flat.len()))
-            .finish(out, move |g, _| {
-                let g = g
-                    .to_shape((flat.len(), dim))
-                    .expect("gradient has the output's size");
-                let mut table_grad = Array2::<T>::zeros((vocab, dim));
-                for (row, &id) in g.outer_iter().zip(&flat) {
-                    let mut dest = table_grad.row_mut(id);
-                    dest += &row;
-                }
-                vec![Some(table_grad.into_dyn())]
-            })
+            .scatters_rows(flat)
+            .finish(out, move |g, _| vec![Some(g)])
     }
 }
 
@@ -91,6 +86,42 @@ mod tests {
         assert_gradcheck(
             move |x| x[0].embedding(&ids)?.tanh(),
             &[rand_array(&[4, 5], 3)],
+        );
+    }
+
+    #[test]
+    fn a_table_used_also_densely_gets_both_gradients_in_either_order() {
+        // GPT-2's tied wte: looked up by ids and multiplied (transposed) as the output layer.
+        // Embedding first: its rows are added into the dense gradient the output layer left
+        // (which a transposed use leaves strided); embedding last: the dense gradient is added
+        // to the rows the scatter put into a zero table.
+        let ids = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1, 1, 0, 3, 1, 3]).unwrap();
+        let (ids_a, ids_b) = (ids.clone(), ids);
+        assert_gradcheck(
+            move |x| {
+                let looked_up = x[0].embedding(&ids_a)?.tanh()?;
+                let dense = x[1].matmul(&x[0].transpose(0, 1)?)?;
+                looked_up.sum_all()?.add(&dense.tanh()?.sum_all()?)
+            },
+            &[rand_array(&[4, 5], 3), rand_array(&[2, 5], 4)],
+        );
+        assert_gradcheck(
+            move |x| {
+                let dense = x[1].matmul(&x[0].transpose(0, 1)?)?;
+                let looked_up = x[0].embedding(&ids_b)?.tanh()?;
+                dense.tanh()?.sum_all()?.add(&looked_up.sum_all()?)
+            },
+            &[rand_array(&[4, 5], 5), rand_array(&[2, 5], 6)],
+        );
+        // The dense gradient a transpose hands back is a column-major view of the table.
+        let ids = ArrayD::from_shape_vec(IxDyn(&[3]), vec![2, 0, 2]).unwrap();
+        assert_gradcheck(
+            move |x| {
+                let looked_up = x[0].embedding(&ids)?.tanh()?;
+                let transposed = x[0].transpose(0, 1)?.tanh()?;
+                looked_up.sum_all()?.add(&transposed.sum_all()?)
+            },
+            &[rand_array(&[4, 5], 7)],
         );
     }
 }
