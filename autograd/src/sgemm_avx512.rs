@@ -125,7 +125,7 @@ const CHUNK_MIN_COLS: usize = 4 * NR;
 
 /// [`sgemm`] on all threads of rayon's pool, with the same result to the bit (every element
 /// of C is still one micro-kernel's sum over the same k blocks in the same order). Returns
-/// `false`, doing nothing, when the operand to share would be larger than
+/// `false`, doing nothing, when the operand to pack would be larger than
 /// [`SHARED_PACK_MAX_FLOATS`] (lm_head's ∂x = G·wte: 50257 × 768); the caller splits the
 /// product itself then.
 ///
@@ -156,19 +156,14 @@ pub unsafe fn sgemm_parallel(
     rsc: isize,
     csc: isize,
 ) -> bool {
-    let split_rows = m >= n;
-    let shared_floats = if split_rows {
-        k * n.next_multiple_of(NR)
-    } else {
-        k * m.next_multiple_of(MR)
-    };
-    if shared_floats > SHARED_PACK_MAX_FLOATS {
-        return false;
-    }
     let product = Product::new(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc);
     #[cfg(target_arch = "x86_64")]
-    product.run_parallel(split_rows);
-    true
+    return product.run_parallel();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = product;
+        false
+    }
 }
 
 /// One product's operands and output, as the drivers pass them around.
@@ -356,17 +351,23 @@ impl Product {
     /// panels handed out from one counter), then chunks of rows or columns are handed out from
     /// another. A thread that runs out of packing work waits for the panels others are still
     /// packing — only for those, since a panel is claimed by a thread that is running — so
-    /// the product completes even if some of the pool's threads never join in.
-    unsafe fn run_parallel(&self, split_rows: bool) {
+    /// the product completes even if some of the pool's threads never join in. Returns
+    /// `false`, doing nothing, when the operand to pack is over [`SHARED_PACK_MAX_FLOATS`] (a
+    /// row-major A read in place by a column split is never packed, whatever its size).
+    unsafe fn run_parallel(&self) -> bool {
         use rayon::prelude::*;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let Product {
             m, k, n, kc_max, ..
         } = *self;
+        let split_rows = m >= n;
         // The operand read whole by every chunk, as (start, width) blocks × k blocks.
         let pack_a_whole = !split_rows && self.csa != 1;
         let (shared_len, block, panel) = if split_rows { (n, NC, NR) } else { (m, MC, MR) };
         let pack_whole = split_rows || pack_a_whole;
+        if pack_whole && k * shared_len.next_multiple_of(panel) > SHARED_PACK_MAX_FLOATS {
+            return false;
+        }
         let mut own = Vec::new();
         let mut kept = SHARED_PACK.try_lock().ok();
         let buffer = kept.as_deref_mut().unwrap_or(&mut own);
@@ -455,6 +456,7 @@ impl Product {
             }
         });
         drop(kept);
+        true
     }
 }
 
