@@ -12,15 +12,17 @@
 //! jc: NC columns of B/C          pack B[pc.., jc..] into 32-column panels (kc × 32 each)
 //!   pc: KC steps of k
 //!     ic: MC rows of A/C         pack A[ic.., pc..] into 12-row panels (kc × 12 each);
-//!                                a row-major A: only a partial last panel is packed
+//!                                a row-major A of a small product: only a partial last
+//!                                panel is packed
 //!       ir: 12-row panel         stays in L1 (18 KiB at kc = 384) for the whole jr loop
 //!         jr: 32-column panel    micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C, B streamed
 //!                                from L2 with a software prefetch 8 steps of k ahead
 //! ```
 //! A row-major A (activations, incoming gradients: the A of every forward product and every
-//! ∂x = G·Wᵀ) is read in place by `kernel_rows`, as BLIS's "sup" kernels do for small
-//! products: packing it meant a scalar store per value to a stride-12 slot, a quarter of a
-//! small product's time. A column-major B (Wᵀ in ∂x = G·Wᵀ) is packed through 16×16
+//! ∂x = G·Wᵀ) is read in place by `kernel_rows` in small products, as BLIS's "sup" kernels
+//! do, and packed through 16×16 in-register transposes in large ones (from 2^26
+//! multiply-adds and 256 columns), where the kernel reading one stream instead of 12 rows
+//! pays for the packing. A column-major B (Wᵀ in ∂x = G·Wᵀ) is packed through 16×16
 //! in-register transposes. Panels are zero-padded at the edges; an edge tile is computed
 //! whole and only its valid part is written to C (masked vector stores along C's rows; through
 //! a local buffer for a C with strided rows). β is applied on the
@@ -118,6 +120,14 @@ pub unsafe fn sgemm(
 /// chunk.
 const SHARED_PACK_MAX_FLOATS: usize = 16 << 20;
 
+/// Products from this many multiply-adds, at least [`PACK_A_MIN_COLS`] wide, pack a
+/// row-major A too instead of reading it in place: the micro-kernel then reads A's 12 rows as
+/// one sequential stream (reloaded from L2 for every B panel) instead of 12. Measured on
+/// GPT-2's products, alternated call by call: 1.09–1.19× on two threads, 1.01–1.08× on one;
+/// on small or narrow products (nanogpt-cpu's, attention's) packing did not pay.
+const PACK_A_MIN_MACS: usize = 1 << 26;
+const PACK_A_MIN_COLS: usize = 256;
+
 /// Fewest rows / columns of C a thread takes at a time in a parallel product (four panels):
 /// each chunk reads the whole shared operand once, so chunks may not get too small.
 const CHUNK_MIN_ROWS: usize = 4 * MR;
@@ -134,8 +144,7 @@ const CHUNK_MIN_COLS: usize = 4 * NR;
 /// [`CHUNK_MIN_COLS`] — so a thread slowed down by another process hands its work to the
 /// other instead of making it wait (a fixed half each left the threads idle 7–12 % of
 /// GPT-2's GEMM time). The operand every chunk reads whole is packed once, by all threads,
-/// into one buffer: B for a row split, A for a column split (unless A is row-major: it is
-/// read in place then).
+/// into one buffer: B for a row split, A for a column split (unless A is read in place).
 ///
 /// # Safety
 /// As for [`sgemm`].
@@ -174,6 +183,8 @@ struct Product {
     n: usize,
     /// Steps of k per packed block ([`k_block`] of `k`).
     kc_max: usize,
+    /// A row-major A read by the micro-kernel in place (see [`Product::run`]).
+    a_in_place: bool,
     alpha: f32,
     a: *const f32,
     rsa: isize,
@@ -207,11 +218,13 @@ impl Product {
         csc: isize,
     ) -> Self {
         let kc_max = k_block(k);
+        let a_in_place = csa == 1 && (m * n * k < PACK_A_MIN_MACS || n < PACK_A_MIN_COLS);
         Product {
             m,
             k,
             n,
             kc_max,
+            a_in_place,
             alpha,
             a,
             rsa,
@@ -275,11 +288,10 @@ impl Product {
             let (a_buf, b_buf) = &mut *buffers.borrow_mut();
             let a_pack = lines(a_buf, if shared_a.is_none() { MC * kc_max } else { 0 });
             let b_pack = lines(b_buf, if shared_b.is_none() { NC * kc_max } else { 0 });
-            // A row-major A is read in place (BLIS's "sup" idea): the micro-kernel broadcasts
-            // its values straight from the rows, and only a partial last panel is packed.
-            // Packing it would scatter every value to a stride-12 slot, which costs a quarter
-            // of a small product's time.
-            let a_in_place = csa == 1 && shared_a.is_none();
+            // A row-major A of a small product is read in place (BLIS's "sup" idea): the
+            // micro-kernel broadcasts its values straight from the rows, and only a partial
+            // last panel is packed; packing costs more there than the kernel gains.
+            let a_in_place = self.a_in_place && shared_a.is_none();
             for jc in cols.clone().step_by(NC) {
                 let nc = NC.min(cols.end - jc);
                 for pc in (0..k).step_by(kc_max) {
@@ -353,7 +365,7 @@ impl Product {
     /// packing — only for those, since a panel is claimed by a thread that is running — so
     /// the product completes even if some of the pool's threads never join in. Returns
     /// `false`, doing nothing, when the operand to pack is over [`SHARED_PACK_MAX_FLOATS`] (a
-    /// row-major A read in place by a column split is never packed, whatever its size).
+    /// row-major A read in place by a column split is not packed, whatever its size).
     unsafe fn run_parallel(&self) -> bool {
         use rayon::prelude::*;
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -362,7 +374,7 @@ impl Product {
         } = *self;
         let split_rows = m >= n;
         // The operand read whole by every chunk, as (start, width) blocks × k blocks.
-        let pack_a_whole = !split_rows && self.csa != 1;
+        let pack_a_whole = !split_rows && !self.a_in_place;
         let (shared_len, block, panel) = if split_rows { (n, NC, NR) } else { (m, MC, MR) };
         let pack_whole = split_rows || pack_a_whole;
         if pack_whole && k * shared_len.next_multiple_of(panel) > SHARED_PACK_MAX_FLOATS {
@@ -495,6 +507,19 @@ unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, ou
             }
             continue;
         }
+        if csa == 1 && rows == MR {
+            // Row-major A (x in x·W): 16 steps of the 12 rows at a time, transposed in
+            // registers instead of scattering each value to a stride-12 slot.
+            let src = a.offset(ir as isize * rsa);
+            let whole = kc - kc % 16;
+            transpose_rows(whole, src, rsa, dst);
+            for i in 0..MR {
+                for p in whole..kc {
+                    *dst.add(p * MR + i) = *src.offset(i as isize * rsa + p as isize);
+                }
+            }
+            continue;
+        }
         for i in 0..rows {
             let src = a.offset((ir + i) as isize * rsa);
             for p in 0..kc {
@@ -561,6 +586,25 @@ unsafe fn transpose_columns(kc: usize, src: *const f32, csb: isize, dst: *mut f3
             for (q, column) in columns.iter().enumerate() {
                 _mm512_store_ps(dst.add((p + q) * NR + 16 * half), *column);
             }
+        }
+    }
+}
+
+/// For 12 contiguous rows of `kc` values (`kc` a multiple of 16) starting at `src`, `rsa`
+/// apart, writes step `p` of the 12-wide panel for every `p`: one 16×16 transpose (four rows
+/// of zeros) per 16 steps, each column stored as 12 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_rows(kc: usize, src: *const f32, rsa: isize, dst: *mut f32) {
+    const TWELVE_LANES: __mmask16 = (1 << MR) - 1;
+    for p in (0..kc).step_by(16) {
+        let mut rows = [_mm512_setzero_ps(); 16];
+        for (i, row) in rows.iter_mut().take(MR).enumerate() {
+            *row = _mm512_loadu_ps(src.offset(i as isize * rsa + p as isize));
+        }
+        let steps = transpose16(rows);
+        for (q, step) in steps.iter().enumerate() {
+            _mm512_mask_storeu_ps(dst.add((p + q) * MR), TWELVE_LANES, *step);
         }
     }
 }
@@ -1034,6 +1078,9 @@ mod tests {
             // Several k blocks of balanced size (800 → 3 × 272, the last one 256).
             (25, 800, 70),
             (36, 1000, 64),
+            // Large enough that a row-major A is packed (PACK_A_MIN_MACS, PACK_A_MIN_COLS),
+            // with a partial last panel and a k block that is not a multiple of 16.
+            (301, 801, 280),
             // Thin products (LoRA's rank side), for both kernels.
             (768, 128, 8),
             (30, 50, 16),
@@ -1149,7 +1196,8 @@ mod tests {
             return;
         }
         // (m, k, n, A column-major, B column-major): row splits with B shared (row- and
-        // column-major B), column splits with A read in place and with A packed and shared;
+        // column-major B), column splits with A read in place and with A packed and shared
+        // (column- and row-major A);
         // edges that leave partial panels, several k blocks, and more rows than one MC block.
         let cases = [
             (300, 200, 150, false, false),
@@ -1158,6 +1206,9 @@ mod tests {
             (97, 385, 700, true, false),
             (250, 64, 2100, true, true),
             (1200, 40, 33, true, false),
+            // Row-major A packed: by each thread (row split) and shared (column split).
+            (301, 801, 280, false, false),
+            (260, 801, 700, false, true),
         ];
         for (m, k, n, a_cols, b_cols) in cases {
             let a: Vec<f32> = (0..m * k)
