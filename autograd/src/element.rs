@@ -60,6 +60,14 @@ pub trait Float:
         crate::simd::dot_lanes(a, b)
     }
 
+    /// `[a·b₀, a·b₁, a·b₂, a·b₃]` with the bits of four [`Float::dot`] calls: one pass reads
+    /// the four `b`s side by side (four memory streams instead of one, which a GEMV against a
+    /// transposed weight needs to reach the memory's streaming rate).
+    #[inline(always)]
+    fn dot4(a: &[Self], b: [&[Self]; 4]) -> [Self; 4] {
+        b.map(|b| Self::dot(a, b))
+    }
+
     /// `C ← α·A·B + β·C` on strided memory (matrixmultiply's kernel for this type).
     ///
     /// # Safety
@@ -136,6 +144,15 @@ impl Float for f32 {
             return unsafe { crate::simd::dot_avx512(a, b) };
         }
         crate::simd::dot_lanes(a, b)
+    }
+    #[inline(always)]
+    fn dot4(a: &[Self], b: [&[Self]; 4]) -> [Self; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::width() == crate::simd::Width::Avx512 {
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { crate::simd::dot4_avx512(a, b) };
+        }
+        b.map(|b| crate::simd::dot_lanes(a, b))
     }
     unsafe fn gemm(
         m: usize,

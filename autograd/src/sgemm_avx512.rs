@@ -68,6 +68,49 @@ pub fn available() -> bool {
     })
 }
 
+/// The calling thread's floating-point rate, in FLOP/s, on independent 16-lane FMA chains
+/// that never touch memory, run for about `seconds`: the ceiling a GEMM kernel could reach on
+/// this core right now (what MFU is measured against). `None` without AVX-512.
+pub fn fma_peak_flops(seconds: f64) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // 24 accumulators: more than the FMA latency (4 cycles) × ports (2) in flight, as many
+        // as the micro-kernel keeps.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn chains(iterations: usize) -> f32 {
+            let mut acc = [_mm512_setzero_ps(); 24];
+            let x = _mm512_set1_ps(std::hint::black_box(0.999_999));
+            let y = _mm512_set1_ps(std::hint::black_box(1e-6));
+            for _ in 0..iterations {
+                for acc in acc.iter_mut() {
+                    *acc = _mm512_fmadd_ps(x, *acc, y);
+                }
+            }
+            let sum = acc
+                .iter()
+                .fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a));
+            _mm512_reduce_add_ps(sum)
+        }
+        const FLOPS_PER_ITERATION: f64 = (24 * 16 * 2) as f64;
+        let start = std::time::Instant::now();
+        let mut iterations = 1 << 12;
+        let mut best = 0.0f64;
+        while start.elapsed().as_secs_f64() < seconds {
+            let t = std::time::Instant::now();
+            // SAFETY: AVX-512F was detected above.
+            std::hint::black_box(unsafe { chains(iterations) });
+            let secs = t.elapsed().as_secs_f64();
+            best = best.max(iterations as f64 * FLOPS_PER_ITERATION / secs);
+            if secs < 1e-3 {
+                iterations *= 2;
+            }
+        }
+        return Some(best);
+    }
+    let _ = seconds;
+    None
+}
+
 /// A 64-byte aligned line of 16 floats: the packing buffers are made of these so that the
 /// micro-kernel's vector loads are aligned.
 #[derive(Clone, Copy)]
@@ -1033,6 +1076,15 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_fma_peak_is_a_positive_rate_when_avx512_is_here() {
+        match fma_peak_flops(0.01) {
+            Some(flops) => assert!(flops.is_finite() && flops > 1e8, "{flops}"),
+            None => assert!(!std::arch::is_x86_feature_detected!("avx512f")),
+        }
     }
 
     #[test]

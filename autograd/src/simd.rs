@@ -156,6 +156,98 @@ pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     T::dot(a, b)
 }
 
+/// [`dot_avx512`] of `a` with four slices at once, each result with the same operations in the
+/// same order as its own call (so the same bits): `a` is loaded once per step and the four
+/// `b`s stream side by side.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot4_avx512(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    for b in b {
+        assert_eq!(a.len(), b.len(), "dot4: slices of different lengths");
+    }
+    let pa = a.as_ptr();
+    let pb = b.map(|b| b.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let full64 = a.len() / 64 * 64;
+    let mut i = 0;
+    while i < full64 {
+        for r in 0..4 {
+            let x = _mm512_loadu_ps(pa.add(i + 16 * r));
+            for (acc, pb) in acc.iter_mut().zip(pb) {
+                acc[r] = _mm512_add_ps(
+                    acc[r],
+                    _mm512_mul_ps(x, _mm512_loadu_ps(pb.add(i + 16 * r))),
+                );
+            }
+        }
+        i += 64;
+    }
+    let full16 = a.len() / 16 * 16;
+    while i < full16 {
+        let x = _mm512_loadu_ps(pa.add(i));
+        for (acc, pb) in acc.iter_mut().zip(pb) {
+            acc[0] = _mm512_add_ps(acc[0], _mm512_mul_ps(x, _mm512_loadu_ps(pb.add(i))));
+        }
+        i += 16;
+    }
+    let mut out = [0.0f32; 4];
+    for ((out, acc), b) in out.iter_mut().zip(acc).zip(b) {
+        let mut rows = [[0.0f32; 16]; 4];
+        for (row, acc) in rows.iter_mut().zip(acc) {
+            _mm512_storeu_ps(row.as_mut_ptr(), acc);
+        }
+        *out = a[full16..]
+            .iter()
+            .zip(&b[full16..])
+            .fold(combine(rows), |s, (&x, &y)| s + x * y);
+    }
+    out
+}
+
+/// `Σ x`, reading `x` as [`STREAMS`] equal parts side by side: a probe of the memory's
+/// streaming rate (one sequential stream per core reads markedly slower than several). Not
+/// for results: the order of the additions is whatever is quickest.
+pub fn sum_as_streams(x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if width() == Width::Avx512 {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { sum_as_streams_avx512(x) };
+    }
+    x.iter().sum()
+}
+
+/// Memory streams [`sum_as_streams`] reads at once.
+pub const STREAMS: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_as_streams_avx512(x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let part = x.len() / STREAMS / 64 * 64;
+    let p = x.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); STREAMS];
+    for i in (0..part).step_by(64) {
+        for (s, acc) in acc.iter_mut().enumerate() {
+            let line = p.add(s * part + i);
+            let pair = |o| {
+                _mm512_add_ps(
+                    _mm512_loadu_ps(line.add(o)),
+                    _mm512_loadu_ps(line.add(o + 16)),
+                )
+            };
+            *acc = _mm512_add_ps(*acc, _mm512_add_ps(pair(0), pair(32)));
+        }
+    }
+    let total = acc
+        .iter()
+        .fold(_mm512_setzero_ps(), |t, &a| _mm512_add_ps(t, a));
+    _mm512_reduce_add_ps(total) + x[STREAMS * part..].iter().sum::<f32>()
+}
+
 /// `a · b` in portable code (see [`sum_zip`]).
 #[inline(always)]
 pub fn dot_lanes<T: Float>(a: &[T], b: &[T]) -> T {
@@ -245,6 +337,19 @@ mod tests {
                 dot_lanes(x, y).to_bits(),
                 "length {len}"
             );
+        }
+        // Four dots at once: each with the bits of its own call.
+        for len in [0, 5, 16, 37, 64, 100, 768] {
+            let b: [&[f32]; 4] = std::array::from_fn(|i| &b32[i * 50..i * 50 + len]);
+            let four = f32::dot4(&a32[..len], b);
+            for (got, b) in four.iter().zip(b) {
+                assert_eq!(got.to_bits(), dot(&a32[..len], b).to_bits(), "length {len}");
+            }
+        }
+        // The streaming probe adds everything once, whatever the length.
+        for len in [0, 10, 1023, 1024, 5000] {
+            let x: Vec<f32> = (0..len).map(|i| (i % 3) as f32).collect();
+            assert_eq!(sum_as_streams(&x), x.iter().sum::<f32>(), "length {len}");
         }
         assert!((sum_map(&a, |x| x * x) - a.iter().map(|x| x * x).sum::<f64>()).abs() < 1e-12);
         assert_eq!(sum_map(&[] as &[f64], |x| x), 0.0);

@@ -154,15 +154,68 @@ pub fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// The machine's sgemm peak as this process sees it: the tape's GEMM on 1024³, all threads.
-fn measured_peak_flops() -> f64 {
-    let n = 1024;
-    let (a, b) = (filled(n, n), filled(n, n));
-    let mut c = Array2::<f32>::zeros((n, n));
-    let secs = median_seconds(3, || {
-        tapelora_autograd::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut())
-    });
-    2.0 * (n as f64).powi(3) / secs
+/// Bytes per second at which all threads read `buffers` once (blocks of 1 MiB handed out by
+/// rayon, each summed as 16 streams side by side: the quickest way we found to read memory
+/// here), the best of three passes.
+fn streaming_rate(buffers: &[&[f32]]) -> f64 {
+    use rayon::prelude::*;
+    let bytes = 4.0 * buffers.iter().map(|b| b.len()).sum::<usize>() as f64;
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let sum: f32 = buffers
+                .par_iter()
+                .flat_map(|b| b.par_chunks(1 << 18))
+                .map(tapelora_autograd::simd::sum_as_streams)
+                .sum();
+            std::hint::black_box(sum);
+            bytes / start.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// `x` with `decimals` digits for a JSON line, or `null` when it is not a finite number (JSON
+/// has no NaN).
+fn json_number(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "null".into()
+    }
+}
+
+/// The machine's peak as this process sees it, sampled between timed steps so that the peak
+/// and the steps share the shared machine's slow and fast spells (a peak taken once, before
+/// or after, made the MFU of a run swing past 100 %).
+#[derive(Default)]
+struct PeakSamples {
+    /// The tape's GEMM on 1024³, all threads: the best this code does on a clean product.
+    sgemm: Vec<f64>,
+    /// Register-only FMA chains on every thread at once: the hardware's ceiling.
+    fma: Vec<f64>,
+}
+
+impl PeakSamples {
+    fn sample(&mut self) {
+        let n = 1024;
+        let (a, b) = (filled(n, n), filled(n, n));
+        let mut c = Array2::<f32>::zeros((n, n));
+        let secs = median_seconds(3, || {
+            tapelora_autograd::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut())
+        });
+        self.sgemm.push(2.0 * (n as f64).powi(3) / secs);
+        let per_thread: Vec<Option<f64>> =
+            rayon::broadcast(|_| tapelora_autograd::sgemm_avx512::fma_peak_flops(0.02));
+        if let Some(total) = per_thread.into_iter().sum::<Option<f64>>() {
+            self.fma.push(total);
+        }
+    }
+
+    fn median(samples: &[f64]) -> Option<f64> {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied()
+    }
 }
 
 /// Per-op wall time per step, largest first, with the optimizer and what the tape did not see.
@@ -335,21 +388,28 @@ impl ModelBench {
             Ok(())
         };
         step(model, false)?; // warm-up
-        let flops0 = tapelora_autograd::gemm::gemm_flops();
-        let start = Instant::now();
-        // The quickest step shows the code's speed when the shared machine left it alone.
+                             // The quickest step shows the code's speed when the shared machine left it alone.
         let mut best_secs = f64::INFINITY;
+        let (mut step_secs, mut step_flops) = (0.0, 0);
+        let mut peaks = PeakSamples::default();
+        peaks.sample();
         for _ in 0..steps {
+            let flops0 = tapelora_autograd::gemm::gemm_flops();
             let step_start = Instant::now();
             step(model, true)?;
-            best_secs = best_secs.min(step_start.elapsed().as_secs_f64());
+            let secs = step_start.elapsed().as_secs_f64();
+            step_flops += tapelora_autograd::gemm::gemm_flops() - flops0;
+            best_secs = best_secs.min(secs);
+            step_secs += secs;
+            peaks.sample();
         }
-        let secs = start.elapsed().as_secs_f64() / steps as f64;
+        let secs = step_secs / steps as f64;
         if self.profile {
             print_profile(&profile, optimizer_secs, steps, secs);
         }
-        let flops = (tapelora_autograd::gemm::gemm_flops() - flops0) as f64 / steps as f64;
-        let peak = measured_peak_flops();
+        let flops = step_flops as f64 / steps as f64;
+        let peak = PeakSamples::median(&peaks.sgemm).unwrap_or(f64::NAN);
+        let fma_peak = PeakSamples::median(&peaks.fma);
         let tokens = (batch * block) as f64;
         let (ms, tps, mfu, rss) = (
             secs * 1e3,
@@ -357,11 +417,12 @@ impl ModelBench {
             flops / secs / peak,
             peak_rss_mib(),
         );
+        let mfu_fma = fma_peak.map_or(f64::NAN, |fma| flops / secs / fma);
         if !self.json {
             println!("{} {} step (batch {batch} × block {block}, {} trainable of {} parameters, {} steps after 1 warm-up):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, model.num_trainable_params(), model.num_params(), steps);
-            println!("  {ms:.1} ms/step (quickest {:.1}), {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; sgemm peak here {:.1} GFLOP/s → MFU {:.1}%; peak RSS {rss:.0} MiB", best_secs * 1e3, flops / 1e9, flops / secs / 1e9, peak / 1e9, 100.0 * mfu);
+            println!("  {ms:.1} ms/step (quickest {:.1}), {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; MFU {:.1}% of the sgemm peak ({:.1} GFLOP/s), {:.1}% of the FMA peak ({:.1} GFLOP/s), both sampled between steps; peak RSS {rss:.0} MiB", best_secs * 1e3, flops / 1e9, flops / secs / 1e9, 100.0 * mfu, peak / 1e9, 100.0 * mfu_fma, fma_peak.unwrap_or(f64::NAN) / 1e9);
         }
-        println!("{{\"ms_per_step\": {ms:.3}, \"best_ms_per_step\": {:.3}, \"tokens_per_sec\": {tps:.1}, \"peak_rss_mib\": {rss:.1}, \"mfu\": {mfu:.4}}}", best_secs * 1e3);
+        println!("{{\"ms_per_step\": {ms:.3}, \"best_ms_per_step\": {:.3}, \"tokens_per_sec\": {tps:.1}, \"peak_rss_mib\": {rss:.1}, \"mfu\": {mfu:.4}, \"mfu_fma\": {}}}", best_secs * 1e3, json_number(mfu_fma, 4));
         Ok(())
     }
 
@@ -378,16 +439,35 @@ impl ModelBench {
             ..Default::default()
         };
         tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?; // warm-up
+                                                                                             // Decoding one token reads every weight once (wpe only one row): at batch 1 the
+                                                                                             // memory's streaming rate, measured here on the weights themselves just before and
+                                                                                             // after the timed run, bounds the tokens per second.
+        let weights: Vec<&[f32]> = {
+            use tapelora_nn::Module;
+            model
+                .parameters()
+                .into_iter()
+                .filter(|p| p.name != "wpe.weight")
+                .filter_map(|p| p.value.as_slice())
+                .collect()
+        };
+        let bytes_per_token = 4.0 * weights.iter().map(|w| w.len()).sum::<usize>() as f64;
+        let mut stream_rates = vec![streaming_rate(&weights)];
         let start = Instant::now();
         let out =
             tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?;
         let tps = out.len() as f64 / start.elapsed().as_secs_f64();
+        let rss = peak_rss_mib();
+        stream_rates.push(streaming_rate(&weights));
+        let bandwidth = stream_rates.iter().copied().fold(0.0, f64::max);
+        let ceiling = bandwidth / bytes_per_token;
         if !self.json {
             println!("{} generation: batch 1, 16-token prompt, {} new tokens, greedy, KV cache: {tps:.1} tokens/s", self.config, out.len());
+            println!("  each token reads {:.0} MB of weights; reading them runs at {:.1} GB/s here (best of the samples before and after) → at most {ceiling:.1} tokens/s; reached {:.0}%", bytes_per_token / 1e6, bandwidth / 1e9, 100.0 * tps / ceiling);
         }
         println!(
-            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {:.1}}}",
-            peak_rss_mib()
+            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {rss:.1}, \"weights_gb_per_sec\": {:.2}, \"bandwidth_bound_tokens_per_sec\": {ceiling:.2}}}",
+            bandwidth / 1e9
         );
         Ok(())
     }
