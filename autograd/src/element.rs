@@ -60,12 +60,12 @@ pub trait Float:
         crate::simd::dot_lanes(a, b)
     }
 
-    /// `[a·b₀, a·b₁, a·b₂, a·b₃]` with the bits of four [`Float::dot`] calls: one pass reads
-    /// the four `b`s side by side (four memory streams instead of one, which a GEMV against a
-    /// transposed weight needs to reach the memory's streaming rate).
+    /// `[a·b₀, …, a·b₇]`, each with the bits of [`crate::simd::dot_two_rows`]: one pass
+    /// reads the eight `b`s side by side (eight memory streams instead of one, which a GEMV
+    /// against a transposed weight needs to approach the memory's streaming rate).
     #[inline(always)]
-    fn dot4(a: &[Self], b: [&[Self]; 4]) -> [Self; 4] {
-        b.map(|b| Self::dot(a, b))
+    fn dot8(a: &[Self], b: [&[Self]; 8]) -> [Self; 8] {
+        b.map(|b| crate::simd::dot_two_rows(a, b))
     }
 
     /// `C ← α·A·B + β·C` on strided memory (matrixmultiply's kernel for this type).
@@ -146,13 +146,13 @@ impl Float for f32 {
         crate::simd::dot_lanes(a, b)
     }
     #[inline(always)]
-    fn dot4(a: &[Self], b: [&[Self]; 4]) -> [Self; 4] {
+    fn dot8(a: &[Self], b: [&[Self]; 8]) -> [Self; 8] {
         #[cfg(target_arch = "x86_64")]
         if crate::simd::width() == crate::simd::Width::Avx512 {
             // SAFETY: the CPU has AVX-512F.
-            return unsafe { crate::simd::dot4_avx512(a, b) };
+            return unsafe { crate::simd::dot8_avx512(a, b) };
         }
-        b.map(|b| crate::simd::dot_lanes(a, b))
+        b.map(|b| crate::simd::dot_two_rows(a, b))
     }
     unsafe fn gemm(
         m: usize,
