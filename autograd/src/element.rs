@@ -116,6 +116,31 @@ pub trait Float:
     ) -> bool {
         false
     }
+
+    /// `C ← A·B + bias` (bias added to every row) on all of rayon's threads with the bias
+    /// added as the kernel stores its tiles (f32 with AVX-512:
+    /// [`crate::sgemm_avx512::sgemm_parallel_bias`]); `false` (nothing done) otherwise.
+    ///
+    /// # Safety
+    /// As for [`Float::gemm`], and `bias` must point at `n` values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_parallel_bias(
+        _m: usize,
+        _k: usize,
+        _n: usize,
+        _a: *const Self,
+        _rsa: isize,
+        _csa: isize,
+        _b: *const Self,
+        _rsb: isize,
+        _csb: isize,
+        _bias: *const Self,
+        _c: *mut Self,
+        _rsc: isize,
+        _csc: isize,
+    ) -> bool {
+        false
+    }
 }
 
 impl Float for f32 {
@@ -213,6 +238,27 @@ impl Float for f32 {
             return false;
         }
         fast::sgemm_parallel(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+    }
+    unsafe fn gemm_parallel_bias(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        bias: *const Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    ) -> bool {
+        use crate::sgemm_avx512 as fast;
+        if !fast::available() || m.min(n) < 32 {
+            return false;
+        }
+        fast::sgemm_parallel_bias(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc)
     }
 }
 

@@ -80,6 +80,53 @@ pub fn gemm_write<T: Float>(
     gemm_split(alpha, a, b, T::zero(), out);
 }
 
+/// `a·b + bias` (the bias added to every row) as a new row-major matrix, when the product is
+/// large enough for the dynamic parallel split and the kernel can add the bias as it stores
+/// its tiles (see [`Float::gemm_parallel_bias`]): one pass over the output instead of writing
+/// the bias rows first and reading them back. `None` otherwise, and the caller takes the
+/// two-pass way (the bits are the same either way).
+pub fn gemm_new_bias<T: Float>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    bias: &[T],
+) -> Option<Array2<T>> {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    if bias.len() != n
+        || m * n * k < DYNAMIC_MIN_MACS
+        || rayon::current_num_threads() <= 1
+        || halves_only()
+    {
+        return None;
+    }
+    let mut c = Array2::<T>::uninit((m, n));
+    let (sa, sb) = (a.strides(), b.strides());
+    // SAFETY: the views describe valid matrices; c is a fresh m × n row-major output that
+    // aliases neither; bias holds n values.
+    let done = unsafe {
+        T::gemm_parallel_bias(
+            m,
+            k,
+            n,
+            a.as_ptr(),
+            sa[0],
+            sa[1],
+            b.as_ptr(),
+            sb[0],
+            sb[1],
+            bias.as_ptr(),
+            c.as_mut_ptr().cast::<T>(),
+            n as isize,
+            1,
+        )
+    };
+    if !done {
+        return None;
+    }
+    check_and_count(&a, &b, (m, n));
+    // SAFETY: every tile of c was stored.
+    Some(unsafe { c.assume_init() })
+}
+
 /// `α·a·b` as a new row-major matrix (see [`gemm_write`]).
 pub fn gemm_new<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>) -> Array2<T> {
     let mut c = Array2::<T>::uninit((a.nrows(), b.ncols()));

@@ -218,6 +218,44 @@ pub unsafe fn sgemm_parallel(
     }
 }
 
+/// [`sgemm_parallel`] of `C ← A·B + bias` (α = 1, β = 0, `bias` added to every row of C as
+/// the first k block's tiles are stored): a linear layer's forward without a pass writing the
+/// bias rows into C first and the kernel reading them back. Same bits as that two-pass form
+/// (`1·C + acc` and `acc + bias` round alike). Returns `false`, doing nothing, where
+/// [`sgemm_parallel`] would, or when `k = 0` (no tile would be stored).
+///
+/// # Safety
+/// As for [`sgemm`], and `bias` must point at `n` floats.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_parallel_bias(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    bias: *const f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) -> bool {
+    if k == 0 {
+        return false;
+    }
+    let mut product = Product::new(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc);
+    product.bias = bias;
+    #[cfg(target_arch = "x86_64")]
+    return product.run_parallel();
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = product;
+        false
+    }
+}
+
 /// One product's operands and output, as the drivers pass them around.
 #[derive(Clone, Copy)]
 struct Product {
@@ -228,6 +266,8 @@ struct Product {
     kc_max: usize,
     /// A row-major A read by the micro-kernel in place (see [`Product::run`]).
     a_in_place: bool,
+    /// A row vector (n values) added to every row of C, or null.
+    bias: *const f32,
     alpha: f32,
     a: *const f32,
     rsa: isize,
@@ -268,6 +308,7 @@ impl Product {
             n,
             kc_max,
             a_in_place,
+            bias: std::ptr::null(),
             alpha,
             a,
             rsa,
@@ -325,6 +366,7 @@ impl Product {
             c,
             rsc,
             csc,
+            bias,
             ..
         } = *self;
         BUFFERS.with(|buffers| {
@@ -381,6 +423,11 @@ impl Product {
                                     cols: NR.min(nc - jr),
                                     alpha,
                                     beta: beta_block,
+                                    bias: if pc == 0 && !bias.is_null() {
+                                        bias.add(jc + jr)
+                                    } else {
+                                        std::ptr::null()
+                                    },
                                 };
                                 let b_panel = b_panels.add(jr * kc);
                                 if ir < full_rows {
@@ -700,6 +747,9 @@ struct Tile {
     cols: usize,
     alpha: f32,
     beta: f32,
+    /// The tile's columns of a row vector added to every row (a linear's bias, on the first
+    /// k block only), or null.
+    bias: *const f32,
 }
 
 /// The 12×32 micro-kernel over `kc` steps of a packed A panel and a packed B panel.
@@ -811,6 +861,7 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
         cols,
         alpha,
         beta,
+        bias,
     } = tile;
     let alpha_v = _mm512_set1_ps(alpha);
     if csc == 1 {
@@ -827,6 +878,10 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
             if beta != 0.0 {
                 l = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask_l, row), l);
                 r = _mm512_fmadd_ps(beta_v, _mm512_maskz_loadu_ps(mask_r, row.add(16)), r);
+            }
+            if !bias.is_null() {
+                l = _mm512_add_ps(l, _mm512_maskz_loadu_ps(mask_l, bias));
+                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask_r, bias.add(16)));
             }
             _mm512_mask_storeu_ps(row, mask_l, l);
             _mm512_mask_storeu_ps(row.add(16), mask_r, r);
@@ -847,7 +902,11 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
     for i in 0..rows {
         for j in 0..cols {
             let value = buffer[2 * i + j / 16].0[j % 16];
-            write_scaled(c.offset(i as isize * rsc + j as isize * csc), value, beta);
+            let dst = c.offset(i as isize * rsc + j as isize * csc);
+            write_scaled(dst, value, beta);
+            if !bias.is_null() {
+                *dst += *bias.add(j);
+            }
         }
     }
 }
@@ -923,6 +982,7 @@ pub unsafe fn sgemm_thin(
                 cols: n,
                 alpha,
                 beta,
+                bias: std::ptr::null(),
             };
             thin_kernel(k, a.offset(i as isize * rsa), rsa, csa, b_lines, tile);
         }
@@ -944,6 +1004,7 @@ pub unsafe fn sgemm_thin(
                 cols: n,
                 alpha,
                 beta,
+                bias: std::ptr::null(),
             };
             thin_kernel(k, edge, k as isize, 1, b_lines, tile);
         }
@@ -1038,6 +1099,7 @@ unsafe fn thin_kernel(k: usize, a: *const f32, rsa: isize, csa: isize, b: *const
         cols,
         alpha,
         beta,
+        ..
     } = tile;
     let alpha_v = _mm512_set1_ps(alpha);
     if csc == 1 {
@@ -1076,6 +1138,92 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn the_bias_epilogue_gives_the_bits_of_writing_the_bias_rows_first() {
+        if !available() {
+            return;
+        }
+        // (m, k, n, A column-major, C column-major): row and column splits, A read in place,
+        // packed per thread and packed shared, an edge of partial panels, several k blocks.
+        let cases = [
+            (300, 200, 150, false, false),
+            (301, 801, 280, false, false),
+            (97, 385, 700, true, false),
+            (130, 70, 1000, false, false),
+            (260, 801, 700, false, false),
+            (100, 50, 90, false, true),
+        ];
+        for (m, k, n, a_cols, c_cols) in cases {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            let bias: Vec<f32> = (0..n).map(|j| (j % 17) as f32 * 0.37 - 2.0).collect();
+            let (rsa, csa) = if a_cols {
+                (1, m as isize)
+            } else {
+                (k as isize, 1)
+            };
+            let (rsc, csc) = if c_cols {
+                (1, m as isize)
+            } else {
+                (n as isize, 1)
+            };
+            let mut two_pass = vec![0.0f32; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    two_pass[i * rsc as usize + j * csc as usize] = bias[j];
+                }
+            }
+            unsafe {
+                sgemm(
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr(),
+                    rsa,
+                    csa,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    1.0,
+                    two_pass.as_mut_ptr(),
+                    rsc,
+                    csc,
+                );
+            }
+            for threads in [1, 2, 3] {
+                let mut fused = vec![f32::NAN; m * n];
+                let done = crate::gemm::tests::on_threads(threads, || unsafe {
+                    sgemm_parallel_bias(
+                        m,
+                        k,
+                        n,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        n as isize,
+                        1,
+                        bias.as_ptr(),
+                        fused.as_mut_ptr(),
+                        rsc,
+                        csc,
+                    )
+                });
+                assert!(done, "{m}×{k}×{n}");
+                let same = fused
+                    .iter()
+                    .zip(&two_pass)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{m}×{k}×{n} A column-major {a_cols} C column-major {c_cols}, {threads} threads");
+            }
+        }
     }
 
     #[test]

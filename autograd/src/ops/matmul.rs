@@ -19,7 +19,7 @@ use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, Ix2, IxDyn};
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
-use crate::gemm::{gemm, gemm_new, gemm_write};
+use crate::gemm::{gemm, gemm_new, gemm_new_bias, gemm_write};
 use crate::tape::{OpRecord, Tensor, Var};
 use crate::Float;
 
@@ -237,9 +237,14 @@ impl<'t, T: Float> Var<'t, T> {
                     .view()
                     .into_dimensionality::<ndarray::Ix1>()
                     .expect("checked");
-                let mut c = rows_of(b, rows);
-                gemm(T::one(), x2.view(), w2.view(), T::one(), c.view_mut());
-                c
+                let fused = b
+                    .as_slice()
+                    .and_then(|bias| gemm_new_bias(x2.view(), w2.view(), bias));
+                fused.unwrap_or_else(|| {
+                    let mut c = rows_of(b, rows);
+                    gemm(T::one(), x2.view(), w2.view(), T::one(), c.view_mut());
+                    c
+                })
             }
             None => gemm_new(T::one(), x2.view(), w2.view()),
         };
@@ -575,6 +580,20 @@ mod tests {
             .fold(0.0, |m: f64, &v| m.max(v));
         assert!(diff < 1e-12, "{diff}");
         assert!(x.linear(&w, Some(&x)).is_err());
+        // f32 and large enough (2²⁶ multiply-adds) for the kernel to add the bias as it stores.
+        let tape32 = Tape::<f32>::new();
+        let f32_of = |shape: &[usize], seed| rand_array(shape, seed).mapv(|v| v as f32);
+        let (x32, w32, b32) = (
+            tape32.constant(f32_of(&[2, 300, 500], 31)),
+            tape32.constant(f32_of(&[500, 450], 32)),
+            tape32.constant(f32_of(&[450], 33)),
+        );
+        let fused = x32.linear(&w32, Some(&b32)).unwrap();
+        let composed = x32.matmul(&w32).unwrap().add(&b32).unwrap();
+        let diff = (fused.value() - composed.value())
+            .mapv(f32::abs)
+            .fold(0.0, |m: f32, &v| m.max(v));
+        assert!(diff < 1e-4, "{diff}");
         assert!(x.linear(&b, None).is_err());
         assert_gradcheck(
             |v| v[0].linear(&v[1].transpose(0, 1)?, Some(&v[2])),
