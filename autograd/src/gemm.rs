@@ -232,7 +232,7 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
     let mut acc = vec![T::zero(); n];
     if b.strides()[1] == 1 {
         let rows = if parallel {
-            (GEMV_BLOCK_FLOATS / n.max(1)).max(8).min(k)
+            k.div_ceil(gemv_blocks(k * n)).max(8).min(k)
         } else {
             k
         };
@@ -257,7 +257,7 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
         }
     } else {
         let cols = if parallel {
-            (GEMV_BLOCK_FLOATS / k.max(1)).max(16).min(n)
+            n.div_ceil(gemv_blocks(k * n)).max(16).min(n)
         } else {
             n
         };
@@ -280,6 +280,14 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
             c.write(0, j, value);
         }
     }
+}
+
+/// How many blocks a parallel [`gemv`] cuts `len` weights into: about
+/// [`GEMV_BLOCK_FLOATS`] each, but a multiple of four, so that two (or four) threads get
+/// equal shares — GPT-2's 768 × 768 c_proj was three blocks, one thread doing two while the
+/// other waited. A function of the shape only, so results stay the same on any thread count.
+fn gemv_blocks(len: usize) -> usize {
+    len.div_ceil(GEMV_BLOCK_FLOATS).next_multiple_of(4)
 }
 
 /// `acc[j] += Σ_p a[p]·b[p, j]` for a `b` with contiguous rows. The rows are cut into eight
