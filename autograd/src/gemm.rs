@@ -292,8 +292,8 @@ fn gemv_blocks(len: usize) -> usize {
 
 /// `acc[j] += Σ_p a[p]·b[p, j]` for a `b` with contiguous rows. The rows are cut into eight
 /// equal runs read side by side (rows `t, t + q, …, t + 7q` in one pass over `acc`): eight
-/// long sequential streams, which this machine's memory serves at about 1.4× the rate of the
-/// eight neighbouring rows a pass read before (the GEMV is bound by it).
+/// long sequential streams, which this machine's memory served at 1.1× the rate of eight
+/// neighbouring rows per pass and 1.4× that of four (the GEMV is bound by it).
 #[inline(always)]
 fn axpy_rows<T: Float>(a: &[T], b: ArrayView2<T>, acc: &mut [T]) {
     let row = |p: usize| b.row(p).to_slice().expect("unit column stride");
