@@ -1127,6 +1127,17 @@ unsafe fn thin_kernel(k: usize, a: *const f32, rsa: isize, csa: isize, b: *const
 mod tests {
     use super::*;
 
+    /// Row-major `m × k` and `k × n` test operands with values in about ±0.6.
+    fn operands(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let a = (0..m * k)
+            .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let b = (0..k * n)
+            .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        (a, b)
+    }
+
     /// Reference product in f64.
     fn naive(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
@@ -1156,12 +1167,7 @@ mod tests {
             (100, 50, 90, false, true),
         ];
         for (m, k, n, a_cols, c_cols) in cases {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
-                .collect();
+            let (a, b) = operands(m, k, n);
             let bias: Vec<f32> = (0..n).map(|j| (j % 17) as f32 * 0.37 - 2.0).collect();
             let (rsa, csa) = if a_cols {
                 (1, m as isize)
@@ -1293,12 +1299,7 @@ mod tests {
                 if name == "sgemm_thin" && n > THIN_MAX {
                     continue;
                 }
-                let a: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-                    .collect();
-                let b: Vec<f32> = (0..k * n)
-                    .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
-                    .collect();
+                let (a, b) = operands(m, k, n);
                 let want = naive(m, k, n, &a, &b);
                 let tolerance = 1e-4 * k as f64;
                 // Row-major operands, β = 0 into garbage (must not be read: NaN would show).
@@ -1411,12 +1412,7 @@ mod tests {
             (260, 801, 700, false, true),
         ];
         for (m, k, n, a_cols, b_cols) in cases {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7) % 13) as f32 * 0.1 - 0.6)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 5) % 11) as f32 * 0.1 - 0.5)
-                .collect();
+            let (a, b) = operands(m, k, n);
             let (rsa, csa) = if a_cols {
                 (1, m as isize)
             } else {
