@@ -187,23 +187,33 @@ fn json_number(x: f64, decimals: usize) -> String {
 /// The machine's peak as this process sees it, sampled between timed steps so that the peak
 /// and the steps share the shared machine's slow and fast spells (a peak taken once, before
 /// or after, made the MFU of a run swing past 100 %).
-#[derive(Default)]
 struct PeakSamples {
     /// The tape's GEMM on 1024³, all threads: the best this code does on a clean product.
     sgemm: Vec<f64>,
     /// Register-only FMA chains on every thread at once: the hardware's ceiling.
     fma: Vec<f64>,
+    /// The sgemm probe's operands and output, made once.
+    probe: [Array2<f32>; 3],
 }
 
 impl PeakSamples {
+    const PROBE_N: usize = 1024;
+
+    fn new() -> Self {
+        let n = Self::PROBE_N;
+        PeakSamples {
+            sgemm: Vec::new(),
+            fma: Vec::new(),
+            probe: [filled(n, n), filled(n, n), Array2::zeros((n, n))],
+        }
+    }
+
     fn sample(&mut self) {
-        let n = 1024;
-        let (a, b) = (filled(n, n), filled(n, n));
-        let mut c = Array2::<f32>::zeros((n, n));
+        let [a, b, c] = &mut self.probe;
         let secs = median_seconds(3, || {
             tapelora_autograd::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut())
         });
-        self.sgemm.push(2.0 * (n as f64).powi(3) / secs);
+        self.sgemm.push(2.0 * (Self::PROBE_N as f64).powi(3) / secs);
         let per_thread: Vec<Option<f64>> =
             rayon::broadcast(|_| tapelora_autograd::sgemm_avx512::fma_peak_flops(0.02));
         if let Some(total) = per_thread.into_iter().sum::<Option<f64>>() {
@@ -387,11 +397,12 @@ impl ModelBench {
             }
             Ok(())
         };
-        step(model, false)?; // warm-up
-                             // The quickest step shows the code's speed when the shared machine left it alone.
+        // One warm-up step; then the quickest step shows the code's speed when the shared
+        // machine left it alone.
+        step(model, false)?;
         let mut best_secs = f64::INFINITY;
         let (mut step_secs, mut step_flops) = (0.0, 0);
-        let mut peaks = PeakSamples::default();
+        let mut peaks = PeakSamples::new();
         peaks.sample();
         for _ in 0..steps {
             let flops0 = tapelora_autograd::gemm::gemm_flops();
@@ -438,10 +449,10 @@ impl ModelBench {
             temperature: 0.0,
             ..Default::default()
         };
-        tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?; // warm-up
-                                                                                             // Decoding one token reads every weight once (wpe only one row): at batch 1 the
-                                                                                             // memory's streaming rate, measured here on the weights themselves just before and
-                                                                                             // after the timed run, bounds the tokens per second.
+        // Warm-up. Decoding one token reads every weight once (wpe only one row): at batch 1
+        // the memory's streaming rate, measured here on the weights themselves just before and
+        // after the timed run, bounds the tokens per second.
+        tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?;
         let weights: Vec<&[f32]> = {
             use tapelora_nn::Module;
             model
