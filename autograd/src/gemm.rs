@@ -135,6 +135,41 @@ pub fn gemm_new<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>) -> Array
     unsafe { c.assume_init() }
 }
 
+/// `a₁·b₁` and `a₂·b₂`, two independent products (a layer's ∂x and ∂W), as new row-major
+/// matrices. Where each would be split in fixed halves (from [`PARALLEL_MIN_MACS`] up to
+/// [`DYNAMIC_MIN_MACS`]: nanogpt-cpu's products), the two run side by side instead, each
+/// whole on one thread: no operand is packed twice, both threads work on the larger
+/// tiles of a whole product, and the step waits once instead of twice. Elsewhere they run
+/// one after the other, each split as [`gemm_new`] splits it.
+pub fn gemm_new_pair<T: Float>(
+    first: (ArrayView2<T>, ArrayView2<T>),
+    second: (ArrayView2<T>, ArrayView2<T>),
+) -> (Array2<T>, Array2<T>) {
+    let macs = |(a, b): &(ArrayView2<T>, ArrayView2<T>)| a.nrows() * a.ncols() * b.ncols();
+    let (first_macs, second_macs) = (macs(&first), macs(&second));
+    let side_by_side = rayon::current_num_threads() >= 2
+        && first_macs.max(second_macs) >= PARALLEL_MIN_MACS
+        && first_macs.max(second_macs) < DYNAMIC_MIN_MACS;
+    if !side_by_side {
+        return (
+            gemm_new(T::one(), first.0, first.1),
+            gemm_new(T::one(), second.0, second.1),
+        );
+    }
+    let whole_on_this_thread = |(a, b): (ArrayView2<T>, ArrayView2<T>)| {
+        let mut c = Array2::<T>::uninit((a.nrows(), b.ncols()));
+        check_and_count(&a, &b, c.dim());
+        let out = Out::of(c.as_mut_ptr().cast::<T>(), c.strides(), c.dim());
+        gemm_serial(T::one(), a, b, T::zero(), out);
+        // SAFETY: gemm_serial wrote every element (β = 0).
+        unsafe { c.assume_init() }
+    };
+    rayon::join(
+        || whole_on_this_thread(first),
+        || whole_on_this_thread(second),
+    )
+}
+
 fn check_and_count<T: Float>(a: &ArrayView2<T>, b: &ArrayView2<T>, c_dim: (usize, usize)) {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
@@ -562,6 +597,42 @@ pub(crate) mod tests {
         let mut c1 = Array2::zeros((2, 2000));
         gemm(1.0, a1.view(), b1.view(), 0.0, c1.view_mut());
         assert_eq!(c1, naive(&a1, &b1));
+    }
+
+    #[test]
+    fn a_pair_of_products_gives_the_bits_of_each_product_alone() {
+        // A layer's ∂x = G·Wᵀ and ∂W = xᵀ·G at nanogpt-cpu's size (run side by side, each
+        // whole on one thread), a tiny pair and a pair past the dynamic split (one after the
+        // other); f32 (our kernel where the CPU has it) and f64 (matrixmultiply).
+        fn check<T: Float + std::fmt::Debug>(of: impl Fn(f64) -> T) {
+            for (rows, k, n) in [(768, 128, 384), (20, 8, 12), (1024, 256, 256)] {
+                let x = Array2::from_shape_fn((rows, k), |(i, j)| {
+                    of(((i * 7 + j) % 13) as f64 * 0.1 - 0.6)
+                });
+                let w = Array2::from_shape_fn((k, n), |(i, j)| {
+                    of(((i * 5 + j) % 11) as f64 * 0.1 - 0.5)
+                });
+                let g = Array2::from_shape_fn((rows, n), |(i, j)| {
+                    of(((i * 3 + j) % 17) as f64 * 0.07 - 0.5)
+                });
+                let alone = on_threads(1, || {
+                    (
+                        gemm_new(T::one(), g.view(), w.t()),
+                        gemm_new(T::one(), x.t(), g.view()),
+                    )
+                });
+                for threads in [1, 2, 3] {
+                    let calls = gemm_calls();
+                    let pair = on_threads(threads, || {
+                        gemm_new_pair((g.view(), w.t()), (x.t(), g.view()))
+                    });
+                    assert!(gemm_calls() >= calls + 2, "both products are counted");
+                    assert_eq!(pair, alone, "{rows}×{k}×{n} on {threads} threads");
+                }
+            }
+        }
+        check(|v| v as f32);
+        check(|v| v);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, Ix2, IxDyn};
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
-use crate::gemm::{gemm, gemm_new, gemm_new_bias, gemm_write};
+use crate::gemm::{gemm, gemm_new, gemm_new_bias, gemm_new_pair, gemm_write};
 use crate::tape::{OpRecord, Tensor, Var};
 use crate::Float;
 
@@ -121,21 +121,35 @@ impl<'t, T: Float> Var<'t, T> {
                     let g2 = g
                         .to_shape((rows, n))
                         .expect("gradient has the output's size");
-                    let b2 = as_matrix(&b, k, n);
-                    let ga = needs[0].then(|| to_shape(matmul_2d(g2.view(), b2.t()), &a_shape));
-                    let gb = needs[1].then(|| {
-                        let a2 = as_matrix(&a, rows, k);
-                        if is_transposed_matrix(&b) {
-                            // b is a transposed view of a row-major weight (a tied embedding
-                            // as the output layer): compute ∂bᵀ = Gᵀ·a row-major, so that the
-                            // gradient reaching the weight has the weight's own layout (the
-                            // optimizer's contiguous fast path; same GEMM, same cost).
-                            matmul_2d(g2.t(), a2.view()).reversed_axes().into_dyn()
+                    let (a2, b2) = (as_matrix(&a, rows, k), as_matrix(&b, k, n));
+                    // b a transposed view of a row-major weight (a tied embedding as the
+                    // output layer): ∂bᵀ = Gᵀ·a is computed row-major, so that the gradient
+                    // reaching the weight has the weight's own layout (the optimizer's
+                    // contiguous fast path; same GEMM, same cost).
+                    let b_transposed = is_transposed_matrix(&b);
+                    let gb_product = if b_transposed {
+                        (g2.t(), a2.view())
+                    } else {
+                        (a2.t(), g2.view())
+                    };
+                    let (ga, gb) = match (needs[0], needs[1]) {
+                        (true, true) => {
+                            let (ga, gb) = gemm_new_pair((g2.view(), b2.t()), gb_product);
+                            (Some(ga), Some(gb))
+                        }
+                        (need_a, need_b) => (
+                            need_a.then(|| matmul_2d(g2.view(), b2.t())),
+                            need_b.then(|| matmul_2d(gb_product.0, gb_product.1)),
+                        ),
+                    };
+                    let gb = gb.map(|gb| {
+                        if b_transposed {
+                            gb.reversed_axes().into_dyn()
                         } else {
-                            matmul_2d(a2.t(), g2.view()).into_dyn()
+                            gb.into_dyn()
                         }
                     });
-                    vec![ga, gb]
+                    vec![ga.map(|ga| to_shape(ga, &a_shape)), gb]
                 });
         }
         if a_shape[..ad - 2] != b_shape[..bd - 2] {
@@ -262,11 +276,19 @@ impl<'t, T: Float> Var<'t, T> {
                 let g2 = g
                     .to_shape((rows, n))
                     .expect("gradient has the output's size");
-                let gx = needs[0]
-                    .then(|| to_shape(matmul_2d(g2.view(), as_matrix(&wv, k, n).t()), &x_shape));
-                let gw =
-                    needs[1].then(|| matmul_2d(as_matrix(&x, rows, k).t(), g2.view()).into_dyn());
-                let mut grads = vec![gx, gw];
+                let (w2, x2) = (as_matrix(&wv, k, n), as_matrix(&x, rows, k));
+                let (gx, gw) = match (needs[0], needs[1]) {
+                    (true, true) => {
+                        let (gx, gw) = gemm_new_pair((g2.view(), w2.t()), (x2.t(), g2.view()));
+                        (Some(gx), Some(gw))
+                    }
+                    (need_x, need_w) => (
+                        need_x.then(|| matmul_2d(g2.view(), w2.t())),
+                        need_w.then(|| matmul_2d(x2.t(), g2.view())),
+                    ),
+                };
+                let gx = gx.map(|gx| to_shape(gx, &x_shape));
+                let mut grads = vec![gx, gw.map(|gw| gw.into_dyn())];
                 if needs.len() == 3 {
                     grads.push(needs[2].then(|| g2.sum_axis(ndarray::Axis(0)).into_dyn()));
                 }
