@@ -98,64 +98,75 @@ impl<'t, T: Float> Var<'t, T> {
                         .zip(mean.par_chunks(ROWS_PER_BLOCK))
                         .zip(rstd.par_chunks(ROWS_PER_BLOCK))
                 };
-                let dx = needs[0].then(|| {
-                    let mut dx = Vec::with_capacity(rows * c);
+                // One pass over the blocks of rows computes ∂x and the blocks' partial weight
+                // and bias sums together: g and x are read once, in one parallel section.
+                let need_dx = needs[0];
+                let need_wb = needs[1] || needs[2];
+                let mut dx = Vec::with_capacity(if need_dx { rows * c } else { 0 });
+                let dx_blocks: Vec<&mut [std::mem::MaybeUninit<T>]> = if need_dx {
                     dx.spare_capacity_mut()[..rows * c]
-                        .par_chunks_mut(ROWS_PER_BLOCK * c)
-                        .zip(blocks())
-                        .for_each(|(dx, (((g, x), mean), rstd))| {
-                            let mut gw = vec![T::zero(); c];
-                            vectorized(
-                                #[inline(always)]
-                                || {
-                                    for ((((dx, g), x), &mu), &rs) in dx
-                                        .chunks_exact_mut(c)
-                                        .zip(g.chunks_exact(c))
-                                        .zip(x.chunks_exact(c))
-                                        .zip(mean)
-                                        .zip(rstd)
-                                    {
-                                        for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(&w) {
-                                            *gw = g * w;
-                                        }
-                                        let mean_gw = sum_map(&gw, |v| v) * inv_c;
-                                        let mean_gw_xhat =
-                                            sum_zip(&gw, x, |gw, x| gw * ((x - mu) * rs)) * inv_c;
-                                        for ((dx, &gw), &x) in dx.iter_mut().zip(&gw).zip(x) {
-                                            dx.write(
-                                                rs * (gw - mean_gw - (x - mu) * rs * mean_gw_xhat),
-                                            );
+                        .chunks_mut(ROWS_PER_BLOCK * c)
+                        .collect()
+                } else {
+                    (0..rows.div_ceil(ROWS_PER_BLOCK))
+                        .map(|_| &mut [][..])
+                        .collect()
+                };
+                let partials: Vec<(Vec<T>, Vec<T>)> = dx_blocks
+                    .into_par_iter()
+                    .zip(blocks())
+                    .map(|(dx, (((g, x), mean), rstd))| {
+                        let (mut dw, mut db) = if need_wb {
+                            (vec![T::zero(); c], vec![T::zero(); c])
+                        } else {
+                            (Vec::new(), Vec::new())
+                        };
+                        let (mut gw, mut xhat) = (vec![T::zero(); c], vec![T::zero(); c]);
+                        vectorized(
+                            #[inline(always)]
+                            || {
+                                for (row, ((g, x), (&mu, &rs))) in g
+                                    .chunks_exact(c)
+                                    .zip(x.chunks_exact(c))
+                                    .zip(mean.iter().zip(rstd))
+                                    .enumerate()
+                                {
+                                    for (xhat, &x) in xhat.iter_mut().zip(x) {
+                                        *xhat = (x - mu) * rs;
+                                    }
+                                    if need_wb {
+                                        for (((dw, db), &g), &xhat) in
+                                            dw.iter_mut().zip(db.iter_mut()).zip(g).zip(&xhat)
+                                        {
+                                            *dw += g * xhat;
+                                            *db += g;
                                         }
                                     }
-                                },
-                            )
-                        });
+                                    if !need_dx {
+                                        continue;
+                                    }
+                                    for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(&w) {
+                                        *gw = g * w;
+                                    }
+                                    let mean_gw = sum_map(&gw, |v| v) * inv_c;
+                                    let mean_gw_xhat =
+                                        sum_zip(&gw, &xhat, |gw, xhat| gw * xhat) * inv_c;
+                                    let dx = &mut dx[row * c..(row + 1) * c];
+                                    for ((dx, &gw), &xhat) in dx.iter_mut().zip(&gw).zip(&xhat) {
+                                        dx.write(rs * (gw - mean_gw - xhat * mean_gw_xhat));
+                                    }
+                                }
+                            },
+                        );
+                        (dw, db)
+                    })
+                    .collect();
+                let dx = need_dx.then(|| {
                     // SAFETY: every row of dx was written above.
                     unsafe { dx.set_len(rows * c) };
                     ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("same size")
                 });
-                let (dw, db) = if needs[1] || needs[2] {
-                    let partials: Vec<(Vec<T>, Vec<T>)> = blocks()
-                        .map(|(((g, x), mean), rstd)| {
-                            let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
-                            vectorized(
-                                #[inline(always)]
-                                || {
-                                    for (((g, x), &mu), &rs) in
-                                        g.chunks_exact(c).zip(x.chunks_exact(c)).zip(mean).zip(rstd)
-                                    {
-                                        for (((dw, db), &g), &x) in
-                                            dw.iter_mut().zip(db.iter_mut()).zip(g).zip(x)
-                                        {
-                                            *dw += g * ((x - mu) * rs);
-                                            *db += g;
-                                        }
-                                    }
-                                },
-                            );
-                            (dw, db)
-                        })
-                        .collect();
+                let (dw, db) = if need_wb {
                     let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
                     for (pw, pb) in &partials {
                         dw.iter_mut().zip(pw).for_each(|(a, &p)| *a += p);
@@ -188,6 +199,41 @@ mod tests {
             assert!((row.mapv(|v| v * v).mean().unwrap() - 1.0).abs() < 1e-10);
         }
         assert!(x.layer_norm(&b.narrow(0, 0, 7).unwrap(), &b, 1e-5).is_err());
+    }
+
+    #[test]
+    fn each_gradient_is_the_same_whichever_others_are_needed() {
+        // 150 rows: three blocks, the last one partial.
+        let (x0, w0, b0) = (
+            rand_array(&[150, 24], 51),
+            rand_array(&[24], 52).mapv(|v| 1.0 + 0.5 * v),
+            rand_array(&[24], 53),
+        );
+        let grads = |x_param: bool, wb_param: bool| {
+            let tape = Tape::<f64>::new();
+            let leaf = |param: bool, name: &str, v: &ndarray::ArrayD<f64>| {
+                if param {
+                    tape.param(name, v.clone())
+                } else {
+                    tape.frozen(name, v.clone())
+                }
+            };
+            let (x, w, b) = (
+                leaf(x_param, "x", &x0),
+                leaf(wb_param, "w", &w0),
+                leaf(wb_param, "b", &b0),
+            );
+            let y = x.layer_norm(&w, &b, 1e-5).unwrap();
+            let loss = y.mul(&y).unwrap().sum_all().unwrap();
+            let g = tape.backward(&loss).unwrap();
+            ["x", "w", "b"].map(|name| g.get_by_name(name).cloned())
+        };
+        let all = grads(true, true);
+        let x_only = grads(true, false);
+        let wb_only = grads(false, true);
+        assert!(all.iter().all(Option::is_some));
+        assert_eq!(x_only, [all[0].clone(), None, None]);
+        assert_eq!(wb_only, [None, all[1].clone(), all[2].clone()]);
     }
 
     #[test]
