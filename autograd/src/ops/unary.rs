@@ -13,40 +13,43 @@ use crate::Float;
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_CUBIC: f64 = 0.044_715;
 
-/// tanh through one `exp`: tanh(u) = 1 − 2/(e^{2u} + 1), with the vectorisable
-/// [`Float::exp_fused`]. libm's `tanhf` costs several times more (it goes through `expm1f`), and
-/// GELU calls it for every MLP activation twice per step; the absolute error here is a few
-/// ulps of 1, which GELU's 0.5·x·(1 + t) does not amplify. GELU's loops run inside
-/// [`crate::simd::vectorized`] (contiguous tensors), where the fused exp is 1.4× quicker for
-/// the whole GELU.
+/// GELU's gate σ(2z) = (1 + tanh z)/2 for z = √(2/π)·(x + 0.044715·x³), through one `exp`:
+/// 1/(1 + e^{−2z}), with the vectorisable [`Float::exp_fused`] (libm's `tanhf` costs several
+/// times more, and GELU runs on every MLP activation twice per step). Past an exponent of 80
+/// (x below about −9.2, where GELU and its derivative are under 10⁻³²) the gate is exactly 0,
+/// as the tanh form's 1 + t is: a gate that went subnormal would cost a microcode assist per
+/// lane, and one held at a tiny normal value would let x·s grow with x.
 #[inline(always)]
-fn tanh_via_exp<T: Float>(u: T) -> T {
-    let two = T::from_f64(2.0);
-    T::one() - two / ((two * u).exp_fused() + T::one())
+fn gelu_gate<T: Float>(x: T) -> T {
+    let minus_two_c = T::from_f64(-2.0 * SQRT_2_OVER_PI);
+    let k = T::from_f64(GELU_CUBIC);
+    let cap = T::from_f64(80.0);
+    let u = minus_two_c * x * (T::one() + k * x * x);
+    let gate = T::one() / (T::one() + (if u > cap { cap } else { u }).exp_fused());
+    if u > cap {
+        T::zero()
+    } else {
+        gate
+    }
 }
 
-/// GPT-2's GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+/// GPT-2's GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), computed as x·σ(2z) (the same
+/// function, three operations fewer per value).
 #[inline(always)]
 pub fn gelu_scalar<T: Float>(x: T) -> T {
-    let (c, k, half) = (
-        T::from_f64(SQRT_2_OVER_PI),
-        T::from_f64(GELU_CUBIC),
-        T::from_f64(0.5),
-    );
-    half * x * (T::one() + tanh_via_exp(c * (x + k * x * x * x)))
+    x * gelu_gate(x)
 }
 
-/// d/dx of [`gelu_scalar`]: 0.5·(1 + t) + 0.5·x·(1 − t²)·√(2/π)·(1 + 3·0.044715·x²).
+/// d/dx of [`gelu_scalar`]: s + 2·x·s·(1 − s)·√(2/π)·(1 + 3·0.044715·x²) with s = σ(2z)
+/// (the tanh form's 0.5·(1 + t) + 0.5·x·(1 − t²)·z′, as 1 − t² = 4·s·(1 − s)).
 #[inline(always)]
 pub fn gelu_derivative<T: Float>(x: T) -> T {
-    let (c, k, half) = (
-        T::from_f64(SQRT_2_OVER_PI),
-        T::from_f64(GELU_CUBIC),
-        T::from_f64(0.5),
+    let (two_c, three_k) = (
+        T::from_f64(2.0 * SQRT_2_OVER_PI),
+        T::from_f64(3.0 * GELU_CUBIC),
     );
-    let t = tanh_via_exp(c * (x + k * x * x * x));
-    let inner_derivative = c * (T::one() + T::from_f64(3.0) * k * x * x);
-    half * (T::one() + t) + half * x * (T::one() - t * t) * inner_derivative
+    let s = gelu_gate(x);
+    s + x * s * (T::one() - s) * two_c * (T::one() + three_k * x * x)
 }
 
 impl<'t, T: Float> Var<'t, T> {
@@ -153,5 +156,48 @@ mod tests {
         ] {
             assert!((gelu_scalar::<f64>(x) - want).abs() < 1e-12, "gelu({x})");
         }
+    }
+
+    #[test]
+    fn gelu_in_f32_follows_the_tanh_form_everywhere_and_stays_normal_far_out() {
+        let tanh_form = |x: f64| {
+            let z = super::SQRT_2_OVER_PI * (x + super::GELU_CUBIC * x * x * x);
+            let t = z.tanh();
+            let derivative = 0.5 * (1.0 + t)
+                + 0.5
+                    * x
+                    * (1.0 - t * t)
+                    * super::SQRT_2_OVER_PI
+                    * (1.0 + 3.0 * super::GELU_CUBIC * x * x);
+            (0.5 * x * (1.0 + t), derivative)
+        };
+        for i in -4000..=4000 {
+            let x = i as f64 * 0.005; // −20 … 20
+            let (want, want_derivative) = tanh_form(x);
+            let (got, got_derivative) = (
+                gelu_scalar(x as f32) as f64,
+                gelu_derivative(x as f32) as f64,
+            );
+            assert!(
+                (got - want).abs() <= 2e-6 * (1.0 + want.abs()),
+                "gelu({x}): {got} vs {want}"
+            );
+            assert!(
+                (got_derivative - want_derivative).abs() <= 2e-6 * (1.0 + want_derivative.abs()),
+                "gelu′({x}): {got_derivative} vs {want_derivative}"
+            );
+        }
+        for i in 0..2000 {
+            let x = -9.0 - i as f32 * 0.01; // the gate's last normal values, then exact zeros
+            for v in [gelu_scalar(x), gelu_derivative(x)] {
+                assert!(v == 0.0 || v.is_normal(), "{x}: {v}");
+                assert!(v.abs() < 1e-26, "{x}: {v}");
+            }
+        }
+        for x in [-1e4f32, -100.0] {
+            assert_eq!((gelu_scalar(x), gelu_derivative(x)), (0.0, 0.0));
+        }
+        assert_eq!(gelu_scalar(1e4f32), 1e4);
+        assert_eq!(gelu_derivative(1e4f32), 1.0);
     }
 }
