@@ -203,18 +203,60 @@ fn view3<T: Float>(x: &Tensor<T>) -> ArrayView3<'_, T> {
 
 /// Softmax of the first `visible` entries of a row in place; the masked rest become 0.
 /// Inlined so that it is compiled wide inside [`crate::simd::vectorized`].
+///
+/// Every loop runs over whole 16-lane chunks, the mask a lane comparison: causal rows have
+/// every length from 1 to T, and a scalar tail of up to 15 exponentials per row had made the
+/// softmax half of nanogpt-cpu's attention forward (T = 64). Chunks past the visible ones are
+/// only zeroed. Lanes at or past `visible` may hold anything finite (they are never used).
 #[inline(always)]
 fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
-    let (seen, masked) = row.split_at_mut(visible);
-    let max = crate::simd::max_of(seen);
-    for v in seen.iter_mut() {
-        *v = (*v - max).exp_fused();
+    let (chunks, tail) = row.as_chunks_mut::<16>();
+    let live = visible.div_ceil(16).min(chunks.len());
+    let (chunks, dead) = chunks.split_at_mut(live);
+    let masked = |j: usize, v: T, fill: T| if j < visible { v } else { fill };
+    let mut max_lanes = [T::neg_infinity(); 16];
+    for (c, x) in chunks.iter().enumerate() {
+        for l in 0..16 {
+            max_lanes[l] = max_lanes[l].max(masked(16 * c + l, x[l], T::neg_infinity()));
+        }
     }
-    let inv = T::one() / crate::simd::sum_map(seen, |v| v);
-    for v in seen.iter_mut() {
+    let tail_start = 16 * (live + dead.len());
+    let mut max = max_lanes.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    for (i, &v) in tail.iter().enumerate() {
+        max = max.max(masked(tail_start + i, v, T::neg_infinity()));
+    }
+    let mut sum_lanes = [T::zero(); 16];
+    for (c, x) in chunks.iter_mut().enumerate() {
+        for l in 0..16 {
+            let e = masked(16 * c + l, (x[l] - max).exp_fused(), T::zero());
+            x[l] = e;
+            sum_lanes[l] += e;
+        }
+    }
+    let mut sum = sum_lanes.iter().fold(T::zero(), |s, &v| s + v);
+    for (i, v) in tail.iter_mut().enumerate() {
+        *v = masked(tail_start + i, (*v - max).exp_fused(), T::zero());
+        sum += *v;
+    }
+    let inv = T::one() / sum;
+    for x in chunks.iter_mut() {
+        for v in x.iter_mut() {
+            *v *= inv;
+        }
+    }
+    for v in tail.iter_mut() {
         *v *= inv;
     }
-    masked.fill(T::zero());
+    for x in dead.iter_mut() {
+        x.fill(T::zero());
+    }
+}
+
+/// How much of a score row of `len` entries, `visible` of them unmasked, the row loops take:
+/// the visible entries rounded up to whole 16-lane chunks (the entries past `visible` are
+/// zero in P), so no row ends in a scalar tail unless the row itself does.
+fn row_span(visible: usize, len: usize) -> usize {
+    visible.next_multiple_of(16).min(len)
 }
 
 /// Forward for all heads: q, k, v are `[B, T, ·]` views whose heads start at the given column
@@ -259,10 +301,13 @@ fn forward_heads<T: Float>(
                 #[inline(always)]
                 || {
                     // Past a block's keys the row is already zero: softmax only up to them.
+                    // The entries from a block's keys on were zeroed above, so a row may
+                    // run on to a whole chunk past them.
                     for (rows, keys) in dims.query_blocks() {
                         for i in rows {
                             let row = p.row_mut(i).into_slice().expect("contiguous rows");
-                            softmax_masked_row(&mut row[..keys], dims.visible(i));
+                            let span = row_span(keys, tk);
+                            softmax_masked_row(&mut row[..span], dims.visible(i));
                         }
                     }
                 },
@@ -326,7 +371,9 @@ fn backward_heads<T: Float>(
                 || {
                     for (i, (p_row, dp_row)) in p.outer_iter_mut().zip(dp.outer_iter()).enumerate()
                     {
-                        let seen = dims.visible(i);
+                        // P is 0 past the visible keys (and ∂P finite), so those entries
+                        // add nothing to the dot product and stay 0.
+                        let seen = row_span(dims.visible(i), tk);
                         let p_row = &mut p_row.into_slice().expect("contiguous rows")[..seen];
                         let dp_row = &dp_row.to_slice().expect("contiguous rows")[..seen];
                         let dot = crate::simd::dot(p_row, dp_row);
@@ -530,8 +577,15 @@ mod tests {
     #[test]
     fn causal_blocks_skip_only_masked_entries_values_and_gradients() {
         // Long enough for several query and key blocks (140 → 36 + 36 + 36 + 32; 150 → ... +
-        // 36 + 42), and a KV-cache shape whose 20 queries are the last of 130 positions.
-        for (tq, tk, seed) in [(140, 140, 20), (150, 150, 30), (20, 130, 40)] {
+        // 36 + 42), and a KV-cache shape whose 20 queries are the last of 130 positions; one
+        // block with rows of whole 16-lane chunks (64) and with a ragged last chunk (37).
+        for (tq, tk, seed) in [
+            (140, 140, 20),
+            (150, 150, 30),
+            (20, 130, 40),
+            (64, 64, 50),
+            (37, 37, 60),
+        ] {
             let tape = Tape::<f64>::new();
             let q = tape.param("q", rand_array(&[2, tq, 8], seed));
             let k = tape.param("k", rand_array(&[2, tk, 8], seed + 1));
