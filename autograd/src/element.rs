@@ -117,6 +117,32 @@ pub trait Float:
         false
     }
 
+    /// `C ← A·B + bias` (bias added to every row) on the calling thread, C possibly
+    /// uninitialised: the bias rows written first, then the product accumulated onto them
+    /// (β = 1). f32 with AVX-512 adds the bias as its kernel stores the tiles instead
+    /// ([`crate::sgemm_avx512::sgemm_bias`]), with the same bits.
+    ///
+    /// # Safety
+    /// As for [`Float::gemm`], and `bias` must point at `n` values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_bias(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        bias: *const Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    ) {
+        gemm_bias_two_pass(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc)
+    }
+
     /// `C ← A·B + bias` (bias added to every row) on all of rayon's threads with the bias
     /// added as the kernel stores its tiles (f32 with AVX-512:
     /// [`crate::sgemm_avx512::sgemm_parallel_bias`]); `false` (nothing done) otherwise.
@@ -259,6 +285,75 @@ impl Float for f32 {
             return false;
         }
         fast::sgemm_parallel_bias(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc)
+    }
+    unsafe fn gemm_bias(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        bias: *const Self,
+        c: *mut Self,
+        rsc: isize,
+        csc: isize,
+    ) {
+        use crate::sgemm_avx512 as fast;
+        // Where [`Float::gemm`] would take the 12×32 kernel anyway.
+        if fast::available() && m.min(n) >= 32 && k > 0 {
+            return fast::sgemm_bias(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc);
+        }
+        gemm_bias_two_pass(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc)
+    }
+}
+
+/// [`Float::gemm_bias`] as two passes: the bias rows into C, then `C ← A·B + 1·C`.
+///
+/// # Safety
+/// As for [`Float::gemm_bias`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_bias_two_pass<T: Float>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    bias: *const T,
+    c: *mut T,
+    rsc: isize,
+    csc: isize,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            c.offset(i as isize * rsc + j as isize * csc)
+                .write(*bias.add(j));
+        }
+    }
+    // With k = 0 the product adds nothing (and the kernels' k loops need a step).
+    if k > 0 {
+        T::gemm(
+            m,
+            k,
+            n,
+            T::one(),
+            a,
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            T::one(),
+            c,
+            rsc,
+            csc,
+        )
     }
 }
 

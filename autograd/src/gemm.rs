@@ -80,50 +80,94 @@ pub fn gemm_write<T: Float>(
     gemm_split(alpha, a, b, T::zero(), out);
 }
 
-/// `a·b + bias` (the bias added to every row) as a new row-major matrix, when the product is
-/// large enough for the dynamic parallel split and the kernel can add the bias as it stores
-/// its tiles (see [`Float::gemm_parallel_bias`]): one pass over the output instead of writing
-/// the bias rows first and reading them back. `None` otherwise, and the caller takes the
-/// two-pass way (the bits are the same either way).
+/// `a·b + bias` (the bias added to every row) as a new row-major matrix: a linear layer's
+/// forward. The kernel adds the bias as it stores its tiles where it can
+/// ([`Float::gemm_parallel_bias`] on the dynamic split, [`Float::gemm_bias`] on each part of
+/// the fixed halves or on one thread): one pass over the output instead of writing the bias
+/// rows first and reading them back. The bits are those of the two-pass form either way.
+/// `None` for a single row (the GEMV path, which the caller takes with β = 1 onto the bias).
 pub fn gemm_new_bias<T: Float>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     bias: &[T],
 ) -> Option<Array2<T>> {
     let ((m, k), n) = (a.dim(), b.ncols());
-    if bias.len() != n
-        || m * n * k < DYNAMIC_MIN_MACS
-        || rayon::current_num_threads() <= 1
-        || halves_only()
-    {
+    assert_eq!(bias.len(), n, "gemm_new_bias: internal shape bug");
+    if m == 1 {
         return None;
     }
     let mut c = Array2::<T>::uninit((m, n));
-    let (sa, sb) = (a.strides(), b.strides());
-    // SAFETY: the views describe valid matrices; c is a fresh m × n row-major output that
-    // aliases neither; bias holds n values.
-    let done = unsafe {
-        T::gemm_parallel_bias(
-            m,
-            k,
-            n,
-            a.as_ptr(),
-            sa[0],
-            sa[1],
-            b.as_ptr(),
-            sb[0],
-            sb[1],
-            bias.as_ptr(),
-            c.as_mut_ptr().cast::<T>(),
-            n as isize,
-            1,
-        )
-    };
-    if !done {
-        return None;
-    }
     check_and_count(&a, &b, (m, n));
-    // SAFETY: every tile of c was stored.
+    let (sa, sb) = (a.strides(), b.strides());
+    let threads = rayon::current_num_threads();
+    if m * n * k >= DYNAMIC_MIN_MACS && threads > 1 && !halves_only() {
+        // SAFETY: the views describe valid matrices; c is a fresh m × n row-major output that
+        // aliases neither; bias holds n values.
+        let done = unsafe {
+            T::gemm_parallel_bias(
+                m,
+                k,
+                n,
+                a.as_ptr(),
+                sa[0],
+                sa[1],
+                b.as_ptr(),
+                sb[0],
+                sb[1],
+                bias.as_ptr(),
+                c.as_mut_ptr().cast::<T>(),
+                n as isize,
+                1,
+            )
+        };
+        if done {
+            // SAFETY: every tile of c was stored.
+            return Some(unsafe { c.assume_init() });
+        }
+    }
+    let out = Out::of(c.as_mut_ptr().cast::<T>(), c.strides(), c.dim());
+    // One part of the product: rows `rows` and columns `cols` of C.
+    let part = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+        let (a_part, b_part) = (
+            a.slice(ndarray::s![rows.clone(), ..]),
+            b.slice(ndarray::s![.., cols.clone()]),
+        );
+        let c_part = out
+            .rows(rows.start, rows.len())
+            .cols(cols.start, cols.len());
+        // SAFETY: the parts are disjoint blocks of c; bias[cols] holds their columns' values.
+        unsafe {
+            T::gemm_bias(
+                rows.len(),
+                k,
+                cols.len(),
+                a_part.as_ptr(),
+                sa[0],
+                sa[1],
+                b_part.as_ptr(),
+                sb[0],
+                sb[1],
+                bias[cols].as_ptr(),
+                c_part.ptr,
+                c_part.row_stride,
+                c_part.col_stride,
+            )
+        }
+    };
+    if threads <= 1 || m * n * k < PARALLEL_MIN_MACS {
+        part(0..m, 0..n);
+    } else if m >= n {
+        let rows = m.div_ceil(threads);
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+            part(i * rows..((i + 1) * rows).min(m), 0..n);
+        });
+    } else {
+        let cols = n.div_ceil(threads);
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
+            part(0..m, i * cols..((i + 1) * cols).min(n));
+        });
+    }
+    // SAFETY: every part wrote its block of c.
     Some(unsafe { c.assume_init() })
 }
 
@@ -597,6 +641,44 @@ pub(crate) mod tests {
         let mut c1 = Array2::zeros((2, 2000));
         gemm(1.0, a1.view(), b1.view(), 0.0, c1.view_mut());
         assert_eq!(c1, naive(&a1, &b1));
+    }
+
+    #[test]
+    fn a_product_with_a_bias_gives_the_bits_of_the_bias_rows_then_the_product() {
+        // Fixed halves by rows and by columns (nanogpt-cpu's linears), the dynamic split, one
+        // thread's whole product, a thin one (the two-pass fallback) and k = 0; f32 and f64.
+        fn check<T: Float + std::fmt::Debug>(of: impl Fn(f64) -> T) {
+            for (m, k, n) in [
+                (768, 128, 384),
+                (100, 128, 700),
+                (1024, 256, 256),
+                (40, 30, 50),
+                (70, 20, 9),
+                (64, 0, 48),
+            ] {
+                let a = Array2::from_shape_fn((m, k), |(i, j)| {
+                    of(((i * 7 + j) % 13) as f64 * 0.1 - 0.6)
+                });
+                let b = Array2::from_shape_fn((k, n), |(i, j)| {
+                    of(((i * 5 + j) % 11) as f64 * 0.1 - 0.5)
+                });
+                let bias: Vec<T> = (0..n).map(|j| of((j % 17) as f64 * 0.37 - 2.0)).collect();
+                let mut want = Array2::from_shape_fn((m, n), |(_, j)| bias[j]);
+                on_threads(1, || {
+                    gemm(T::one(), a.view(), b.view(), T::one(), want.view_mut())
+                });
+                for threads in [1, 2, 3] {
+                    let got = on_threads(threads, || gemm_new_bias(a.view(), b.view(), &bias))
+                        .expect("more than one row");
+                    assert_eq!(got, want, "{m}×{k}×{n} on {threads} threads");
+                }
+            }
+            let one_row = Array2::from_elem((1, 3), of(1.0));
+            let b = Array2::from_elem((3, 4), of(1.0));
+            assert!(gemm_new_bias(one_row.view(), b.view(), &[of(0.0); 4]).is_none());
+        }
+        check(|v| v as f32);
+        check(|v| v);
     }
 
     #[test]

@@ -218,6 +218,35 @@ pub unsafe fn sgemm_parallel(
     }
 }
 
+/// `C ← A·B + bias` on the calling thread, the bias added as the first k block's tiles are
+/// stored (see [`sgemm_parallel_bias`]); the parts of a product split in fixed halves.
+/// `k` must be at least 1.
+///
+/// # Safety
+/// As for [`sgemm`], and `bias` must point at `n` floats.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_bias(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    bias: *const f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
+    assert!(k > 0, "sgemm_bias: k = 0 stores no tile");
+    let mut product = Product::new(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, csc);
+    product.bias = bias;
+    #[cfg(target_arch = "x86_64")]
+    product.run(0..m, 0..n, None, None);
+}
+
 /// [`sgemm_parallel`] of `C ← A·B + bias` (α = 1, β = 0, `bias` added to every row of C as
 /// the first k block's tiles are stored): a linear layer's forward without a pass writing the
 /// bias rows into C first and the kernel reading them back. Same bits as that two-pass form
