@@ -11,7 +11,7 @@ use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
-use crate::simd::{sum_map, sum_zip, vectorized};
+use crate::simd::vectorized;
 use crate::tape::{OpRecord, Var};
 use crate::Float;
 
@@ -20,12 +20,19 @@ use crate::Float;
 /// the thread count.
 const ROWS_PER_BLOCK: usize = 64;
 
-/// μ and r = 1/√(σ²+ε) of one row.
+/// μ and r = 1/√(σ²+ε) of one row, with `x − μ` left in `deviation` (as long as the row) and
+/// `ones` a row of ones. The sums are [`Float::dot`]s — Σx as x·1, Σ(x − μ)² as a dot of the
+/// deviations with themselves: the bits of [`crate::simd::sum_map`] (the same products, added
+/// in the same order), but on f32 with AVX-512 through explicit wide registers, where the
+/// compiler had turned the short (C = 128) rows' sums into 128-bit shuffles.
 #[inline(always)]
-fn mean_and_rstd<T: Float>(row: &[T], eps: T) -> (T, T) {
+fn mean_and_rstd<T: Float>(row: &[T], eps: T, ones: &[T], deviation: &mut [T]) -> (T, T) {
     let n = T::from_f64(row.len() as f64);
-    let mean = sum_map(row, |v| v) / n;
-    let var = sum_map(row, |v| (v - mean) * (v - mean)) / n;
+    let mean = T::dot(row, ones) / n;
+    for (d, &x) in deviation.iter_mut().zip(row) {
+        *d = x - mean;
+    }
+    let var = T::dot(deviation, deviation) / n;
     (mean, T::one() / (var + eps).sqrt())
 }
 
@@ -61,6 +68,7 @@ impl<'t, T: Float> Var<'t, T> {
             .zip(mean.par_chunks_mut(ROWS_PER_BLOCK))
             .zip(rstd.par_chunks_mut(ROWS_PER_BLOCK))
             .for_each(|(((y, x), mean), rstd)| {
+                let (ones, mut deviation) = (vec![T::one(); c], vec![T::zero(); c]);
                 vectorized(
                     #[inline(always)]
                     || {
@@ -70,10 +78,11 @@ impl<'t, T: Float> Var<'t, T> {
                             .zip(mean.iter_mut())
                             .zip(rstd.iter_mut())
                         {
-                            let (mu, rs) = mean_and_rstd(x, eps);
+                            let (mu, rs) = mean_and_rstd(x, eps, &ones, &mut deviation);
                             (*m, *r) = (mu, rs);
-                            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
-                                y.write((x - mu) * rs * w + b);
+                            for (((y, &d), &w), &b) in y.iter_mut().zip(&deviation).zip(&w).zip(&b)
+                            {
+                                y.write(d * rs * w + b);
                             }
                         }
                     },
@@ -122,6 +131,7 @@ impl<'t, T: Float> Var<'t, T> {
                             (Vec::new(), Vec::new())
                         };
                         let (mut gw, mut xhat) = (vec![T::zero(); c], vec![T::zero(); c]);
+                        let ones = vec![T::one(); c];
                         vectorized(
                             #[inline(always)]
                             || {
@@ -148,9 +158,9 @@ impl<'t, T: Float> Var<'t, T> {
                                     for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(&w) {
                                         *gw = g * w;
                                     }
-                                    let mean_gw = sum_map(&gw, |v| v) * inv_c;
-                                    let mean_gw_xhat =
-                                        sum_zip(&gw, &xhat, |gw, xhat| gw * xhat) * inv_c;
+                                    // Σĝ and Σĝ·x̂ as dot products (see `mean_and_rstd`).
+                                    let mean_gw = T::dot(&gw, &ones) * inv_c;
+                                    let mean_gw_xhat = T::dot(&gw, &xhat) * inv_c;
                                     let dx = &mut dx[row * c..(row + 1) * c];
                                     for ((dx, &gw), &xhat) in dx.iter_mut().zip(&gw).zip(&xhat) {
                                         dx.write(rs * (gw - mean_gw - xhat * mean_gw_xhat));
