@@ -179,26 +179,28 @@ pub fn gemm_new<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>) -> Array
     unsafe { c.assume_init() }
 }
 
-/// `a₁·b₁` and `a₂·b₂`, two independent products (a layer's ∂x and ∂W), as new row-major
-/// matrices. Where each would be split in fixed halves (from [`PARALLEL_MIN_MACS`] up to
+/// The products `a₁·b₁` and `a₂·b₂` that are asked for (`None`: not needed), independent of
+/// each other (a layer's ∂x and ∂W), as new row-major matrices. Where both are needed and
+/// each would be split in fixed halves (from [`PARALLEL_MIN_MACS`] up to
 /// [`DYNAMIC_MIN_MACS`]: nanogpt-cpu's products), the two run side by side instead, each
-/// whole on one thread: no operand is packed twice, both threads work on the larger
-/// tiles of a whole product, and the step waits once instead of twice. Elsewhere they run
-/// one after the other, each split as [`gemm_new`] splits it.
+/// whole on one thread: no operand is packed twice, both threads work on the larger tiles
+/// of a whole product, and the step waits once instead of twice. Otherwise each runs as
+/// [`gemm_new`] runs it. The bits are each product's alone either way.
+#[allow(clippy::type_complexity)]
 pub fn gemm_new_pair<T: Float>(
-    first: (ArrayView2<T>, ArrayView2<T>),
-    second: (ArrayView2<T>, ArrayView2<T>),
-) -> (Array2<T>, Array2<T>) {
+    first: Option<(ArrayView2<T>, ArrayView2<T>)>,
+    second: Option<(ArrayView2<T>, ArrayView2<T>)>,
+) -> (Option<Array2<T>>, Option<Array2<T>>) {
     let macs = |(a, b): &(ArrayView2<T>, ArrayView2<T>)| a.nrows() * a.ncols() * b.ncols();
-    let (first_macs, second_macs) = (macs(&first), macs(&second));
-    let side_by_side = rayon::current_num_threads() >= 2
-        && first_macs.max(second_macs) >= PARALLEL_MIN_MACS
-        && first_macs.max(second_macs) < DYNAMIC_MIN_MACS;
+    let alone = |(a, b): (ArrayView2<T>, ArrayView2<T>)| gemm_new(T::one(), a, b);
+    let (Some(first), Some(second)) = (first, second) else {
+        return (first.map(alone), second.map(alone));
+    };
+    let most = macs(&first).max(macs(&second));
+    let side_by_side =
+        rayon::current_num_threads() >= 2 && (PARALLEL_MIN_MACS..DYNAMIC_MIN_MACS).contains(&most);
     if !side_by_side {
-        return (
-            gemm_new(T::one(), first.0, first.1),
-            gemm_new(T::one(), second.0, second.1),
-        );
+        return (Some(alone(first)), Some(alone(second)));
     }
     let whole_on_this_thread = |(a, b): (ArrayView2<T>, ArrayView2<T>)| {
         let mut c = Array2::<T>::uninit((a.nrows(), b.ncols()));
@@ -208,10 +210,11 @@ pub fn gemm_new_pair<T: Float>(
         // SAFETY: gemm_serial wrote every element (β = 0).
         unsafe { c.assume_init() }
     };
-    rayon::join(
+    let (c1, c2) = rayon::join(
         || whole_on_this_thread(first),
         || whole_on_this_thread(second),
-    )
+    );
+    (Some(c1), Some(c2))
 }
 
 fn check_and_count<T: Float>(a: &ArrayView2<T>, b: &ArrayView2<T>, c_dim: (usize, usize)) {
@@ -706,10 +709,18 @@ pub(crate) mod tests {
                 for threads in [1, 2, 3] {
                     let calls = gemm_calls();
                     let pair = on_threads(threads, || {
-                        gemm_new_pair((g.view(), w.t()), (x.t(), g.view()))
+                        gemm_new_pair(Some((g.view(), w.t())), Some((x.t(), g.view())))
                     });
                     assert!(gemm_calls() >= calls + 2, "both products are counted");
-                    assert_eq!(pair, alone, "{rows}×{k}×{n} on {threads} threads");
+                    let (first, second) = alone.clone();
+                    assert_eq!(
+                        pair,
+                        (Some(first), Some(second)),
+                        "{rows}×{k}×{n} on {threads} threads"
+                    );
+                    let only_second =
+                        on_threads(threads, || gemm_new_pair(None, Some((x.t(), g.view()))));
+                    assert_eq!(only_second, (None, Some(alone.1.clone())));
                 }
             }
         }

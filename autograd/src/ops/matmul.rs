@@ -132,16 +132,10 @@ impl<'t, T: Float> Var<'t, T> {
                     } else {
                         (a2.t(), g2.view())
                     };
-                    let (ga, gb) = match (needs[0], needs[1]) {
-                        (true, true) => {
-                            let (ga, gb) = gemm_new_pair((g2.view(), b2.t()), gb_product);
-                            (Some(ga), Some(gb))
-                        }
-                        (need_a, need_b) => (
-                            need_a.then(|| matmul_2d(g2.view(), b2.t())),
-                            need_b.then(|| matmul_2d(gb_product.0, gb_product.1)),
-                        ),
-                    };
+                    let (ga, gb) = gemm_new_pair(
+                        needs[0].then(|| (g2.view(), b2.t())),
+                        needs[1].then_some(gb_product),
+                    );
                     let gb = gb.map(|gb| {
                         if b_transposed {
                             gb.reversed_axes().into_dyn()
@@ -277,16 +271,10 @@ impl<'t, T: Float> Var<'t, T> {
                     .to_shape((rows, n))
                     .expect("gradient has the output's size");
                 let (w2, x2) = (as_matrix(&wv, k, n), as_matrix(&x, rows, k));
-                let (gx, gw) = match (needs[0], needs[1]) {
-                    (true, true) => {
-                        let (gx, gw) = gemm_new_pair((g2.view(), w2.t()), (x2.t(), g2.view()));
-                        (Some(gx), Some(gw))
-                    }
-                    (need_x, need_w) => (
-                        need_x.then(|| matmul_2d(g2.view(), w2.t())),
-                        need_w.then(|| matmul_2d(x2.t(), g2.view())),
-                    ),
-                };
+                let (gx, gw) = gemm_new_pair(
+                    needs[0].then(|| (g2.view(), w2.t())),
+                    needs[1].then(|| (x2.t(), g2.view())),
+                );
                 let gx = gx.map(|gx| to_shape(gx, &x_shape));
                 let mut grads = vec![gx, gw.map(|gw| gw.into_dyn())];
                 if needs.len() == 3 {
