@@ -156,16 +156,8 @@ pub fn gemm_new_bias<T: Float>(
     };
     if threads <= 1 || m * n * k < PARALLEL_MIN_MACS {
         part(0..m, 0..n);
-    } else if m >= n {
-        let rows = m.div_ceil(threads);
-        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
-            part(i * rows..((i + 1) * rows).min(m), 0..n);
-        });
     } else {
-        let cols = n.div_ceil(threads);
-        (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
-            part(0..m, i * cols..((i + 1) * cols).min(n));
-        });
+        in_fixed_parts(m, n, threads, part);
     }
     // SAFETY: every part wrote its block of c.
     Some(unsafe { c.assume_init() })
@@ -440,19 +432,33 @@ fn gemm_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c
             return;
         }
     }
+    in_fixed_parts(m, n, threads, |rows, cols| {
+        let (a_rows, b_cols) = (
+            a.slice(ndarray::s![rows.clone(), ..]),
+            b.slice(ndarray::s![.., cols.clone()]),
+        );
+        let c_part = c.rows(rows.start, rows.len()).cols(cols.start, cols.len());
+        gemm_serial(alpha, a_rows, b_cols, beta, c_part);
+    });
+}
+
+/// Calls `part(rows, cols)` for each of `threads` equal blocks of an m × n output, in
+/// parallel: blocks of rows when `m ≥ n`, else of columns (the fixed-halves split).
+fn in_fixed_parts(
+    m: usize,
+    n: usize,
+    threads: usize,
+    part: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
     if m >= n {
         let rows = m.div_ceil(threads);
         (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
-            let (start, len) = (i * rows, rows.min(m - i * rows));
-            let a_rows = a.slice(ndarray::s![start..start + len, ..]);
-            gemm_serial(alpha, a_rows, b, beta, c.rows(start, len));
+            part(i * rows..((i + 1) * rows).min(m), 0..n);
         });
     } else {
         let cols = n.div_ceil(threads);
         (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
-            let (start, len) = (i * cols, cols.min(n - i * cols));
-            let b_cols = b.slice(ndarray::s![.., start..start + len]);
-            gemm_serial(alpha, a, b_cols, beta, c.cols(start, len));
+            part(0..m, i * cols..((i + 1) * cols).min(n));
         });
     }
 }
