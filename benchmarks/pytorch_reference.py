@@ -8,7 +8,7 @@ Run by hand or by benchmarks/run.sh (never by CI); needs `pip install torch tran
 Prints a few readable lines, then (last line) the same JSON keys as `tapelora bench --json`:
   full / lora : {"ms_per_step", "tokens_per_sec", "peak_rss_mib", "mfu"}
   generate    : {"tokens_per_sec", "peak_rss_mib"}
-  infer       : {"base_ms", "unmerged_ms", "merged_ms"}
+  infer       : {"base_ms", "unmerged_ms", "merged_ms", "unmerged_overhead", "merged_overhead"}
 
 The models: a GPT-2 block stack written the way nanoGPT writes it (pre-LN, fused c_attn,
 tanh-GELU, F.scaled_dot_product_attention with is_causal, lm_head tied to wte), with biases for
@@ -236,17 +236,19 @@ def infer(args):
             m(ids)
             return time.perf_counter() - start
 
-    # As tapelora's bench: one forward of each model in turn, the quickest of each.
+    # As tapelora's bench: one forward of each model in turn; the quickest of each, and the
+    # overheads as medians of the per-round ratios against base.
     for m in (base, unmerged, merged):
         seconds(m)  # warm-up
-    b = u = g = float("inf")
-    for _ in range(max(3 * steps, 9)):
-        b, u, g = min(b, seconds(base)), min(u, seconds(unmerged)), min(g, seconds(merged))
-    print(f"PyTorch {args.config} forward, batch {batch} × block {block}: base {b * 1e3:.2f} ms, "
-          f"unmerged {u * 1e3:.2f} ms ({100 * (u / b - 1):+.1f}%), merged {g * 1e3:.2f} ms "
-          f"({100 * (g / b - 1):+.1f}%)")
+    times = [(seconds(base), seconds(unmerged), seconds(merged)) for _ in range(max(3 * steps, 9))]
+    b, u, g = (min(t[i] for t in times) for i in range(3))
+    ru, rg = (sorted(t[i] / t[0] for t in times)[len(times) // 2] for i in (1, 2))
+    print(f"PyTorch {args.config} forward, batch {batch} × block {block}: quickest base "
+          f"{b * 1e3:.2f} ms, unmerged {u * 1e3:.2f} ms, merged {g * 1e3:.2f} ms; median "
+          f"overhead unmerged {100 * (ru - 1):+.1f}%, merged {100 * (rg - 1):+.1f}%")
     print(json.dumps({"base_ms": round(b * 1e3, 3), "unmerged_ms": round(u * 1e3, 3),
-                      "merged_ms": round(g * 1e3, 3)}))
+                      "merged_ms": round(g * 1e3, 3), "unmerged_overhead": round(ru - 1, 4),
+                      "merged_overhead": round(rg - 1, 4)}))
 
 
 def main():

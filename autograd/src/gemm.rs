@@ -209,6 +209,87 @@ pub fn gemm_new_pair<T: Float>(
     (Some(c1), Some(c2))
 }
 
+/// One product `c ← α·a·b + β·c` for [`gemm_side_by_side`], holding the borrow of its output.
+pub struct Product<'c, T> {
+    alpha: T,
+    a: ArrayView2<'c, T>,
+    b: ArrayView2<'c, T>,
+    beta: T,
+    c: Out<T>,
+    _output: std::marker::PhantomData<&'c mut T>,
+}
+
+impl<'c, T: Float> Product<'c, T> {
+    /// `c ← α·a·b + β·c` (as [`gemm`]).
+    pub fn into(
+        alpha: T,
+        a: ArrayView2<'c, T>,
+        b: ArrayView2<'c, T>,
+        beta: T,
+        mut c: ArrayViewMut2<'c, T>,
+    ) -> Self {
+        check_and_count(&a, &b, c.dim());
+        let c = Out::of(c.as_mut_ptr(), c.strides(), c.dim());
+        Product {
+            alpha,
+            a,
+            b,
+            beta,
+            c,
+            _output: std::marker::PhantomData,
+        }
+    }
+
+    /// `c ← α·a·b` into memory that need not be initialised (as [`gemm_write`]).
+    pub fn write(
+        alpha: T,
+        a: ArrayView2<'c, T>,
+        b: ArrayView2<'c, T>,
+        mut c: ArrayViewMut2<'c, MaybeUninit<T>>,
+    ) -> Self {
+        check_and_count(&a, &b, c.dim());
+        let c = Out::of(c.as_mut_ptr().cast::<T>(), c.strides(), c.dim());
+        Product {
+            alpha,
+            a,
+            b,
+            beta: T::zero(),
+            c,
+            _output: std::marker::PhantomData,
+        }
+    }
+
+    fn macs(&self) -> usize {
+        self.a.nrows() * self.a.ncols() * self.b.ncols()
+    }
+}
+
+// SAFETY: a `Product`'s output is a block that it alone borrows (mutably), so one thread
+// at a time may write it; the inputs are shared views.
+unsafe impl<T: Send + Sync> Send for Product<'_, T> {}
+
+/// Independent small products — LoRA's per-part gradients, each a few hundred thousand
+/// multiply-adds with a rank-r side — run side by side, each whole on one thread, where each
+/// would otherwise be split in fixed halves (the parallel section waits once instead of
+/// once per product). Any product from [`DYNAMIC_MIN_MACS`] up, a single row (the GEMV
+/// path) or a single product runs as [`gemm`] runs it. The bits are each product's alone
+/// either way.
+pub fn gemm_side_by_side<T: Float>(products: Vec<Product<'_, T>>) {
+    let small = products
+        .iter()
+        .all(|p| p.macs() < DYNAMIC_MIN_MACS && p.a.nrows() > 1);
+    if products.len() >= 2 && small && rayon::current_num_threads() >= 2 {
+        products
+            .into_par_iter()
+            .with_max_len(1)
+            .for_each(|p| gemm_serial(p.alpha, p.a, p.b, p.beta, p.c));
+    } else {
+        for p in products {
+            gemm_split(p.alpha, p.a, p.b, p.beta, p.c);
+        }
+    }
+}
+
 fn check_and_count<T: Float>(a: &ArrayView2<T>, b: &ArrayView2<T>, c_dim: (usize, usize)) {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
@@ -732,6 +813,65 @@ pub(crate) mod tests {
         }
         check(|v| v as f32);
         check(|v| v);
+    }
+
+    #[test]
+    fn products_side_by_side_give_the_bits_of_each_product_alone() {
+        // LoRA's forward parts (β = 1 into disjoint column blocks of one output, k = 8) and its
+        // backward (∂v new, into uninitialised memory), at nanogpt-cpu's size, tiny, and with
+        // a single row (the GEMV path).
+        for rows in [768, 5, 1] {
+            let (k, n) = (8, 128);
+            let u = Array2::from_shape_fn((rows, 2 * k), |(i, j)| {
+                ((i * 7 + j) % 13) as f32 * 0.1 - 0.6
+            });
+            let v = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 11) as f32 * 0.1 - 0.5);
+            let base = Array2::from_shape_fn((rows, 3 * n), |(i, j)| {
+                ((i * 3 + j) % 17) as f32 * 0.07 - 0.5
+            });
+            let (uq, uv) = (u.slice(ndarray::s![.., ..k]), u.slice(ndarray::s![.., k..]));
+            let mut alone = base.clone();
+            on_threads(1, || {
+                gemm(
+                    0.5,
+                    uq,
+                    v.view(),
+                    1.0,
+                    alone.slice_mut(ndarray::s![.., ..n]),
+                );
+                gemm(
+                    2.0,
+                    uv,
+                    v.view(),
+                    1.0,
+                    alone.slice_mut(ndarray::s![.., 2 * n..]),
+                );
+            });
+            let gv_alone = on_threads(1, || {
+                gemm_new(2.0, uv.t(), base.slice(ndarray::s![.., ..n]))
+            });
+            for threads in [1, 2, 3] {
+                let mut both = base.clone();
+                let mut gv = Array2::<f32>::uninit((k, n));
+                on_threads(threads, || {
+                    let (q, rest) = both.view_mut().split_at(ndarray::Axis(1), n);
+                    let (_, v_cols) = rest.split_at(ndarray::Axis(1), n);
+                    gemm_side_by_side(vec![
+                        Product::into(2.0, uv, v.view(), 1.0, v_cols),
+                        Product::into(0.5, uq, v.view(), 1.0, q),
+                        Product::write(
+                            2.0,
+                            uv.t(),
+                            base.slice(ndarray::s![.., ..n]),
+                            gv.view_mut(),
+                        ),
+                    ]);
+                });
+                assert_eq!(both, alone, "{rows} rows on {threads} threads");
+                // SAFETY: the third product wrote every element.
+                assert_eq!(unsafe { gv.assume_init() }, gv_alone);
+            }
+        }
     }
 
     #[test]

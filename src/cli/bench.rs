@@ -503,43 +503,56 @@ impl ModelBench {
                     .expect("fits");
             })
         };
-        // One forward of each model in turn, many rounds, and the quickest of each: the machine's
-        // noise only ever slows a run down, and taking turns exposes all three to the same drift.
+        // One forward of each model in turn, many rounds. The overheads are the medians of the
+        // per-round ratios: the three runs of a round see the same machine, so a ratio cancels
+        // the drift of a shared machine, and a median ignores the rounds one noisy run spoilt
+        // (the quickest run of each, also printed, can come from different moments).
         let rounds = (3 * steps).max(9);
-        let quickest = |m: &tapelora_gpt::Gpt, best: &mut f64| {
+        let time = |m: &tapelora_gpt::Gpt| {
             let start = Instant::now();
             forward(m);
-            *best = best.min(start.elapsed().as_secs_f64());
+            start.elapsed().as_secs_f64()
         };
-        let (mut b, mut u, mut g) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
         for m in [&model, &lm.model, &merged] {
             forward(m); // warm-up
         }
+        let mut times = Vec::with_capacity(rounds);
         for _ in 0..rounds {
-            quickest(&model, &mut b);
-            quickest(&lm.model, &mut u);
-            quickest(&merged, &mut g);
+            times.push([time(&model), time(&lm.model), time(&merged)]);
         }
+        let quickest = |i: usize| times.iter().map(|t| t[i]).fold(f64::INFINITY, f64::min);
+        let (b, u, g) = (quickest(0), quickest(1), quickest(2));
+        let median_ratio = |i: usize| {
+            let mut ratios: Vec<f64> = times.iter().map(|t| t[i] / t[0]).collect();
+            ratios.sort_by(f64::total_cmp);
+            ratios[ratios.len() / 2]
+        };
+        let (unmerged, merged_ratio) = (median_ratio(1), median_ratio(2));
         if !self.json {
             println!(
-                "{} forward, batch {batch} × block {block} (quickest of {rounds} interleaved runs each):",
+                "{} forward, batch {batch} × block {block} ({rounds} rounds of base, unmerged, merged in turn):",
                 self.config
             );
             println!(
-                "  base {:.2} ms, LoRA r={} unmerged {:.2} ms ({:+.1}%), merged {:.2} ms ({:+.1}%)",
+                "  quickest: base {:.2} ms, LoRA r={} unmerged {:.2} ms, merged {:.2} ms",
                 b * 1e3,
                 self.rank,
                 u * 1e3,
-                100.0 * (u / b - 1.0),
                 g * 1e3,
-                100.0 * (g / b - 1.0)
+            );
+            println!(
+                "  median per-round overhead against base: unmerged {:+.1}%, merged {:+.1}%",
+                100.0 * (unmerged - 1.0),
+                100.0 * (merged_ratio - 1.0)
             );
         }
         println!(
-            "{{\"base_ms\": {:.3}, \"unmerged_ms\": {:.3}, \"merged_ms\": {:.3}}}",
+            "{{\"base_ms\": {:.3}, \"unmerged_ms\": {:.3}, \"merged_ms\": {:.3}, \"unmerged_overhead\": {:.4}, \"merged_overhead\": {:.4}}}",
             b * 1e3,
             u * 1e3,
-            g * 1e3
+            g * 1e3,
+            unmerged - 1.0,
+            merged_ratio - 1.0
         );
         Ok(())
     }
