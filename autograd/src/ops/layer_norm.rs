@@ -20,20 +20,19 @@ use crate::Float;
 /// the thread count.
 const ROWS_PER_BLOCK: usize = 64;
 
-/// μ and r = 1/√(σ²+ε) of one row, with `x − μ` left in `deviation` (as long as the row) and
-/// `ones` a row of ones. The sums are [`Float::dot`]s — Σx as x·1, Σ(x − μ)² as a dot of the
+/// μ and σ² of one row, with `x − μ` left in `deviation` (as long as the row) and `ones` a
+/// row of ones. The sums are [`Float::dot`]s — Σx as x·1, Σ(x − μ)² as a dot of the
 /// deviations with themselves: the bits of [`crate::simd::sum_map`] (the same products, added
 /// in the same order), but on f32 with AVX-512 through explicit wide registers, where the
 /// compiler had turned the short (C = 128) rows' sums into 128-bit shuffles.
 #[inline(always)]
-fn mean_and_rstd<T: Float>(row: &[T], eps: T, ones: &[T], deviation: &mut [T]) -> (T, T) {
+fn mean_and_variance<T: Float>(row: &[T], ones: &[T], deviation: &mut [T]) -> (T, T) {
     let n = T::from_f64(row.len() as f64);
     let mean = T::dot(row, ones) / n;
     for (d, &x) in deviation.iter_mut().zip(row) {
         *d = x - mean;
     }
-    let var = T::dot(deviation, deviation) / n;
-    (mean, T::one() / (var + eps).sqrt())
+    (mean, T::dot(deviation, deviation) / n)
 }
 
 impl<'t, T: Float> Var<'t, T> {
@@ -69,20 +68,30 @@ impl<'t, T: Float> Var<'t, T> {
             .zip(rstd.par_chunks_mut(ROWS_PER_BLOCK))
             .for_each(|(((y, x), mean), rstd)| {
                 let (ones, mut deviation) = (vec![T::one(); c], vec![T::zero(); c]);
+                // Three passes over the block: every row's μ and σ² (independent rows, so
+                // the out-of-order core overlaps one row's sums with the next row's instead of
+                // waiting on each row's chain of sums, square root and division); then r for
+                // the whole block at once (one vector square root and division per 16 rows);
+                // then the outputs. Each value is computed as in one pass, so the bits are too.
                 vectorized(
                     #[inline(always)]
                     || {
-                        for (((y, x), m), r) in y
+                        for ((x, m), v) in
+                            x.chunks_exact(c).zip(mean.iter_mut()).zip(rstd.iter_mut())
+                        {
+                            (*m, *v) = mean_and_variance(x, &ones, &mut deviation);
+                        }
+                        for r in rstd.iter_mut() {
+                            *r = T::one() / (*r + eps).sqrt();
+                        }
+                        for (((y, x), &mu), &rs) in y
                             .chunks_exact_mut(c)
                             .zip(x.chunks_exact(c))
-                            .zip(mean.iter_mut())
-                            .zip(rstd.iter_mut())
+                            .zip(mean.iter())
+                            .zip(rstd.iter())
                         {
-                            let (mu, rs) = mean_and_rstd(x, eps, &ones, &mut deviation);
-                            (*m, *r) = (mu, rs);
-                            for (((y, &d), &w), &b) in y.iter_mut().zip(&deviation).zip(&w).zip(&b)
-                            {
-                                y.write(d * rs * w + b);
+                            for (((y, &x), &w), &b) in y.iter_mut().zip(x).zip(&w).zip(&b) {
+                                y.write((x - mu) * rs * w + b);
                             }
                         }
                     },
@@ -158,7 +167,7 @@ impl<'t, T: Float> Var<'t, T> {
                                     for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(&w) {
                                         *gw = g * w;
                                     }
-                                    // Σĝ and Σĝ·x̂ as dot products (see `mean_and_rstd`).
+                                    // Σĝ and Σĝ·x̂ as dot products (see `mean_and_variance`).
                                     let mean_gw = T::dot(&gw, &ones) * inv_c;
                                     let mean_gw_xhat = T::dot(&gw, &xhat) * inv_c;
                                     let dx = &mut dx[row * c..(row + 1) * c];
@@ -209,6 +218,33 @@ mod tests {
             assert!((row.mapv(|v| v * v).mean().unwrap() - 1.0).abs() < 1e-10);
         }
         assert!(x.layer_norm(&b.narrow(0, 0, 7).unwrap(), &b, 1e-5).is_err());
+    }
+
+    #[test]
+    fn each_row_has_the_bits_of_the_one_pass_formula() {
+        // f32, C = 128 (the AVX-512 dot) and C = 37 (a scalar tail); 150 rows: three blocks,
+        // the last one partial.
+        use crate::Float;
+        for c in [128, 37] {
+            let tape = Tape::<f32>::new();
+            let x0 = rand_array(&[150, c], 61).mapv(|v| 3.0 * v as f32 + 0.5);
+            let w0 = rand_array(&[c], 62).mapv(|v| 1.0 + 0.5 * v as f32);
+            let b0 = rand_array(&[c], 63).mapv(|v| v as f32);
+            let y = tape
+                .constant(x0.clone())
+                .layer_norm(&tape.constant(w0.clone()), &tape.constant(b0.clone()), 1e-5)
+                .unwrap();
+            let ones = vec![1.0f32; c];
+            for (row, got) in x0.rows().into_iter().zip(y.value().rows()) {
+                let row = row.to_vec();
+                let mean = f32::dot(&row, &ones) / c as f32;
+                let dev: Vec<f32> = row.iter().map(|&x| x - mean).collect();
+                let rstd = 1.0 / (f32::dot(&dev, &dev) / c as f32 + 1e-5).sqrt();
+                for (j, &g) in got.iter().enumerate() {
+                    assert_eq!(g, dev[j] * rstd * w0[j] + b0[j], "C = {c}, column {j}");
+                }
+            }
+        }
     }
 
     #[test]
