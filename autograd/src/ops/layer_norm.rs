@@ -221,7 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn each_row_has_the_bits_of_the_one_pass_formula() {
+    fn each_row_and_its_gradient_have_the_bits_of_the_one_pass_formulas() {
         // f32, C = 128 (the AVX-512 dot) and C = 37 (a scalar tail); 150 rows: three blocks,
         // the last one partial.
         use crate::Float;
@@ -235,6 +235,44 @@ mod tests {
                 .layer_norm(&tape.constant(w0.clone()), &tape.constant(b0.clone()), 1e-5)
                 .unwrap();
             let ones = vec![1.0f32; c];
+            // ∂x of Σ y·g0 for a fixed g0, against the formula row by row.
+            let tape_b = Tape::<f32>::new();
+            let g0 = rand_array(&[150, c], 64).mapv(|v| v as f32);
+            let xb = tape_b.param("x", x0.clone());
+            let yb = xb
+                .layer_norm(
+                    &tape_b.constant(w0.clone()),
+                    &tape_b.constant(b0.clone()),
+                    1e-5,
+                )
+                .unwrap();
+            let loss = yb
+                .mul(&tape_b.constant(g0.clone()))
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let dx = tape_b
+                .backward(&loss)
+                .unwrap()
+                .get_by_name("x")
+                .unwrap()
+                .clone();
+            for ((row, g), dx) in x0.rows().into_iter().zip(g0.rows()).zip(dx.rows()) {
+                let row = row.to_vec();
+                let mean = f32::dot(&row, &ones) / c as f32;
+                let dev: Vec<f32> = row.iter().map(|&x| x - mean).collect();
+                let rstd = 1.0 / (f32::dot(&dev, &dev) / c as f32 + 1e-5).sqrt();
+                let xhat: Vec<f32> = row.iter().map(|&x| (x - mean) * rstd).collect();
+                let gw: Vec<f32> = g.iter().zip(w0.iter()).map(|(&g, &w)| g * w).collect();
+                let (mg, mgx) = (
+                    f32::dot(&gw, &ones) * (1.0 / c as f64) as f32,
+                    f32::dot(&gw, &xhat) * (1.0 / c as f64) as f32,
+                );
+                for j in 0..c {
+                    let want = rstd * (gw[j] - mg - xhat[j] * mgx);
+                    assert_eq!(dx[j], want, "∂x, C = {c}, column {j}");
+                }
+            }
             for (row, got) in x0.rows().into_iter().zip(y.value().rows()) {
                 let row = row.to_vec();
                 let mean = f32::dot(&row, &ones) / c as f32;
