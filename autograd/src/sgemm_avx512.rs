@@ -170,6 +170,11 @@ const SHARED_PACK_MAX_FLOATS: usize = 16 << 20;
 /// on small or narrow products (nanogpt-cpu's, attention's) packing did not pay.
 const PACK_A_MIN_MACS: usize = 1 << 26;
 const PACK_A_MIN_COLS: usize = 256;
+/// Deepest product whose column-major A is read in place: one panel's k steps then touch at
+/// most 256 cache lines (16 KiB) of A. Attention's per-head ∂V = Pᵀ·G and ∂K = ∂Sᵀ·Q
+/// (k = T = 64) gain 1.48–1.53× over packing A (medians of 20 000 alternated calls); the
+/// linears' ∂W = xᵀ·G (k = 768) were 0.94–1.15× from run to run, so they keep packing.
+const COLUMNS_IN_PLACE_MAX_K: usize = 256;
 
 /// Fewest rows / columns of C a thread takes at a time in a parallel product (four panels):
 /// each chunk reads the whole shared operand once, so chunks may not get too small.
@@ -295,6 +300,9 @@ struct Product {
     kc_max: usize,
     /// A row-major A read by the micro-kernel in place (see [`Product::run`]).
     a_in_place: bool,
+    /// A column-major A (a transposed view) read in place: each step of k is 12 consecutive
+    /// values of one of its columns, which is what a packed panel holds.
+    a_columns_in_place: bool,
     /// A row vector (n values) added to every row of C, or null.
     bias: *const f32,
     alpha: f32,
@@ -330,13 +338,16 @@ impl Product {
         csc: isize,
     ) -> Self {
         let kc_max = k_block(k);
-        let a_in_place = csa == 1 && (m * n * k < PACK_A_MIN_MACS || n < PACK_A_MIN_COLS);
+        let small = m * n * k < PACK_A_MIN_MACS || n < PACK_A_MIN_COLS;
+        let a_in_place = csa == 1 && small;
+        let a_columns_in_place = rsa == 1 && csa != 1 && small && k <= COLUMNS_IN_PLACE_MAX_K;
         Product {
             m,
             k,
             n,
             kc_max,
             a_in_place,
+            a_columns_in_place,
             bias: std::ptr::null(),
             alpha,
             a,
@@ -406,6 +417,7 @@ impl Product {
             // micro-kernel broadcasts its values straight from the rows, and only a partial
             // last panel is packed; packing costs more there than the kernel gains.
             let a_in_place = self.a_in_place && shared_a.is_none();
+            let a_columns_in_place = self.a_columns_in_place && shared_a.is_none();
             for jc in cols.clone().step_by(NC) {
                 let nc = NC.min(cols.end - jc);
                 for pc in (0..k).step_by(kc_max) {
@@ -425,6 +437,7 @@ impl Product {
                         let full_rows = if a_in_place { mc - mc % MR } else { 0 };
                         let a_panels = match shared_a {
                             Some(packed) => packed.add(shared_offset(ic, k, pc, mc, MR)),
+                            None if a_columns_in_place => a_block,
                             None => {
                                 pack_a(
                                     mc - full_rows,
@@ -468,15 +481,33 @@ impl Product {
                                         tile,
                                     );
                                 } else {
-                                    let a_panel = a_panels.add((ir - full_rows) * kc);
-                                    // An edge panel (T = 64 is five panels and 4 rows)
-                                    // runs only its rows: attention's per-head products
-                                    // 1.07–1.11× (medians of 20 000 alternated calls).
-                                    match tile_rows {
-                                        1..=4 => kernel::<4>(kc, a_panel, b_panel, tile),
-                                        5..=8 => kernel::<8>(kc, a_panel, b_panel, tile),
-                                        _ => kernel::<MR>(kc, a_panel, b_panel, tile),
-                                    }
+                                    // A packed panel: 12 values per step of k; a
+                                    // column-major A read in place: its column stride.
+                                    let (a_panel, a_step) = if a_columns_in_place {
+                                        (a_block.add(ir), csa)
+                                    } else {
+                                        (a_panels.add((ir - full_rows) * kc), MR as isize)
+                                    };
+                                    // Exactly the tile's rows: an edge panel (T = 64 is
+                                    // five panels and 4 rows) does no FMAs on padding
+                                    // (attention's per-head products 1.07–1.11×, medians
+                                    // of 20 000 alternated calls), and a column-major A
+                                    // read in place has no padding rows to read.
+                                    let run = match tile_rows {
+                                        1 => kernel::<1>,
+                                        2 => kernel::<2>,
+                                        3 => kernel::<3>,
+                                        4 => kernel::<4>,
+                                        5 => kernel::<5>,
+                                        6 => kernel::<6>,
+                                        7 => kernel::<7>,
+                                        8 => kernel::<8>,
+                                        9 => kernel::<9>,
+                                        10 => kernel::<10>,
+                                        11 => kernel::<11>,
+                                        _ => kernel::<MR>,
+                                    };
+                                    run(kc, a_panel, a_step, b_panel, tile);
                                 }
                             }
                         }
@@ -793,7 +824,13 @@ struct Tile {
 /// its first `ROWS` rows only (an edge panel's padding rows would be wasted FMAs).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel<const ROWS: usize>(kc: usize, a: *const f32, b: *const f32, tile: Tile) {
+unsafe fn kernel<const ROWS: usize>(
+    kc: usize,
+    a: *const f32,
+    a_step: isize,
+    b: *const f32,
+    tile: Tile,
+) {
     prefetch_c(tile);
     let mut left = [_mm512_setzero_ps(); MR];
     let mut right = [_mm512_setzero_ps(); MR];
@@ -807,7 +844,7 @@ unsafe fn kernel<const ROWS: usize>(kc: usize, a: *const f32, b: *const f32, til
             left[i] = _mm512_fmadd_ps(ai, b0, left[i]);
             right[i] = _mm512_fmadd_ps(ai, b1, right[i]);
         }
-        a = a.add(MR);
+        a = a.offset(a_step);
         b = b.add(NR);
     }
     store(left, right, tile);
@@ -1322,10 +1359,14 @@ mod tests {
             // Several k blocks of balanced size (800 → 3 × 272, the last one 256).
             (25, 800, 70),
             (36, 1000, 64),
-            // Edge panels of 4, 8 and 10 rows (the 4- and 8-row kernels, the padded 12).
+            // Edge panels of 4, 8, 10, 1 and 11 rows, each run by the kernel of exactly its
+            // rows (with k ≤ 256 a column-major A is read in place, and no row past the
+            // matrix may be read).
             (64, 32, 64),
             (44, 70, 40),
             (58, 20, 33),
+            (37, 100, 48),
+            (35, 256, 40),
             // Large enough that a row-major A is packed (PACK_A_MIN_MACS, PACK_A_MIN_COLS),
             // with a partial last panel and a k block that is not a multiple of 16.
             (301, 801, 280),
