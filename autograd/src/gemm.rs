@@ -209,38 +209,18 @@ pub fn gemm_new_pair<T: Float>(
     (Some(c1), Some(c2))
 }
 
-/// One product `c ← α·a·b + β·c` for [`gemm_side_by_side`], holding the borrow of its output.
+/// One product `c ← α·a·b` for [`gemm_side_by_side`], into memory that need not be
+/// initialised (as [`gemm_write`]), holding the borrow of its output.
 pub struct Product<'c, T> {
     alpha: T,
     a: ArrayView2<'c, T>,
     b: ArrayView2<'c, T>,
-    beta: T,
     c: Out<T>,
     _output: std::marker::PhantomData<&'c mut T>,
 }
 
 impl<'c, T: Float> Product<'c, T> {
-    /// `c ← α·a·b + β·c` (as [`gemm`]).
-    pub fn into(
-        alpha: T,
-        a: ArrayView2<'c, T>,
-        b: ArrayView2<'c, T>,
-        beta: T,
-        mut c: ArrayViewMut2<'c, T>,
-    ) -> Self {
-        check_and_count(&a, &b, c.dim());
-        let c = Out::of(c.as_mut_ptr(), c.strides(), c.dim());
-        Product {
-            alpha,
-            a,
-            b,
-            beta,
-            c,
-            _output: std::marker::PhantomData,
-        }
-    }
-
-    /// `c ← α·a·b` into memory that need not be initialised (as [`gemm_write`]).
+    /// `c ← α·a·b`; every element of `c` is written.
     pub fn write(
         alpha: T,
         a: ArrayView2<'c, T>,
@@ -253,7 +233,6 @@ impl<'c, T: Float> Product<'c, T> {
             alpha,
             a,
             b,
-            beta: T::zero(),
             c,
             _output: std::marker::PhantomData,
         }
@@ -282,10 +261,10 @@ pub fn gemm_side_by_side<T: Float>(products: Vec<Product<'_, T>>) {
         products
             .into_par_iter()
             .with_max_len(1)
-            .for_each(|p| gemm_serial(p.alpha, p.a, p.b, p.beta, p.c));
+            .for_each(|p| gemm_serial(p.alpha, p.a, p.b, T::zero(), p.c));
     } else {
         for p in products {
-            gemm_split(p.alpha, p.a, p.b, p.beta, p.c);
+            gemm_split(p.alpha, p.a, p.b, T::zero(), p.c);
         }
     }
 }
@@ -817,59 +796,43 @@ pub(crate) mod tests {
 
     #[test]
     fn products_side_by_side_give_the_bits_of_each_product_alone() {
-        // LoRA's forward parts (β = 1 into disjoint column blocks of one output, k = 8) and its
-        // backward (∂v new, into uninitialised memory), at nanogpt-cpu's size, tiny, and with
-        // a single row (the GEMV path).
+        // LoRA's backward: each part's ∂u block (disjoint columns of one uninitialised
+        // output, k = 128) and its ∂v (k = rows), at nanogpt-cpu's size, tiny, and with a
+        // single row (the GEMV path).
         for rows in [768, 5, 1] {
-            let (k, n) = (8, 128);
-            let u = Array2::from_shape_fn((rows, 2 * k), |(i, j)| {
+            let (r, w) = (8, 128);
+            let g = Array2::from_shape_fn((rows, 2 * w), |(i, j)| {
                 ((i * 7 + j) % 13) as f32 * 0.1 - 0.6
             });
-            let v = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 11) as f32 * 0.1 - 0.5);
-            let base = Array2::from_shape_fn((rows, 3 * n), |(i, j)| {
-                ((i * 3 + j) % 17) as f32 * 0.07 - 0.5
-            });
-            let (uq, uv) = (u.slice(ndarray::s![.., ..k]), u.slice(ndarray::s![.., k..]));
-            let mut alone = base.clone();
-            on_threads(1, || {
-                gemm(
-                    0.5,
-                    uq,
-                    v.view(),
-                    1.0,
-                    alone.slice_mut(ndarray::s![.., ..n]),
-                );
-                gemm(
-                    2.0,
-                    uv,
-                    v.view(),
-                    1.0,
-                    alone.slice_mut(ndarray::s![.., 2 * n..]),
-                );
-            });
-            let gv_alone = on_threads(1, || {
-                gemm_new(2.0, uv.t(), base.slice(ndarray::s![.., ..n]))
+            let v = Array2::from_shape_fn((r, w), |(i, j)| ((i * 5 + j) % 11) as f32 * 0.1 - 0.5);
+            let u = Array2::from_shape_fn((rows, r), |(i, j)| ((i * 3 + j) % 17) as f32 * 0.07);
+            let (gq, gv_span) = (g.slice(ndarray::s![.., ..w]), g.slice(ndarray::s![.., w..]));
+            let alone = on_threads(1, || {
+                [
+                    gemm_new(0.5, gq, v.t()),
+                    gemm_new(2.0, gv_span, v.t()),
+                    gemm_new(2.0, u.t(), gv_span),
+                ]
             });
             for threads in [1, 2, 3] {
-                let mut both = base.clone();
-                let mut gv = Array2::<f32>::uninit((k, n));
+                let mut gu = Array2::<f32>::uninit((rows, 2 * r));
+                let mut dv = Array2::<f32>::uninit((r, w));
                 on_threads(threads, || {
-                    let (q, rest) = both.view_mut().split_at(ndarray::Axis(1), n);
-                    let (_, v_cols) = rest.split_at(ndarray::Axis(1), n);
+                    let (q, v_block) = gu.view_mut().split_at(ndarray::Axis(1), r);
                     gemm_side_by_side(vec![
-                        Product::into(2.0, uv, v.view(), 1.0, v_cols),
-                        Product::into(0.5, uq, v.view(), 1.0, q),
-                        Product::write(
-                            2.0,
-                            uv.t(),
-                            base.slice(ndarray::s![.., ..n]),
-                            gv.view_mut(),
-                        ),
+                        Product::write(2.0, gv_span, v.t(), v_block),
+                        Product::write(0.5, gq, v.t(), q),
+                        Product::write(2.0, u.t(), gv_span, dv.view_mut()),
                     ]);
                 });
-                assert_eq!(both, alone, "{rows} rows on {threads} threads");
-                // SAFETY: the third product wrote every element.
-                assert_eq!(unsafe { gv.assume_init() }, gv_alone);
+                // SAFETY: the products wrote every element of both.
+                let (gu, dv) = unsafe { (gu.assume_init(), dv.assume_init()) };
+                let blocks = [
+                    gu.slice(ndarray::s![.., ..r]).to_owned(),
+                    gu.slice(ndarray::s![.., r..]).to_owned(),
+                    dv,
+                ];
+                assert_eq!(blocks, alone, "{rows} rows on {threads} threads");
             }
         }
     }

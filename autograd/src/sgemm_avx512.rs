@@ -820,8 +820,10 @@ struct Tile {
     bias: *const f32,
 }
 
-/// The 12×32 micro-kernel over `kc` steps of a packed A panel and a packed B panel, computing
-/// its first `ROWS` rows only (an edge panel's padding rows would be wasted FMAs).
+/// The 12×32 micro-kernel over `kc` steps of A and a packed B panel, computing its first
+/// `ROWS` rows only (an edge panel's padding rows would be wasted FMAs). Each step of A is
+/// `ROWS` consecutive values, `a_step` apart: a packed panel (12) or the column stride of a
+/// column-major A read in place.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel<const ROWS: usize>(

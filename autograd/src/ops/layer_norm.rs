@@ -235,6 +235,12 @@ mod tests {
                 .layer_norm(&tape.constant(w0.clone()), &tape.constant(b0.clone()), 1e-5)
                 .unwrap();
             let ones = vec![1.0f32; c];
+            // μ and r of a row as the op computes them.
+            let stats = |row: &[f32]| {
+                let mean = f32::dot(row, &ones) / c as f32;
+                let dev: Vec<f32> = row.iter().map(|&x| x - mean).collect();
+                (mean, 1.0 / (f32::dot(&dev, &dev) / c as f32 + 1e-5).sqrt())
+            };
             // ∂x of Σ y·g0 for a fixed g0, against the formula row by row.
             let tape_b = Tape::<f32>::new();
             let g0 = rand_array(&[150, c], 64).mapv(|v| v as f32);
@@ -259,9 +265,7 @@ mod tests {
                 .clone();
             for ((row, g), dx) in x0.rows().into_iter().zip(g0.rows()).zip(dx.rows()) {
                 let row = row.to_vec();
-                let mean = f32::dot(&row, &ones) / c as f32;
-                let dev: Vec<f32> = row.iter().map(|&x| x - mean).collect();
-                let rstd = 1.0 / (f32::dot(&dev, &dev) / c as f32 + 1e-5).sqrt();
+                let (mean, rstd) = stats(&row);
                 let xhat: Vec<f32> = row.iter().map(|&x| (x - mean) * rstd).collect();
                 let gw: Vec<f32> = g.iter().zip(w0.iter()).map(|(&g, &w)| g * w).collect();
                 let (mg, mgx) = (
@@ -275,11 +279,10 @@ mod tests {
             }
             for (row, got) in x0.rows().into_iter().zip(y.value().rows()) {
                 let row = row.to_vec();
-                let mean = f32::dot(&row, &ones) / c as f32;
-                let dev: Vec<f32> = row.iter().map(|&x| x - mean).collect();
-                let rstd = 1.0 / (f32::dot(&dev, &dev) / c as f32 + 1e-5).sqrt();
+                let (mean, rstd) = stats(&row);
                 for (j, &g) in got.iter().enumerate() {
-                    assert_eq!(g, dev[j] * rstd * w0[j] + b0[j], "C = {c}, column {j}");
+                    let want = (row[j] - mean) * rstd * w0[j] + b0[j];
+                    assert_eq!(g, want, "C = {c}, column {j}");
                 }
             }
         }
