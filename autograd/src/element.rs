@@ -167,6 +167,27 @@ pub trait Float:
     ) -> bool {
         false
     }
+
+    /// [`crate::gemm::gemm_new_low_rank`]'s kernel: `C ← A·B + bias + Σ parts` with the
+    /// low-rank parts summed inside the tiles (f32 with AVX-512:
+    /// [`crate::sgemm_avx512::sgemm_low_rank`]), in `threads` fixed parts or, with `dynamic`,
+    /// in shrinking chunks; `false` (nothing done) where it does not apply.
+    ///
+    /// # Safety
+    /// `c` points at a row-major `m × n` output that aliases no input.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_low_rank(
+        _a: ndarray::ArrayView2<Self>,
+        _b: ndarray::ArrayView2<Self>,
+        _bias: Option<&[Self]>,
+        _u: ndarray::ArrayView2<Self>,
+        _parts: &[crate::gemm::LowRankPart<Self>],
+        _c: *mut Self,
+        _threads: usize,
+        _dynamic: bool,
+    ) -> bool {
+        false
+    }
 }
 
 impl Float for f32 {
@@ -285,6 +306,24 @@ impl Float for f32 {
             return false;
         }
         fast::sgemm_parallel_bias(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc)
+    }
+    unsafe fn gemm_low_rank(
+        a: ndarray::ArrayView2<Self>,
+        b: ndarray::ArrayView2<Self>,
+        bias: Option<&[Self]>,
+        u: ndarray::ArrayView2<Self>,
+        parts: &[crate::gemm::LowRankPart<Self>],
+        c: *mut Self,
+        threads: usize,
+        dynamic: bool,
+    ) -> bool {
+        use crate::sgemm_avx512 as fast;
+        // Where [`Float::gemm`] would take the 12×32 kernel.
+        if !fast::available() || a.nrows().min(b.ncols()) < 32 {
+            return false;
+        }
+        let n = b.ncols() as isize;
+        fast::sgemm_low_rank(a, b, bias, u, parts, c, (n, 1), threads, dynamic)
     }
     unsafe fn gemm_bias(
         m: usize,

@@ -163,6 +163,64 @@ pub fn gemm_new_bias<T: Float>(
     Some(unsafe { c.assume_init() })
 }
 
+/// One low-rank term of [`gemm_new_low_rank`]: `scale · u[:, u_from .. u_from + r] · v`
+/// added to the output's columns `start .. start + w` (`v` is `r × w`).
+#[derive(Clone, Copy)]
+pub struct LowRankPart<'a, T> {
+    pub v: ArrayView2<'a, T>,
+    pub start: usize,
+    pub u_from: usize,
+    pub scale: T,
+}
+
+/// `a·b + bias + Σ parts` as a new row-major matrix, the low-rank parts summed inside the
+/// kernel's tiles ([`Float::gemm_low_rank`]): a LoRA linear's forward writing its output once.
+/// `None` where that kernel does not apply (not f32 with AVX-512, a product under 32 wide,
+/// parts off 32-column boundaries, a single row): the caller adds the parts itself then.
+pub fn gemm_new_low_rank<T: Float>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    bias: Option<&[T]>,
+    u: ArrayView2<T>,
+    parts: &[LowRankPart<T>],
+) -> Option<Array2<T>> {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    if m < 2 {
+        return None;
+    }
+    let mut c = Array2::<T>::uninit((m, n));
+    let threads = rayon::current_num_threads();
+    let macs = m * n * k;
+    let dynamic = macs >= DYNAMIC_MIN_MACS && threads > 1 && !halves_only();
+    let parts_of = if macs < PARALLEL_MIN_MACS { 1 } else { threads };
+    // SAFETY: c is a fresh m × n row-major output that aliases no input.
+    let done = unsafe {
+        T::gemm_low_rank(
+            a,
+            b,
+            bias,
+            u,
+            parts,
+            c.as_mut_ptr().cast::<T>(),
+            parts_of,
+            dynamic,
+        )
+    };
+    if !done {
+        return None;
+    }
+    check_and_count(&a, &b, (m, n));
+    for part in parts {
+        check_and_count(
+            &u.slice(ndarray::s![.., part.u_from..part.u_from + part.v.nrows()]),
+            &part.v,
+            (m, part.v.ncols()),
+        );
+    }
+    // SAFETY: every tile of c was stored.
+    Some(unsafe { c.assume_init() })
+}
+
 /// `α·a·b` as a new row-major matrix (see [`gemm_write`]).
 pub fn gemm_new<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>) -> Array2<T> {
     let mut c = Array2::<T>::uninit((a.nrows(), b.ncols()));
@@ -612,6 +670,86 @@ unsafe fn call_kernel<T: Float, R>(
 pub(crate) mod tests {
     use super::*;
     use ndarray::Array2;
+
+    #[test]
+    fn low_rank_products_are_fused_for_c_attn_shapes_on_avx512_and_declined_elsewhere() {
+        // nanogpt-cpu's c_attn with LoRA on q and v (rank 8, Bᵀ views) and GPT-2's width.
+        for (rows, width) in [(768, 128), (64, 768)] {
+            let f = |r: usize, c: usize, seed: usize| {
+                Array2::from_shape_fn((r, c), |(i, j)| {
+                    ((i * 7 + j * 3 + seed) % 11) as f32 * 0.1 - 0.5
+                })
+            };
+            let (x, w, u) = (f(rows, width, 0), f(width, 3 * width, 1), f(rows, 16, 2));
+            let (b_q, b_v) = (f(width, 8, 3), f(width, 8, 4));
+            let bias: Vec<f32> = (0..3 * width).map(|j| j as f32 * 0.01).collect();
+            let parts = [
+                LowRankPart {
+                    v: b_q.t(),
+                    start: 0,
+                    u_from: 0,
+                    scale: 2.0,
+                },
+                LowRankPart {
+                    v: b_v.t(),
+                    start: 2 * width,
+                    u_from: 8,
+                    scale: 2.0,
+                },
+            ];
+            let fused = on_threads(2, || {
+                gemm_new_low_rank(x.view(), w.view(), Some(&bias), u.view(), &parts)
+            });
+            let Some(fused) = fused else {
+                assert!(!crate::sgemm_avx512::available());
+                continue;
+            };
+            let mut want = gemm_new_bias(x.view(), w.view(), &bias).unwrap();
+            for part in &parts {
+                let r = part.v.nrows();
+                gemm(
+                    part.scale,
+                    u.slice(ndarray::s![.., part.u_from..part.u_from + r]),
+                    part.v,
+                    1.0,
+                    want.slice_mut(ndarray::s![.., part.start..part.start + part.v.ncols()]),
+                );
+            }
+            let worst = (&fused - &want)
+                .iter()
+                .zip(&want)
+                .map(|(d, w)| d.abs() / (1.0 + w.abs()))
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "{rows}×{width}: {worst}");
+        }
+        // f64 and a single row are left to the caller.
+        let (x, w, u, v) = (
+            Array2::<f64>::ones((40, 8)),
+            Array2::<f64>::ones((8, 64)),
+            Array2::<f64>::ones((40, 1)),
+            Array2::<f64>::ones((1, 32)),
+        );
+        let part = [LowRankPart {
+            v: v.view(),
+            start: 0,
+            u_from: 0,
+            scale: 1.0,
+        }];
+        assert!(gemm_new_low_rank(x.view(), w.view(), None, u.view(), &part).is_none());
+        let x32 = Array2::<f32>::ones((1, 8));
+        let (w32, u32, v32) = (
+            w.mapv(|v| v as f32),
+            Array2::<f32>::ones((1, 1)),
+            v.mapv(|v| v as f32),
+        );
+        let part = [LowRankPart {
+            v: v32.view(),
+            start: 0,
+            u_from: 0,
+            scale: 1.0,
+        }];
+        assert!(gemm_new_low_rank(x32.view(), w32.view(), None, u32.view(), &part).is_none());
+    }
 
     fn naive(a: &Array2<f64>, b: &Array2<f64>) -> Array2<f64> {
         let mut c = Array2::zeros((a.nrows(), b.ncols()));

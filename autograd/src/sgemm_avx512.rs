@@ -290,6 +290,208 @@ pub unsafe fn sgemm_parallel_bias(
     }
 }
 
+/// `C ← A·B + bias + Σ scale·u[:, from .. from + rank]·v`, each low-rank part landing in its
+/// own block of C's columns: a LoRA linear's forward (c_attn with adapters on q and v). Each
+/// part's columns take `rank` more steps of k in the last k block of their tiles, from `u`
+/// read in place and `scale·v` packed into 32-column panels, so the terms are summed in the
+/// accumulator registers: C is written once, and no pass over it adds them afterwards.
+///
+/// Runs in `threads` fixed parts (rows when m ≥ n, else columns on whole panels), or, with
+/// `dynamic`, as [`sgemm_parallel`] does when its shared operand fits. Returns `false`, doing
+/// nothing, where the fused kernel does not apply: some part does not start and end on a
+/// multiple of 32 columns (a tile would straddle its edge), parts overlap, `u`'s rows are not
+/// contiguous, or k = 0. The caller then adds the parts one product at a time.
+///
+/// # Safety
+/// [`available`] returned true; `c` is an `m × n` output with the given strides that aliases
+/// none of the inputs (it is written, never read, so it may be uninitialised).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_low_rank(
+    a: ndarray::ArrayView2<f32>,
+    b: ndarray::ArrayView2<f32>,
+    bias: Option<&[f32]>,
+    u: ndarray::ArrayView2<f32>,
+    parts: &[crate::gemm::LowRankPart<f32>],
+    c: *mut f32,
+    (rsc, csc): (isize, isize),
+    threads: usize,
+    dynamic: bool,
+) -> bool {
+    let ((m, k), n) = (a.dim(), b.ncols());
+    assert!(
+        b.nrows() == k && u.nrows() == m && bias.is_none_or(|bias| bias.len() == n),
+        "sgemm_low_rank: internal shape bug"
+    );
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(parts.len());
+    for part in parts {
+        let (rank, width) = part.v.dim();
+        let fits = part.start.is_multiple_of(NR)
+            && width.is_multiple_of(NR)
+            && part.start + width <= n
+            && part.u_from + rank <= u.ncols();
+        if !fits {
+            return false;
+        }
+        spans.push((part.start, part.start + width));
+    }
+    spans.sort_unstable();
+    let overlap = spans.windows(2).any(|w| w[0].1 > w[1].0);
+    if overlap || k == 0 || m == 0 || (u.strides()[1] != 1 && u.ncols() > 1) {
+        return false;
+    }
+    // Each part's scale·v as panels of 32 columns × rank steps, as the kernels read B.
+    let floats: usize = parts.iter().map(|p| p.v.len()).sum();
+    let mut packed = vec![Line([0.0; 16]); floats.div_ceil(16)];
+    let mut tail = Tail {
+        u: u.as_ptr(),
+        rsu: u.strides()[0],
+        parts: Vec::with_capacity(parts.len()),
+    };
+    let mut offset = 0;
+    for part in parts {
+        let (rank, width) = part.v.dim();
+        let panels = packed.as_mut_ptr().cast::<f32>().add(offset);
+        for q in 0..width / NR {
+            for p in 0..rank {
+                for j in 0..NR {
+                    *panels.add((q * rank + p) * NR + j) = part.scale * part.v[[p, q * NR + j]];
+                }
+            }
+        }
+        tail.parts.push(TailPart {
+            start: part.start,
+            end: part.start + width,
+            u_from: part.u_from,
+            rank,
+            panels,
+        });
+        offset += rank * width;
+    }
+    let (sa, sb) = (a.strides(), b.strides());
+    let mut product = Product::new(
+        m,
+        k,
+        n,
+        1.0,
+        a.as_ptr(),
+        sa[0],
+        sa[1],
+        b.as_ptr(),
+        sb[0],
+        sb[1],
+        0.0,
+        c,
+        rsc,
+        csc,
+    );
+    product.bias = bias.map_or(std::ptr::null(), |bias| bias.as_ptr());
+    product.tail = &tail;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use rayon::prelude::*;
+        if dynamic && product.run_parallel() {
+            return true;
+        }
+        if threads <= 1 {
+            product.run(0..m, 0..n, None, None);
+        } else if m >= n {
+            let rows = m.div_ceil(threads);
+            (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+                product.run(i * rows..((i + 1) * rows).min(m), 0..n, None, None);
+            });
+        } else {
+            // Whole panels per part, so that every tile is in or out of each low-rank part.
+            let cols = n.div_ceil(threads).next_multiple_of(NR);
+            (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
+                product.run(0..m, i * cols..((i + 1) * cols).min(n), None, None);
+            });
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (product, threads, dynamic);
+        false
+    }
+}
+
+/// The low-rank terms of [`sgemm_low_rank`] as the kernels read them.
+struct Tail {
+    /// Row-major `u` (`m × Σ rank`), read in place.
+    u: *const f32,
+    rsu: isize,
+    parts: Vec<TailPart>,
+}
+
+/// One part: C's columns `start .. end` get `u[:, u_from .. u_from + rank]` times the packed
+/// `scale·v` (32-column panels of `rank` steps).
+struct TailPart {
+    start: usize,
+    end: usize,
+    u_from: usize,
+    rank: usize,
+    panels: *const f32,
+}
+
+impl Tail {
+    /// The extra steps of the tile whose first element is C[row, col] (`col` a whole number of
+    /// panels from its part's start: parts and the drivers' column blocks are panel-aligned).
+    unsafe fn at(&self, row: usize, col: usize) -> TailSteps {
+        match self.parts.iter().find(|p| (p.start..p.end).contains(&col)) {
+            Some(part) => TailSteps {
+                steps: part.rank,
+                a: self
+                    .u
+                    .offset(row as isize * self.rsu + part.u_from as isize),
+                rsa: self.rsu,
+                b: part.panels.add((col - part.start) / NR * part.rank * NR),
+            },
+            None => TailSteps::NONE,
+        }
+    }
+}
+
+/// Steps of k a tile takes after its k block: `steps` values of each of its rows of A at `a`
+/// (row `i`, step `p` at `a + i·rsa + p`) against a packed panel at `b`.
+#[derive(Clone, Copy)]
+struct TailSteps {
+    steps: usize,
+    a: *const f32,
+    rsa: isize,
+    b: *const f32,
+}
+
+impl TailSteps {
+    const NONE: TailSteps = TailSteps {
+        steps: 0,
+        a: std::ptr::null(),
+        rsa: 0,
+        b: std::ptr::null(),
+    };
+
+    /// Adds the steps' products to a tile's accumulators (its first `ROWS` rows).
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn accumulate<const ROWS: usize>(
+        self,
+        left: &mut [__m512; MR],
+        right: &mut [__m512; MR],
+    ) {
+        let mut b = self.b;
+        for p in 0..self.steps {
+            let b0 = _mm512_load_ps(b);
+            let b1 = _mm512_load_ps(b.add(16));
+            for i in 0..ROWS {
+                let ai = _mm512_set1_ps(*self.a.offset(i as isize * self.rsa + p as isize));
+                left[i] = _mm512_fmadd_ps(ai, b0, left[i]);
+                right[i] = _mm512_fmadd_ps(ai, b1, right[i]);
+            }
+            b = b.add(NR);
+        }
+    }
+}
+
 /// One product's operands and output, as the drivers pass them around.
 #[derive(Clone, Copy)]
 struct Product {
@@ -305,6 +507,8 @@ struct Product {
     a_columns_in_place: bool,
     /// A row vector (n values) added to every row of C, or null.
     bias: *const f32,
+    /// Low-rank terms accumulated into the last k block's tiles ([`sgemm_low_rank`]), or null.
+    tail: *const Tail,
     alpha: f32,
     a: *const f32,
     rsa: isize,
@@ -349,6 +553,7 @@ impl Product {
             a_in_place,
             a_columns_in_place,
             bias: std::ptr::null(),
+            tail: std::ptr::null(),
             alpha,
             a,
             rsa,
@@ -472,12 +677,18 @@ impl Product {
                                     },
                                 };
                                 let b_panel = b_panels.add(jr * kc);
+                                let tail = if self.tail.is_null() || pc + kc < k {
+                                    TailSteps::NONE
+                                } else {
+                                    (*self.tail).at(ic + ir, jc + jr)
+                                };
                                 if ir < full_rows {
                                     kernel_rows(
                                         kc,
                                         a_block.offset(ir as isize * rsa),
                                         rsa,
                                         b_panel,
+                                        tail,
                                         tile,
                                     );
                                 } else {
@@ -507,7 +718,7 @@ impl Product {
                                         11 => kernel::<11>,
                                         _ => kernel::<MR>,
                                     };
-                                    run(kc, a_panel, a_step, b_panel, tile);
+                                    run(kc, a_panel, a_step, b_panel, tail, tile);
                                 }
                             }
                         }
@@ -831,6 +1042,7 @@ unsafe fn kernel<const ROWS: usize>(
     a: *const f32,
     a_step: isize,
     b: *const f32,
+    tail: TailSteps,
     tile: Tile,
 ) {
     prefetch_c(tile);
@@ -849,6 +1061,7 @@ unsafe fn kernel<const ROWS: usize>(
         a = a.offset(a_step);
         b = b.add(NR);
     }
+    tail.accumulate::<ROWS>(&mut left, &mut right);
     store(left, right, tile);
 }
 
@@ -856,7 +1069,14 @@ unsafe fn kernel<const ROWS: usize>(
 /// `a + i·rsa + p`) against a packed B panel.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_rows(kc: usize, a: *const f32, rsa: isize, b: *const f32, tile: Tile) {
+unsafe fn kernel_rows(
+    kc: usize,
+    a: *const f32,
+    rsa: isize,
+    b: *const f32,
+    tail: TailSteps,
+    tile: Tile,
+) {
     prefetch_c(tile);
     let mut left = [_mm512_setzero_ps(); MR];
     let mut right = [_mm512_setzero_ps(); MR];
@@ -881,6 +1101,7 @@ unsafe fn kernel_rows(kc: usize, a: *const f32, rsa: isize, b: *const f32, tile:
         }
         b = b.add(NR);
     }
+    tail.accumulate::<MR>(&mut left, &mut right);
     store(left, right, tile);
 }
 
@@ -1474,6 +1695,145 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn low_rank_terms_summed_in_the_tiles_match_a_naive_sum_on_every_split() {
+        use crate::gemm::LowRankPart;
+        use ndarray::{Array2, ShapeBuilder};
+        if !available() {
+            return;
+        }
+        // (m, k, n): edge row panels, one and several k blocks, a last column panel outside
+        // the parts, row and column splits.
+        for (m, k, n) in [
+            (13, 20, 96),
+            (100, 385, 130),
+            (37, 1, 128),
+            (300, 800, 160),
+            (40, 64, 700),
+        ] {
+            let (a, b) = operands(m, k, n);
+            let (a, b) = (
+                Array2::from_shape_vec((m, k), a).unwrap(),
+                Array2::from_shape_vec((k, n), b).unwrap(),
+            );
+            let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.25 - 0.5).collect();
+            // u with rows 9 apart (8 columns used), v₁ row-major, v₂ column-major (Bᵀ).
+            let u_store =
+                Array2::from_shape_fn((m, 9), |(i, j)| ((i * 3 + j * 5) % 7) as f32 * 0.2 - 0.6);
+            let u = u_store.slice(ndarray::s![.., 1..9]);
+            let v1 = Array2::from_shape_fn((3, 32), |(p, j)| ((p * 11 + j) % 9) as f32 * 0.1 - 0.4);
+            let v2 =
+                Array2::from_shape_fn((5, 64).f(), |(p, j)| ((p + j * 3) % 8) as f32 * 0.1 - 0.3);
+            let parts = [
+                LowRankPart {
+                    v: v1.view(),
+                    start: 0,
+                    u_from: 0,
+                    scale: 0.5,
+                },
+                LowRankPart {
+                    v: v2.view(),
+                    start: n - n % 32 - 64,
+                    u_from: 3,
+                    scale: -2.0,
+                },
+            ];
+            let mut want = naive(m, k, n, a.as_slice().unwrap(), b.as_slice().unwrap());
+            for (i, row) in want.chunks_mut(n).enumerate() {
+                for (j, value) in row.iter_mut().enumerate() {
+                    *value += bias[j] as f64;
+                    for part in &parts {
+                        let (rank, width) = part.v.dim();
+                        if (part.start..part.start + width).contains(&j) {
+                            let term: f64 = (0..rank)
+                                .map(|p| {
+                                    u[[i, part.u_from + p]] as f64
+                                        * part.v[[p, j - part.start]] as f64
+                                })
+                                .sum();
+                            *value += part.scale as f64 * term;
+                        }
+                    }
+                }
+            }
+            for (threads, dynamic) in [(1, false), (2, false), (3, false), (2, true), (3, true)] {
+                for with_bias in [true, false] {
+                    let mut c = vec![f32::NAN; m * n];
+                    let done = crate::gemm::tests::on_threads(threads, || unsafe {
+                        sgemm_low_rank(
+                            a.view(),
+                            b.view(),
+                            with_bias.then_some(&bias[..]),
+                            u,
+                            &parts,
+                            c.as_mut_ptr(),
+                            (n as isize, 1),
+                            threads,
+                            dynamic,
+                        )
+                    });
+                    assert!(done, "{m}×{k}×{n}");
+                    let worst = c
+                        .iter()
+                        .zip(&want)
+                        .enumerate()
+                        .map(|(i, (&got, &want))| {
+                            let want = want - if with_bias { 0.0 } else { bias[i % n] as f64 };
+                            (got as f64 - want).abs() / (1.0 + want.abs())
+                        })
+                        .fold(0.0, f64::max);
+                    assert!(
+                        worst < 1e-5,
+                        "{m}×{k}×{n} on {threads} threads (dynamic {dynamic}): {worst}"
+                    );
+                }
+            }
+        }
+        // Where the kernel does not apply it does nothing: a part off a panel boundary,
+        // overlapping parts, k = 0.
+        let (a, b) = (Array2::<f32>::ones((40, 8)), Array2::<f32>::ones((8, 96)));
+        let (u, v) = (Array2::<f32>::ones((40, 2)), Array2::<f32>::ones((1, 32)));
+        let part = |start, u_from| LowRankPart {
+            v: v.view(),
+            start,
+            u_from,
+            scale: 1.0,
+        };
+        let mut c = vec![0.0f32; 40 * 96];
+        for parts in [vec![part(16, 0)], vec![part(32, 0), part(32, 1)]] {
+            let done = unsafe {
+                sgemm_low_rank(
+                    a.view(),
+                    b.view(),
+                    None,
+                    u.view(),
+                    &parts,
+                    c.as_mut_ptr(),
+                    (96, 1),
+                    1,
+                    false,
+                )
+            };
+            assert!(!done);
+        }
+        let empty = Array2::<f32>::ones((40, 0));
+        let done = unsafe {
+            sgemm_low_rank(
+                empty.view(),
+                Array2::<f32>::ones((0, 96)).view(),
+                None,
+                u.view(),
+                &[part(0, 0)],
+                c.as_mut_ptr(),
+                (96, 1),
+                1,
+                false,
+            )
+        };
+        assert!(!done && c.iter().all(|&x| x == 0.0));
+        let _ = empty;
     }
 
     #[test]

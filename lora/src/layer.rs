@@ -7,13 +7,14 @@
 //! ```
 //! computed as two thin matmuls (`[..., in]·[in, r]` then `[..., r]·[r, out_part]`); the
 //! d×k product B·A is never formed during training. A *part* covers the whole output, or one
-//! third of c_attn's fused q|k|v output; parts of one adapter are joined with zeros for the
-//! slices they do not touch.
+//! third of c_attn's fused q|k|v output; each part's product lands in its own columns of the
+//! output, summed inside the base's GEMM for the first active adapter
+//! (`Var::linear_low_rank`) and added by one GEMM per part for any other (`Var::add_low_rank_columns`).
 
 use std::collections::BTreeMap;
 
 use tapelora_autograd::Var;
-use tapelora_nn::{Ctx, LinearAdapter, Parameter};
+use tapelora_nn::{BaseLinear, Ctx, LinearAdapter, Parameter};
 
 /// A contiguous range of the layer's output columns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,12 +101,15 @@ impl LinearAdapter for LoraLinear {
         &self,
         ctx: &Ctx<'t>,
         x: &Var<'t, f32>,
-        base: Var<'t, f32>,
+        base: BaseLinear<'_, 't>,
     ) -> tapelora_nn::Result<Var<'t, f32>> {
         // Per adapter: u = x·[A₁; A₂; …]ᵀ, one thin matmul (one pass over x) for all its parts
-        // (q and v of c_attn), then each part's s·u[.., block]·Bᵀ accumulated by one GEMM
-        // straight into its columns of the base output — no delta tensor at all.
-        let mut out = base;
+        // (q and v of c_attn), then each part's s·u[.., block]·Bᵀ in its columns of the
+        // output — no delta tensor at all. The first adapter's terms are summed inside the
+        // base's own GEMM (`linear_low_rank`); any further active adapter is added to that
+        // output by one accumulating GEMM per part (`add_low_rank_columns`).
+        let mut base = Some(base);
+        let mut out: Option<Var<'t, f32>> = None;
         for (adapter, weight) in self.acting().filter(|(a, _)| !a.parts.is_empty()) {
             let x = ctx.dropout(x, adapter.dropout)?;
             let a_parts: Vec<Var<'t, f32>> =
@@ -126,9 +130,17 @@ impl LinearAdapter for LoraLinear {
                 .zip(&b_parts)
                 .map(|(p, bt)| (bt, p.slice.start, p.scaling() * weight))
                 .collect();
-            out = out.add_low_rank_columns(&u, &parts)?;
+            out = Some(match (base.take(), out) {
+                (Some(base), _) => base.with_low_rank(&u, &parts)?,
+                (None, Some(out)) => out.add_low_rank_columns(&u, &parts)?,
+                (None, None) => unreachable!("the base is taken only to make an output"),
+            });
         }
-        Ok(out)
+        match (out, base) {
+            (Some(out), _) => Ok(out),
+            (None, Some(base)) => base.output(),
+            (None, None) => unreachable!("the base is taken only to make an output"),
+        }
     }
 
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter)) {

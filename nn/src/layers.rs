@@ -55,24 +55,61 @@ impl Linear {
         }
     }
 
-    /// `x·W + b` over the last axis of `x` (`[..., in] → [..., out]`), then the adapter if any.
+    /// `x·W + b` over the last axis of `x` (`[..., in] → [..., out]`), then the adapter if any
+    /// (which gets the base output uncomputed: see [`BaseLinear`]).
     pub fn forward<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
-        let base = self.forward_base(ctx, x)?;
+        let base = self.base(ctx, x)?;
         match &self.adapter {
             Some(adapter) => adapter.forward(ctx, x, base),
-            None => Ok(base),
+            None => base.output(),
         }
     }
 
     /// The layer without its adapter.
     pub fn forward_base<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
+        self.base(ctx, x)?.output()
+    }
+
+    fn base<'a, 't>(&self, ctx: &Ctx<'t>, x: &'a Var<'t, f32>) -> Result<BaseLinear<'a, 't>> {
         let w = self.weight.on(ctx.tape);
-        let w = match self.layout {
-            WeightLayout::InOut => w,
-            WeightLayout::OutIn => w.transpose(0, 1)?,
-        };
-        let bias = self.bias.as_ref().map(|b| b.on(ctx.tape));
-        Ok(x.linear(&w, bias.as_ref())?)
+        Ok(BaseLinear {
+            x,
+            w: match self.layout {
+                WeightLayout::InOut => w,
+                WeightLayout::OutIn => w.transpose(0, 1)?,
+            },
+            bias: self.bias.as_ref().map(|b| b.on(ctx.tape)),
+        })
+    }
+}
+
+/// A linear layer's base output `x·W + b`, not computed yet, as its adapter receives it: the
+/// adapter either takes it as it is ([`BaseLinear::output`]) or has it computed together with
+/// low-rank terms of its own ([`BaseLinear::with_low_rank`]: LoRA's `s·(x·Aᵀ)·Bᵀ` summed
+/// inside the base's GEMM instead of added to its output afterwards).
+pub struct BaseLinear<'a, 't> {
+    x: &'a Var<'t, f32>,
+    /// `[in, out]` (a transposed view for [`WeightLayout::OutIn`]).
+    w: Var<'t, f32>,
+    bias: Option<Var<'t, f32>>,
+}
+
+impl<'t> BaseLinear<'_, 't> {
+    /// `x·W + b`.
+    pub fn output(self) -> Result<Var<'t, f32>> {
+        Ok(self.x.linear(&self.w, self.bias.as_ref())?)
+    }
+
+    /// `x·W + b` plus, per part `(v, start, scale)`, `scale · u[..., cols] · v` in the output
+    /// columns `start .. start + w` (see [`Var::linear_low_rank`]).
+    pub fn with_low_rank(
+        self,
+        u: &Var<'t, f32>,
+        parts: &[(&Var<'t, f32>, usize, f64)],
+    ) -> Result<Var<'t, f32>> {
+        Ok(self
+            .x
+            .linear_low_rank(&self.w, self.bias.as_ref(), u, parts)?)
     }
 }
 

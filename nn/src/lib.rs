@@ -24,7 +24,7 @@ pub mod state;
 
 pub use ctx::Ctx;
 pub use error::{NnError, Result};
-pub use layers::{Dropout, Embedding, Gelu, LayerNorm, Linear, WeightLayout};
+pub use layers::{BaseLinear, Dropout, Embedding, Gelu, LayerNorm, Linear, WeightLayout};
 pub use module::{EmbeddingAdapter, LinearAdapter, Module};
 pub use optim::{clip_grad_norm, AdamW, AdamWConfig, DecayFilter, Optimizer, Sgd, SgdConfig};
 pub use parameter::Parameter;

@@ -54,12 +54,13 @@ pub trait Module {
 /// A hook that adds to a [`crate::Linear`] layer's output — how LoRA adapters attach to a base
 /// layer without the base knowing about LoRA (PEFT's module-replacement idea, as composition).
 pub trait LinearAdapter: Send + Sync + std::fmt::Debug {
-    /// Returns the layer's output given its input `x` and the frozen base output `base`.
+    /// Returns the layer's output given its input `x` and the frozen base output `base`, not
+    /// computed yet: the adapter takes it as it is or fused with low-rank terms of its own.
     fn forward<'t>(
         &self,
         ctx: &crate::Ctx<'t>,
         x: &Var<'t, f32>,
-        base: Var<'t, f32>,
+        base: crate::BaseLinear<'_, 't>,
     ) -> crate::Result<Var<'t, f32>>;
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Parameter));
     fn visit_mut(&mut self, f: &mut dyn FnMut(&mut Parameter));

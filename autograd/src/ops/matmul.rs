@@ -15,12 +15,13 @@
 //! Backward: ∂A = G·Bᵀ and ∂B = Aᵀ·G, each computed only if that input needs it — this is where
 //! a frozen weight saves a whole GEMM. Bᵀ and Aᵀ are stride-swapped views, never copies.
 
-use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, Ix2, IxDyn};
+use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewMut2, Ix2, IxDyn};
 use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
 use crate::gemm::{
-    gemm, gemm_new, gemm_new_bias, gemm_new_pair, gemm_side_by_side, gemm_write, Product,
+    gemm, gemm_new, gemm_new_bias, gemm_new_low_rank, gemm_new_pair, gemm_side_by_side, gemm_write,
+    LowRankPart, Product,
 };
 use crate::tape::{OpRecord, Tensor, Var};
 use crate::Float;
@@ -210,54 +211,245 @@ fn rows_of<T: Float>(row: ndarray::ArrayView1<T>, rows: usize) -> Array2<T> {
     Array2::from_shape_vec((rows, n), out).expect("rows · n values")
 }
 
+/// A linear layer's shapes: `x [..., k] · w [k, n] (+ bias [n])` → (rows, k, n, output shape).
+fn linear_shapes<T: Float>(
+    op: &'static str,
+    x: &Var<'_, T>,
+    w: &Var<'_, T>,
+    bias: Option<&Var<'_, T>>,
+) -> Result<(usize, usize, usize, Vec<usize>)> {
+    let (x_shape, w_shape) = (x.shape(), w.shape());
+    if x_shape.is_empty() || w_shape.len() != 2 || x_shape[x_shape.len() - 1] != w_shape[0] {
+        return shape_err(op, x_shape, w_shape, "need x [..., k] and a weight [k, n]");
+    }
+    let (k, n) = (w_shape[0], w_shape[1]);
+    if let Some(b) = bias {
+        if b.shape() != [n] {
+            return shape_err(op, b.shape(), w_shape, format!("the bias must be [{n}]"));
+        }
+    }
+    let lead = &x_shape[..x_shape.len() - 1];
+    let mut out_shape = lead.to_vec();
+    out_shape.push(n);
+    Ok((lead.iter().product(), k, n, out_shape))
+}
+
+/// `x·w + bias` (`rows × n`), the bias added as the kernel stores its tiles where it can.
+fn linear_value<T: Float>(
+    x2: ArrayView2<T>,
+    w2: ArrayView2<T>,
+    bias: Option<&Tensor<T>>,
+) -> Array2<T> {
+    let Some(b) = bias else {
+        return gemm_new(T::one(), x2, w2);
+    };
+    let b = b
+        .view()
+        .into_dimensionality::<ndarray::Ix1>()
+        .expect("checked");
+    let fused = b.as_slice().and_then(|bias| gemm_new_bias(x2, w2, bias));
+    fused.unwrap_or_else(|| {
+        let mut c = rows_of(b, x2.nrows());
+        gemm(T::one(), x2, w2, T::one(), c.view_mut());
+        c
+    })
+}
+
+/// A linear layer's backward, each gradient only if needed (`needs`: x, w, then the bias if
+/// `has_bias`): ∂x = G·wᵀ and ∂w = xᵀ·G side by side, ∂bias = Σ_rows G.
+fn linear_grads<T: Float>(
+    g2: ArrayView2<T>,
+    x: &Tensor<T>,
+    w: &Tensor<T>,
+    x_shape: &[usize],
+    has_bias: bool,
+    needs: &[bool],
+) -> Vec<Option<ArrayD<T>>> {
+    let (rows, n) = g2.dim();
+    let k = w.shape()[0];
+    let (w2, x2) = (as_matrix(w, k, n), as_matrix(x, rows, k));
+    let (gx, gw) = gemm_new_pair(
+        needs[0].then(|| (g2, w2.t())),
+        needs[1].then(|| (x2.t(), g2)),
+    );
+    let mut grads = vec![
+        gx.map(|gx| to_shape(gx, x_shape)),
+        gw.map(|gw| gw.into_dyn()),
+    ];
+    if has_bias {
+        grads.push(needs[2].then(|| g2.sum_axis(ndarray::Axis(0)).into_dyn()));
+    }
+    grads
+}
+
+/// Where one low-rank part goes: (output start, u's first column, rank, output width, scale).
+type LowRankSpan<T> = (usize, usize, usize, usize, T);
+
+/// Checks the low-rank parts against an output of `shape` and `u`: each `(v [r, w], start,
+/// scale)` takes the next r of u's columns (which they must use up) into output columns
+/// `start .. start + w`.
+fn low_rank_spans<T: Float>(
+    op: &'static str,
+    shape: &[usize],
+    u: &Var<'_, T>,
+    parts: &[(&Var<'_, T>, usize, f64)],
+) -> Result<Vec<LowRankSpan<T>>> {
+    let Some((&width, lead)) = shape.split_last() else {
+        return crate::error::arg_err(op, "needs at least one axis");
+    };
+    let us = u.shape();
+    if us.len() != shape.len() || &us[..us.len() - 1] != lead {
+        let lead_text = lead
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return shape_err(
+            op,
+            shape,
+            us,
+            format!("u must be [{lead_text}, r₁ + r₂ + …]"),
+        );
+    }
+    let u_width = us[us.len() - 1];
+    let mut spans = Vec::with_capacity(parts.len());
+    let mut u_from = 0;
+    for (v, start, scale) in parts {
+        let vs = v.shape();
+        if vs.len() != 2 || u_from + vs[0] > u_width || start + vs[1] > width {
+            return shape_err(
+                op,
+                us,
+                vs,
+                format!(
+                    "need v [r, w] with r among u's columns {u_from}..{u_width} and {start} + w ≤ {width}"
+                ),
+            );
+        }
+        spans.push((*start, u_from, vs[0], vs[1], T::from_f64(*scale)));
+        u_from += vs[0];
+    }
+    if u_from != u_width {
+        return shape_err(
+            op,
+            us,
+            &[u_from],
+            "the parts' ranks must add up to u's last dim",
+        );
+    }
+    Ok(spans)
+}
+
+/// `out[.., span] += scale · u[.., cols] · v` for each part: one GEMM each, accumulating
+/// (β = 1) into a strided view of the output's columns — no `[..., w]` delta is built.
+fn add_low_rank_parts<T: Float>(
+    mut out2: ArrayViewMut2<T>,
+    u2: ArrayView2<T>,
+    vs: &[Tensor<T>],
+    spans: &[LowRankSpan<T>],
+) {
+    // Part after part, each split in the fixed row halves of the product that wrote the base
+    // (c_attn's): each thread adds to the rows in its own cache. Run side by side, each part
+    // whole on one thread, the same forward was 2–3 % slower (nanogpt-cpu).
+    for (v, &(start, from, r, w, scale)) in vs.iter().zip(spans) {
+        gemm(
+            scale,
+            u2.slice(ndarray::s![.., from..from + r]),
+            as_matrix(v, r, w).view(),
+            T::one(),
+            out2.slice_mut(ndarray::s![.., start..start + w]),
+        );
+    }
+}
+
+/// The low-rank parts' backward: ∂u (`[..., Σ r]`, shaped `u_shape`) and each part's ∂v, each
+/// only if needed: ∂u[.., cols] = scale·G[.., span]·vᵀ, ∂v = scale·u[.., cols]ᵀ·G[.., span].
+/// All are independent products, run side by side.
+fn low_rank_grads<T: Float>(
+    g2: ArrayView2<T>,
+    u: &Tensor<T>,
+    vs: &[Tensor<T>],
+    spans: &[LowRankSpan<T>],
+    need_u: bool,
+    need_v: &[bool],
+) -> (Option<ArrayD<T>>, Vec<Option<ArrayD<T>>>) {
+    let rows = g2.nrows();
+    let u_width = u.shape()[u.ndim() - 1];
+    let u2 = as_matrix(u, rows, u_width);
+    let mut gu = need_u.then(|| Array2::<T>::uninit((rows, u_width)));
+    let mut gv: Vec<_> = spans
+        .iter()
+        .zip(need_v)
+        .map(|(&(_, _, r, w, _), &need)| need.then(|| Array2::uninit((r, w))))
+        .collect();
+    let v2: Vec<_> = vs
+        .iter()
+        .zip(spans)
+        .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
+        .collect();
+    // The parts take u's columns in order, so ∂u's blocks are consecutive disjoint views.
+    let mut products = Vec::with_capacity(2 * spans.len());
+    let mut gu_rest = gu.as_mut().map(|gu| gu.view_mut());
+    for ((v, gv), &(start, from, r, w, scale)) in v2.iter().zip(&mut gv).zip(spans) {
+        let g_span = g2.slice(ndarray::s![.., start..start + w]);
+        if let Some(rest) = gu_rest.take() {
+            let (block, tail) = rest.split_at(ndarray::Axis(1), r);
+            products.push(Product::write(scale, g_span, v.t(), block));
+            gu_rest = Some(tail);
+        }
+        if let Some(gv) = gv {
+            let u_cols = u2.slice(ndarray::s![.., from..from + r]).reversed_axes();
+            products.push(Product::write(scale, u_cols, g_span, gv.view_mut()));
+        }
+    }
+    gemm_side_by_side(products);
+    // SAFETY: each product wrote its block: ∂v whole, and the parts' column blocks cover all
+    // of ∂u's columns (checked by `low_rank_spans`).
+    let gv = gv
+        .into_iter()
+        .map(|gv| gv.map(|gv| unsafe { gv.assume_init() }.into_dyn()))
+        .collect();
+    let gu = gu.map(|gu| to_shape(unsafe { gu.assume_init() }, u.shape()));
+    (gu, gv)
+}
+
+/// Each low-rank part with its place in the output, as the fused kernel takes them.
+fn low_rank_kernel_parts<'a, T: Float>(
+    v2: &'a [ndarray::CowArray<'a, T, Ix2>],
+    spans: &[LowRankSpan<T>],
+) -> Vec<LowRankPart<'a, T>> {
+    v2.iter()
+        .zip(spans)
+        .map(|(v, &(start, u_from, _, _, scale))| LowRankPart {
+            v: v.view(),
+            start,
+            u_from,
+            scale,
+        })
+        .collect()
+}
+
+fn low_rank_attrs<T>(spans: &[LowRankSpan<T>]) -> String {
+    spans
+        .iter()
+        .map(|(s, _, r, w, _)| format!("{s}..{} (rank {r})", s + w))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl<'t, T: Float> Var<'t, T> {
     /// `self · w + bias` for activations `[..., k]`, a 2-D weight `[k, n]` (any strides: a
     /// transposed view is free) and an optional bias `[n]` — one GEMM onto the broadcast bias.
     /// ∂x = G·wᵀ, ∂w = xᵀ·G, ∂bias = Σ_rows G; each only if needed.
     pub fn linear(&self, w: &Var<'t, T>, bias: Option<&Var<'t, T>>) -> Result<Var<'t, T>> {
-        let (x_shape, w_shape) = (self.shape().to_vec(), w.shape().to_vec());
-        if x_shape.is_empty() || w_shape.len() != 2 || x_shape[x_shape.len() - 1] != w_shape[0] {
-            return shape_err(
-                "linear",
-                &x_shape,
-                &w_shape,
-                "need x [..., k] and a weight [k, n]",
-            );
-        }
-        let (k, n) = (w_shape[0], w_shape[1]);
-        if let Some(b) = bias {
-            if b.shape() != [n] {
-                return shape_err(
-                    "linear",
-                    b.shape(),
-                    &w_shape,
-                    format!("the bias must be [{n}]"),
-                );
-            }
-        }
-        let rows = x_shape[..x_shape.len() - 1].iter().product::<usize>();
-        let mut out_shape = x_shape[..x_shape.len() - 1].to_vec();
-        out_shape.push(n);
+        let (rows, k, n, out_shape) = linear_shapes("linear", self, w, bias)?;
+        let x_shape = self.shape().to_vec();
         let (x, wv) = (self.value().clone(), w.value().clone());
-        let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
-        let c = match bias {
-            Some(b) => {
-                let b = b
-                    .value()
-                    .view()
-                    .into_dimensionality::<ndarray::Ix1>()
-                    .expect("checked");
-                let fused = b
-                    .as_slice()
-                    .and_then(|bias| gemm_new_bias(x2.view(), w2.view(), bias));
-                fused.unwrap_or_else(|| {
-                    let mut c = rows_of(b, rows);
-                    gemm(T::one(), x2.view(), w2.view(), T::one(), c.view_mut());
-                    c
-                })
-            }
-            None => gemm_new(T::one(), x2.view(), w2.view()),
-        };
+        let c = linear_value(
+            as_matrix(&x, rows, k).view(),
+            as_matrix(&wv, k, n).view(),
+            bias.map(|b| b.value()),
+        );
         let out = to_shape(c, &out_shape);
         let mut inputs = vec![self, w];
         inputs.extend(bias);
@@ -272,28 +464,101 @@ impl<'t, T: Float> Var<'t, T> {
                 let g2 = g
                     .to_shape((rows, n))
                     .expect("gradient has the output's size");
-                let (w2, x2) = (as_matrix(&wv, k, n), as_matrix(&x, rows, k));
-                let (gx, gw) = gemm_new_pair(
-                    needs[0].then(|| (g2.view(), w2.t())),
-                    needs[1].then(|| (x2.t(), g2.view())),
+                linear_grads(g2.view(), &x, &wv, &x_shape, needs.len() == 3, needs)
+            })
+    }
+
+    /// `self · w + bias` plus LoRA's low-rank terms in one op: for each part `(v, start,
+    /// scale)`, `scale · u[..., cols] · v` in the output's columns `start .. start + w`, as
+    /// [`Var::add_low_rank_columns`] adds them to a [`Var::linear`]. With f32 on AVX-512 and
+    /// parts on 32-column boundaries (c_attn's q and v), the terms are summed inside the
+    /// linear's GEMM tiles ([`crate::gemm::gemm_new_low_rank`]), so the output is written once
+    /// instead of being read back and rewritten by one product per part: the unmerged
+    /// adapter's forward overhead is then the thin `u = x·Aᵀ` and these few extra steps of k.
+    /// Elsewhere the same value is computed in those separate products. Backward is the two
+    /// ops' rules: ∂x, ∂w, ∂bias as [`Var::linear`]'s, ∂u and ∂v as
+    /// [`Var::add_low_rank_columns`]'s, each only if needed.
+    pub fn linear_low_rank(
+        &self,
+        w: &Var<'t, T>,
+        bias: Option<&Var<'t, T>>,
+        u: &Var<'t, T>,
+        parts: &[(&Var<'t, T>, usize, f64)],
+    ) -> Result<Var<'t, T>> {
+        const OP: &str = "linear_low_rank";
+        let (rows, k, n, out_shape) = linear_shapes(OP, self, w, bias)?;
+        let spans = low_rank_spans(OP, &out_shape, u, parts)?;
+        let x_shape = self.shape().to_vec();
+        let (x, wv, u_value) = (self.value().clone(), w.value().clone(), u.value().clone());
+        let vs: Vec<Tensor<T>> = parts.iter().map(|p| p.0.value().clone()).collect();
+        let c = {
+            let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
+            let u2 = as_matrix(&u_value, rows, u_value.len() / rows.max(1));
+            let v2: Vec<_> = vs
+                .iter()
+                .zip(&spans)
+                .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
+                .collect();
+            let bias_value = bias.map(|b| b.value());
+            let bias_slice = bias_value.map(|b| b.as_slice());
+            let fused = match bias_slice {
+                Some(None) => None,
+                Some(Some(_)) | None => gemm_new_low_rank(
+                    x2.view(),
+                    w2.view(),
+                    bias_slice.flatten(),
+                    u2.view(),
+                    &low_rank_kernel_parts(&v2, &spans),
+                ),
+            };
+            fused.unwrap_or_else(|| {
+                let mut c = linear_value(x2.view(), w2.view(), bias_value);
+                add_low_rank_parts(c.view_mut(), u2.view(), &vs, &spans);
+                c
+            })
+        };
+        let out = to_shape(c, &out_shape);
+        let mut inputs = vec![self, w];
+        inputs.extend(bias);
+        inputs.push(u);
+        inputs.extend(parts.iter().map(|p| p.0));
+        let has_bias = bias.is_some();
+        OpRecord::new(OP, &inputs)
+            .attrs(format!(
+                "[{rows}×{k}]·[{k}×{n}]{} + {}",
+                if has_bias { "+b" } else { "" },
+                low_rank_attrs(&spans)
+            ))
+            .saves("x", &x)
+            .saves("w", &wv)
+            .saves("u", &u_value)
+            .finish(out, move |g, needs| {
+                let g2 = g
+                    .to_shape((rows, n))
+                    .expect("gradient has the output's size");
+                let u_at = if has_bias { 3 } else { 2 };
+                let mut grads = linear_grads(g2.view(), &x, &wv, &x_shape, has_bias, needs);
+                let (gu, gv) = low_rank_grads(
+                    g2.view(),
+                    &u_value,
+                    &vs,
+                    &spans,
+                    needs[u_at],
+                    &needs[u_at + 1..],
                 );
-                let gx = gx.map(|gx| to_shape(gx, &x_shape));
-                let mut grads = vec![gx, gw.map(|gw| gw.into_dyn())];
-                if needs.len() == 3 {
-                    grads.push(needs[2].then(|| g2.sum_axis(ndarray::Axis(0)).into_dyn()));
-                }
+                grads.push(gu);
+                grads.extend(gv);
                 grads
             })
     }
-}
 
-impl<'t, T: Float> Var<'t, T> {
-    /// `self` plus, for each part `(v, start, scale)`, `scale · u[..., cols] · v` added into the
-    /// last-axis columns `start .. start + w` (`v` is `[r, w]`; `cols` is the part's block of
-    /// `u`'s columns: the parts take `u`'s `[..., r₁ + r₂ + …]` columns in order). This is LoRA's
-    /// `s·(x·Aᵀ)·Bᵀ` for every part of an adapter at once: `u = x·[A_q; A_v]ᵀ` is one thin
-    /// product (one pass over x), and each part's product with Bᵀ lands straight in its q or v
-    /// columns of c_attn's output.
+    /// `self` plus, for each part `(v, start, scale)`, `scale · u[..., cols] · v` added into
+    /// the last-axis columns `start .. start + w` (`v` is `[r, w]`; `cols` is the part's block
+    /// of `u`'s columns: the parts take `u`'s `[..., r₁ + r₂ + …]` columns in order). This is
+    /// LoRA's `s·(x·Aᵀ)·Bᵀ` for every part of an adapter at once, added to a base output that
+    /// is already computed ([`Var::linear_low_rank`] fuses it into the base's product):
+    /// `u = x·[A_q; A_v]ᵀ` is one thin product (one pass over x), and each part's product
+    /// with Bᵀ lands straight in its q or v columns.
     ///
     /// Each part is one GEMM accumulating (β = 1, α = scale) into a strided view of the output's
     /// columns, so no `[..., w]` delta is ever built and no separate add pass reads it.
@@ -306,133 +571,37 @@ impl<'t, T: Float> Var<'t, T> {
         u: &Var<'t, T>,
         parts: &[(&Var<'t, T>, usize, f64)],
     ) -> Result<Var<'t, T>> {
+        const OP: &str = "add_low_rank_columns";
         let shape = self.shape().to_vec();
-        let Some((&width, lead)) = shape.split_last() else {
-            return crate::error::arg_err("add_low_rank_columns", "needs at least one axis");
-        };
-        let rows = lead.iter().product::<usize>();
-        let us = u.shape().to_vec();
-        let lead_text = lead
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        if us.len() != shape.len() || &us[..us.len() - 1] != lead {
-            return shape_err(
-                "add_low_rank_columns",
-                &shape,
-                &us,
-                format!("u must be [{lead_text}, r₁ + r₂ + …]"),
-            );
-        }
-        let u_width = us[us.len() - 1];
-        // (output start, u's first column, rank, output width, scale) per part.
-        let mut spans = Vec::with_capacity(parts.len());
-        let mut u_from = 0;
-        for (v, start, scale) in parts {
-            let vs = v.shape();
-            if vs.len() != 2 || u_from + vs[0] > u_width || start + vs[1] > width {
-                return shape_err(
-                    "add_low_rank_columns",
-                    &us,
-                    vs,
-                    format!(
-                        "need v [r, w] with r among u's columns {u_from}..{u_width} and {start} + w ≤ {width}"
-                    ),
-                );
-            }
-            spans.push((*start, u_from, vs[0], vs[1], T::from_f64(*scale)));
-            u_from += vs[0];
-        }
-        if u_from != u_width {
-            return shape_err(
-                "add_low_rank_columns",
-                &us,
-                &[u_from],
-                "the parts' ranks must add up to u's last dim",
-            );
-        }
+        let spans = low_rank_spans(OP, &shape, u, parts)?;
+        let (width, rows) = (
+            shape[shape.len() - 1],
+            shape[..shape.len() - 1].iter().product(),
+        );
         let mut out = self.take_value();
         let u_value = u.value().clone();
         let vs: Vec<Tensor<T>> = parts.iter().map(|p| p.0.value().clone()).collect();
         {
-            let mut out2 = out
+            let out2 = out
                 .view_mut()
                 .into_shape_with_order((rows, width))
                 .expect("owned arrays are standard layout");
-            let u2 = as_matrix(&u_value, rows, u_width);
-            // Part after part, each split in the fixed row halves of the product that wrote
-            // the base (c_attn's): each thread adds to the rows in its own cache. Run side by
-            // side, each part whole on one thread, the same forward was 2–3 % slower
-            // (nanogpt-cpu, 6.8–7.7 % unmerged overhead against 4.1–4.5 %).
-            for (v, &(start, from, r, w, scale)) in vs.iter().zip(&spans) {
-                gemm(
-                    scale,
-                    u2.slice(ndarray::s![.., from..from + r]),
-                    as_matrix(v, r, w).view(),
-                    T::one(),
-                    out2.slice_mut(ndarray::s![.., start..start + w]),
-                );
-            }
+            let u2 = as_matrix(&u_value, rows, u_value.len() / rows.max(1));
+            add_low_rank_parts(out2, u2.view(), &vs, &spans);
         }
         let mut inputs = vec![&self, u];
         inputs.extend(parts.iter().map(|p| p.0));
-        OpRecord::new("add_low_rank_columns", &inputs)
-            .attrs(
-                spans
-                    .iter()
-                    .map(|(s, _, r, w, _)| format!("{s}..{} (rank {r})", s + w))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
+        OpRecord::new(OP, &inputs)
+            .attrs(low_rank_attrs(&spans))
             .finish(out, move |g, needs| {
-                let mut grads: Vec<Option<ArrayD<T>>> = vec![None, None];
-                {
+                let (gu, gv) = {
                     let g2 = g
                         .to_shape((rows, width))
                         .expect("gradient has the output's size");
-                    let u2 = as_matrix(&u_value, rows, u_width);
-                    let mut gu = needs[1].then(|| Array2::<T>::uninit((rows, u_width)));
-                    let mut gv: Vec<_> = spans
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &(_, _, r, w, _))| needs[2 + i].then(|| Array2::uninit((r, w))))
-                        .collect();
-                    let v2: Vec<_> = vs
-                        .iter()
-                        .zip(&spans)
-                        .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
-                        .collect();
-                    // Per part, ∂u's block of columns and ∂v: independent products, which run
-                    // side by side. The parts take u's columns in order, so its blocks are
-                    // consecutive disjoint views.
-                    let mut products = Vec::with_capacity(2 * spans.len());
-                    let mut gu_rest = gu.as_mut().map(|gu| gu.view_mut());
-                    for ((v, gv), &(start, from, r, w, scale)) in v2.iter().zip(&mut gv).zip(&spans)
-                    {
-                        let g_span = g2.slice(ndarray::s![.., start..start + w]);
-                        if let Some(rest) = gu_rest.take() {
-                            let (block, tail) = rest.split_at(ndarray::Axis(1), r);
-                            products.push(Product::write(scale, g_span, v.t(), block));
-                            gu_rest = Some(tail);
-                        }
-                        if let Some(gv) = gv {
-                            let u_cols = u2.slice(ndarray::s![.., from..from + r]).reversed_axes();
-                            products.push(Product::write(scale, u_cols, g_span, gv.view_mut()));
-                        }
-                    }
-                    gemm_side_by_side(products);
-                    // SAFETY: each product wrote its block: ∂v whole, and the parts' column
-                    // blocks cover all of ∂u's columns (checked above).
-                    grads.extend(
-                        gv.into_iter()
-                            .map(|gv| gv.map(|gv| unsafe { gv.assume_init() }.into_dyn())),
-                    );
-                    grads[1] = gu.map(|gu| to_shape(unsafe { gu.assume_init() }, &us));
-                }
-                if needs[0] {
-                    grads[0] = Some(g);
-                }
+                    low_rank_grads(g2.view(), &u_value, &vs, &spans, needs[1], &needs[2..])
+                };
+                let mut grads = vec![needs[0].then_some(g), gu];
+                grads.extend(gv);
                 grads
             })
     }
@@ -654,6 +823,98 @@ mod tests {
             |v| v[0].linear(&v[1], None),
             &[rand_array(&[3, 4], 17), rand_array(&[4, 2], 18)],
         );
+    }
+
+    #[test]
+    fn linear_low_rank_is_linear_plus_add_low_rank_columns_and_passes_gradcheck() {
+        // f32, shapes the fused kernel takes (parts on 32-column boundaries, 40 rows): same
+        // value as the two ops up to rounding, and the same gradients to the bit (the same
+        // products of the same upstream gradient).
+        let mut results = Vec::new();
+        for fused in [true, false] {
+            let tape = Tape::<f32>::new();
+            let f32_param = |name: &str, shape: &[usize], seed| {
+                tape.param(name, rand_array(shape, seed).mapv(|v| v as f32))
+            };
+            let x = f32_param("x", &[2, 20, 40], 1);
+            let w = f32_param("w", &[40, 96], 2);
+            let bias = f32_param("bias", &[96], 3);
+            let u = f32_param("u", &[2, 20, 10], 4);
+            let vq = f32_param("vq", &[4, 32], 5);
+            let b_v = f32_param("b_v", &[32, 6], 6);
+            let weights = tape.constant(rand_array(&[2, 20, 96], 7).mapv(|v| v as f32));
+            let vv = b_v.transpose(0, 1).unwrap();
+            let parts = [(&vq, 0, 0.5), (&vv, 64, -2.0)];
+            let y = if fused {
+                x.linear_low_rank(&w, Some(&bias), &u, &parts).unwrap()
+            } else {
+                x.linear(&w, Some(&bias))
+                    .unwrap()
+                    .add_low_rank_columns(&u, &parts)
+                    .unwrap()
+            };
+            let grads = tape
+                .backward(&y.mul(&weights).unwrap().sum_all().unwrap())
+                .unwrap();
+            let grads: Vec<_> = [&x, &w, &bias, &u, &vq, &b_v]
+                .iter()
+                .map(|v| grads.get(v).unwrap().clone())
+                .collect();
+            results.push((y.value().to_owned(), grads));
+        }
+        let ((fused, fused_grads), (separate, separate_grads)) = (&results[0], &results[1]);
+        let worst = (fused - separate)
+            .iter()
+            .zip(separate)
+            .map(|(d, s)| d.abs() / (1.0 + s.abs()))
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "{worst}");
+        assert_eq!(fused_grads, separate_grads);
+        // In f64 (the separate products' path) the op's gradients against central differences:
+        // with and without a bias, a Bᵀ view, and overlapping parts.
+        assert_gradcheck(
+            |x| {
+                let vt = x[5].transpose(0, 1)?;
+                x[0].linear_low_rank(
+                    &x[1],
+                    Some(&x[2]),
+                    &x[3],
+                    &[(&x[4], 0, 0.5), (&vt, 3, -1.5)],
+                )
+            },
+            &[
+                rand_array(&[2, 3, 4], 8),
+                rand_array(&[4, 6], 9),
+                rand_array(&[6], 10),
+                rand_array(&[2, 3, 3], 11),
+                rand_array(&[2, 3], 12),
+                rand_array(&[3, 1], 13),
+            ],
+        );
+        assert_gradcheck(
+            |x| x[0].linear_low_rank(&x[1], None, &x[2], &[(&x[3], 1, 0.5), (&x[4], 2, 2.0)]),
+            &[
+                rand_array(&[3, 4], 14),
+                rand_array(&[4, 5], 15),
+                rand_array(&[3, 3], 16),
+                rand_array(&[2, 3], 17),
+                rand_array(&[1, 3], 18),
+            ],
+        );
+        // Shape errors name the op.
+        let t = Tape::<f64>::new();
+        let c = |shape: &[usize]| t.constant(rand_array(shape, 19));
+        let (x, w, u, v) = (c(&[3, 4]), c(&[4, 5]), c(&[3, 2]), c(&[2, 3]));
+        for result in [
+            x.linear_low_rank(&c(&[5, 4]), None, &u, &[(&v, 0, 1.0)]),
+            x.linear_low_rank(&w, Some(&c(&[4])), &u, &[(&v, 0, 1.0)]),
+            x.linear_low_rank(&w, None, &c(&[2, 2]), &[(&v, 0, 1.0)]),
+            x.linear_low_rank(&w, None, &u, &[(&v, 3, 1.0)]),
+            x.linear_low_rank(&w, None, &c(&[3, 3]), &[(&v, 0, 1.0)]),
+        ] {
+            let message = result.unwrap_err().to_string();
+            assert!(message.contains("linear_low_rank"), "{message}");
+        }
     }
 
     #[test]
