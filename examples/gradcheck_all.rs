@@ -62,6 +62,26 @@ fn cases() -> Vec<Case> {
             ],
             |x| x[0].clone().add_low_rank_columns(&x[1], &[(&x[2], 4, 0.5)]),
         ),
+        case(
+            "linear_low_rank",
+            vec![
+                rand(&[2, 3, 4], 107),
+                rand(&[4, 6], 108),
+                rand(&[6], 109),
+                rand(&[2, 3, 3], 110),
+                rand(&[2, 2], 111),
+                rand(&[2, 1], 112),
+            ],
+            |x| {
+                let vt = x[5].transpose(0, 1)?;
+                x[0].linear_low_rank(
+                    &x[1],
+                    Some(&x[2]),
+                    &x[3],
+                    &[(&x[4], 0, 0.5), (&vt, 4, -2.0)],
+                )
+            },
+        ),
         case("add", vec![rand(&[2, 3, 4], 5), rand(&[3, 1], 6)], |x| {
             x[0].add(&x[1])
         }),

@@ -11,7 +11,7 @@
 //! | [`gemm`] | the one strided matmul kernel (matrixmultiply) and the GEMM call/FLOP counters |
 //! | [`gradcheck`](mod@gradcheck) | central-difference gradient checking in `f64` |
 //! | `display` | the tape as a text table (`Display`) and as Graphviz DOT ([`Tape::to_dot`]) |
-//! | [`sgemm_avx512`] | the f32 GEMM used where AVX-512 is present (12×32 FMA micro-kernel) |
+//! | [`sgemm_avx512`] | the f32 GEMM used where AVX-512 is present (12×32 FMA micro-kernel; the thin kernel for LoRA's rank side; LoRA's low-rank terms summed inside a linear's tiles) |
 //! | [`simd`] | run-time choice of AVX-512 / AVX2 builds for the elementwise loops |
 //! | [`element`] | the [`Float`] trait: `f32` for training, `f64` for checking |
 //! | [`error`] | [`AutogradError`], typed errors naming the op and shapes |

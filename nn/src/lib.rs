@@ -5,7 +5,7 @@
 //! | [`parameter`] | [`Parameter`]: a named tensor, trainable or frozen, that enters a tape as a leaf |
 //! | [`module`] | the [`Module`] trait (visit parameters in order, by hierarchical name) and [`LinearAdapter`] / [`EmbeddingAdapter`], the hooks LoRA attaches through |
 //! | [`ctx`] | [`Ctx`]: the tape being recorded, train/eval mode, the dropout RNG |
-//! | [`layers`] | [`Linear`] (Conv1D `[in, out]` or nn.Linear `[out, in]` layout), [`Embedding`], [`LayerNorm`], [`Dropout`], [`Gelu`] |
+//! | [`layers`] | [`Linear`] (Conv1D `[in, out]` or nn.Linear `[out, in]` layout; its adapter gets the uncomputed [`BaseLinear`]), [`Embedding`], [`LayerNorm`], [`Dropout`], [`Gelu`] |
 //! | [`init`] | normal, uniform, kaiming-uniform, zeros, ones |
 //! | [`optim`] | [`AdamW`], [`Sgd`], [`clip_grad_norm`]; state only for trainable parameters |
 //! | [`schedule`] | [`CosineSchedule`]: linear warmup + cosine decay (nanoGPT) |
