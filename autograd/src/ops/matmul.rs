@@ -493,7 +493,7 @@ impl<'t, T: Float> Var<'t, T> {
         let vs: Vec<Tensor<T>> = parts.iter().map(|p| p.0.value().clone()).collect();
         let c = {
             let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
-            let u2 = as_matrix(&u_value, rows, u_value.len() / rows.max(1));
+            let u2 = as_matrix(&u_value, rows, u_value.shape()[u_value.ndim() - 1]);
             let v2: Vec<_> = vs
                 .iter()
                 .zip(&spans)
@@ -586,7 +586,7 @@ impl<'t, T: Float> Var<'t, T> {
                 .view_mut()
                 .into_shape_with_order((rows, width))
                 .expect("owned arrays are standard layout");
-            let u2 = as_matrix(&u_value, rows, u_value.len() / rows.max(1));
+            let u2 = as_matrix(&u_value, rows, u_value.shape()[u_value.ndim() - 1]);
             add_low_rank_parts(out2, u2.view(), &vs, &spans);
         }
         let mut inputs = vec![&self, u];
@@ -905,6 +905,11 @@ mod tests {
         let t = Tape::<f64>::new();
         let c = |shape: &[usize]| t.constant(rand_array(shape, 19));
         let (x, w, u, v) = (c(&[3, 4]), c(&[4, 5]), c(&[3, 2]), c(&[2, 3]));
+        // An empty batch is an empty output.
+        let y = c(&[0, 4])
+            .linear_low_rank(&w, None, &c(&[0, 2]), &[(&v, 0, 1.0)])
+            .unwrap();
+        assert_eq!(y.shape(), &[0, 5]);
         for result in [
             x.linear_low_rank(&c(&[5, 4]), None, &u, &[(&v, 0, 1.0)]),
             x.linear_low_rank(&w, Some(&c(&[4])), &u, &[(&v, 0, 1.0)]),
