@@ -30,8 +30,9 @@
 //! uninitialised memory.
 //!
 //! [`sgemm_thin`] is the second kernel, for products at most 16 columns wide (LoRA's rank
-//! side, where the 12×32 tile would leave most lanes idle): B packed into 16-float lines,
-//! A read in place.
+//! side, where the 12×32 tile would leave most lanes idle): B packed into 16-float lines, a
+//! row-major or column-major A read in place, other layouts packed 12 rows at a time.
+//! [`sgemm_low_rank`] is the 12×32 driver with LoRA's low-rank terms added inside the tiles.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -1216,11 +1217,12 @@ pub const THIN_MAX: usize = 16;
 
 /// `c ← α·a·b + β·c` for a product at most [`THIN_MAX`] columns wide — LoRA's rank-r side
 /// (x·Aᵀ, ∂u = G·B, ∂Aᵀ = xᵀ·∂u). `b` (k × n) is packed once into k lines of 16, zero past
-/// column n; `a` is read in place with any strides, twelve rows at a time: each step of k
-/// broadcasts one value per row against the step's line, 12 FMAs into 12 accumulators. The
-/// 12×32 kernel would waste 32 − n lanes of every FMA on such a product (and matrixmultiply
-/// copies all of `a` into its packing buffer first); here n of 16 lanes are useful and `a` is
-/// never copied. With β = 0, `c` is not read.
+/// column n; `a` is taken twelve rows at a time: each step of k broadcasts one value per row
+/// against the step's line, 12 FMAs into 12 accumulators. A row-major `a` (x, G) is read in
+/// place, a column-major one (xᵀ) by columns loaded as vectors; any other layout is copied
+/// into a 12-row panel first. The 12×32 kernel would waste 32 − n lanes of every FMA on such
+/// a product (and matrixmultiply copies all of `a` into its packing buffer first); here n of
+/// 16 lanes are useful. With β = 0, `c` is not read.
 ///
 /// # Safety
 /// As for [`sgemm`], and `n ≤ THIN_MAX`.
@@ -1739,13 +1741,16 @@ mod tests {
             return;
         }
         // (m, k, n): edge row panels, one and several k blocks, a last column panel outside
-        // the parts, row and column splits.
+        // the parts, row and column splits (at n = 700 the dynamic split's 128-column chunks
+        // end inside the second part), a row-major A packed (≥ 2²⁶ multiply-adds, n ≥ 256);
+        // each with A row-major and column-major (read in place where k ≤ 256).
         for (m, k, n) in [
             (13, 20, 96),
             (100, 385, 130),
             (37, 1, 128),
             (300, 800, 160),
             (40, 64, 700),
+            (300, 800, 300),
         ] {
             let (a, b) = operands(m, k, n);
             let (a, b) = (
@@ -1758,8 +1763,10 @@ mod tests {
                 Array2::from_shape_fn((m, 9), |(i, j)| ((i * 3 + j * 5) % 7) as f32 * 0.2 - 0.6);
             let u = u_store.slice(ndarray::s![.., 1..9]);
             let v1 = Array2::from_shape_fn((3, 32), |(p, j)| ((p * 11 + j) % 9) as f32 * 0.1 - 0.4);
-            let v2 =
-                Array2::from_shape_fn((5, 64).f(), |(p, j)| ((p + j * 3) % 8) as f32 * 0.1 - 0.3);
+            let v2_width = if n >= 400 { 160 } else { 64 };
+            let v2 = Array2::from_shape_fn((5, v2_width).f(), |(p, j)| {
+                ((p + j * 3) % 8) as f32 * 0.1 - 0.3
+            });
             let parts = [
                 LowRankPart {
                     v: v1.view(),
@@ -1769,7 +1776,7 @@ mod tests {
                 },
                 LowRankPart {
                     v: v2.view(),
-                    start: n - n % 32 - 64,
+                    start: n - n % 32 - v2_width,
                     u_from: 3,
                     scale: -2.0,
                 },
@@ -1792,12 +1799,17 @@ mod tests {
                     }
                 }
             }
-            for (threads, dynamic) in [(1, false), (2, false), (3, false), (2, true), (3, true)] {
+            let a_t = a.t().to_owned();
+            let splits = [(1, false), (2, false), (3, false), (2, true), (3, true)];
+            for ((threads, dynamic), a) in splits
+                .into_iter()
+                .flat_map(|s| [(s, a.view()), (s, a_t.t())])
+            {
                 for with_bias in [true, false] {
                     let mut c = vec![f32::NAN; m * n];
                     let done = crate::gemm::tests::on_threads(threads, || unsafe {
                         sgemm_low_rank(
-                            a.view(),
+                            a,
                             b.view(),
                             with_bias.then_some(&bias[..]),
                             u,
@@ -1818,9 +1830,10 @@ mod tests {
                             (got as f64 - want).abs() / (1.0 + want.abs())
                         })
                         .fold(0.0, f64::max);
+                    let a_cols = a.strides()[0] == 1;
                     assert!(
                         worst < 1e-5,
-                        "{m}×{k}×{n} on {threads} threads (dynamic {dynamic}): {worst}"
+                        "{m}×{k}×{n} (A column-major {a_cols}) on {threads} threads (dynamic {dynamic}): {worst}"
                     );
                 }
             }
