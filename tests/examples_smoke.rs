@@ -59,6 +59,7 @@ fn model_benchmarks_print_their_json_line() {
         ("lora", "\"peak_rss_mib\""),
         ("generate", "\"tokens_per_sec\""),
         ("infer", "\"merged_ms\""),
+        ("lora-vs-full", "\"gemm_flop_share\""),
     ] {
         let out = std::process::Command::new(exe)
             .args([

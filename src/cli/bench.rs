@@ -360,46 +360,51 @@ impl ModelBench {
         (ids, targets)
     }
 
-    /// Forward + backward + AdamW steps; prints ms/step, tokens/s, FLOP/s, MFU and peak RSS.
-    pub fn train(&self, lora: bool) -> Result<(), String> {
-        use tapelora_nn::{AdamW, AdamWConfig, Module, Optimizer};
+    /// The benchmarked model ready to train: LoRA on q, v (the rest frozen) or every weight
+    /// trainable, with its AdamW and the fixed batch.
+    fn trainer(&self, lora: bool) -> Result<Trainer, String> {
+        use tapelora_nn::{AdamW, AdamWConfig, Module};
         let (model, batch, block, steps) = self.model()?;
-        let mut lm = if lora {
+        let lm = if lora {
             Self::with_adapter(model, &self.adapter_config())?
         } else {
             let mut lm = tapelora_lora::LoraModel::new(model);
             lm.model.unfreeze();
             lm
         };
-        let model = &mut lm.model;
-        let (ids, targets) = Self::ids(model.config.vocab_size, batch, block);
-        let mut opt = AdamW::new(model.parameters(), AdamWConfig::default());
+        let (ids, targets) = Self::ids(lm.model.config.vocab_size, batch, block);
+        let opt = AdamW::new(lm.model.parameters(), AdamWConfig::default());
+        Ok(Trainer {
+            lm,
+            opt,
+            ids,
+            targets,
+            batch,
+            block,
+            steps,
+        })
+    }
+
+    /// Forward + backward + AdamW steps; prints ms/step, tokens/s, FLOP/s, MFU and peak RSS.
+    pub fn train(&self, lora: bool) -> Result<(), String> {
+        use tapelora_nn::Module;
+        let mut trainer = self.trainer(lora)?;
+        let (batch, block, steps) = (trainer.batch, trainer.block, trainer.steps);
         let mut profile = tapelora_autograd::OpProfile::default();
         let mut optimizer_secs = 0.0;
-        let mut step = |model: &mut tapelora_gpt::Gpt, timed: bool| -> Result<(), String> {
-            let grads = {
-                let tape = Tape::new();
-                tape.set_profiling(timed && self.profile);
-                let loss = model
-                    .forward_loss(&tapelora_nn::Ctx::train(&tape, 0), &ids, &targets)
-                    .map_err(|e| e.to_string())?;
-                let grads = tape.backward(&loss).map_err(|e| e.to_string())?;
-                if let Some(p) = tape.profile() {
-                    profile.add(&p);
-                }
-                grads
-            };
-            let start = Instant::now();
-            opt.step(&mut model.parameters_mut(), &grads, 1e-4)
-                .map_err(|e| e.to_string())?;
+        let mut step = |trainer: &mut Trainer, timed: bool| -> Result<(), String> {
+            let (tape_profile, secs) = trainer.step(timed && self.profile)?;
+            if let Some(p) = tape_profile {
+                profile.add(&p);
+            }
             if timed {
-                optimizer_secs += start.elapsed().as_secs_f64();
+                optimizer_secs += secs;
             }
             Ok(())
         };
         // One warm-up step; then the quickest step shows the code's speed when the shared
         // machine left it alone.
-        step(model, false)?;
+        step(&mut trainer, false)?;
         let mut best_secs = f64::INFINITY;
         let (mut step_secs, mut step_flops) = (0.0, 0);
         let mut peaks = PeakSamples::new();
@@ -407,7 +412,7 @@ impl ModelBench {
         for _ in 0..steps {
             let flops0 = tapelora_autograd::gemm::gemm_flops();
             let step_start = Instant::now();
-            step(model, true)?;
+            step(&mut trainer, true)?;
             let secs = step_start.elapsed().as_secs_f64();
             step_flops += tapelora_autograd::gemm::gemm_flops() - flops0;
             best_secs = best_secs.min(secs);
@@ -430,10 +435,52 @@ impl ModelBench {
         );
         let mfu_fma = fma_peak.map_or(f64::NAN, |fma| flops / secs / fma);
         if !self.json {
-            println!("{} {} step (batch {batch} × block {block}, {} trainable of {} parameters, {} steps after 1 warm-up):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, model.num_trainable_params(), model.num_params(), steps);
+            println!("{} {} step (batch {batch} × block {block}, {} trainable of {} parameters, {} steps after 1 warm-up):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, trainer.lm.model.num_trainable_params(), trainer.lm.model.num_params(), steps);
             println!("  {ms:.1} ms/step (quickest {:.1}), {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; MFU {:.1}% of the sgemm peak ({:.1} GFLOP/s), {:.1}% of the FMA peak ({:.1} GFLOP/s), both sampled between steps; peak RSS {rss:.0} MiB", best_secs * 1e3, flops / 1e9, flops / secs / 1e9, 100.0 * mfu, peak / 1e9, 100.0 * mfu_fma, fma_peak.unwrap_or(f64::NAN) / 1e9);
         }
         println!("{{\"ms_per_step\": {ms:.3}, \"best_ms_per_step\": {:.3}, \"tokens_per_sec\": {tps:.1}, \"peak_rss_mib\": {rss:.1}, \"mfu\": {mfu:.4}, \"mfu_fma\": {}}}", best_secs * 1e3, json_number(mfu_fma, 4));
+        Ok(())
+    }
+
+    /// Full and LoRA training steps alternated in one process, one of each per round: the
+    /// LoRA step's time as a share of the full step's (median of the per-round ratios, so the
+    /// machine's drift cancels) beside the share of GEMM FLOPs it keeps.
+    pub fn lora_vs_full(&self) -> Result<(), String> {
+        let (mut full, mut lora) = (self.trainer(false)?, self.trainer(true)?);
+        full.step(false)?; // warm-up
+        lora.step(false)?;
+        let rounds = full.steps.max(3);
+        let mut ratios = Vec::with_capacity(rounds);
+        let (mut full_flops, mut lora_flops) = (0u64, 0u64);
+        for _ in 0..rounds {
+            let time = |trainer: &mut Trainer, flops: &mut u64| -> Result<f64, String> {
+                let flops0 = tapelora_autograd::gemm::gemm_flops();
+                let start = Instant::now();
+                trainer.step(false)?;
+                *flops += tapelora_autograd::gemm::gemm_flops() - flops0;
+                Ok(start.elapsed().as_secs_f64())
+            };
+            let full_secs = time(&mut full, &mut full_flops)?;
+            let lora_secs = time(&mut lora, &mut lora_flops)?;
+            ratios.push(lora_secs / full_secs);
+        }
+        ratios.sort_by(f64::total_cmp);
+        let (ratio, share) = (
+            ratios[ratios.len() / 2],
+            lora_flops as f64 / full_flops as f64,
+        );
+        if !self.json {
+            println!(
+                "{} LoRA r={} (q,v) against full steps, {rounds} alternated rounds (batch {} × block {}):",
+                self.config, self.rank, full.batch, full.block
+            );
+            println!(
+                "  LoRA step time / full step time: median {ratio:.3} (rounds {:.3}…{:.3}); GEMM FLOPs kept by LoRA: {share:.3}",
+                ratios[0],
+                ratios[ratios.len() - 1]
+            );
+        }
+        println!("{{\"lora_over_full\": {ratio:.4}, \"gemm_flop_share\": {share:.4}}}");
         Ok(())
     }
 
@@ -555,5 +602,42 @@ impl ModelBench {
             merged_ratio - 1.0
         );
         Ok(())
+    }
+}
+
+/// A model, its optimizer and the fixed batch a training benchmark steps on.
+struct Trainer {
+    lm: tapelora_lora::LoraModel,
+    opt: tapelora_nn::AdamW,
+    ids: ndarray::ArrayD<usize>,
+    targets: Vec<i64>,
+    batch: usize,
+    block: usize,
+    steps: usize,
+}
+
+impl Trainer {
+    /// One forward + backward + AdamW step; returns the tape's op profile (when `profile`)
+    /// and the optimizer's seconds.
+    fn step(
+        &mut self,
+        profile: bool,
+    ) -> Result<(Option<tapelora_autograd::OpProfile>, f64), String> {
+        use tapelora_nn::{Module, Optimizer};
+        let model = &mut self.lm.model;
+        let (grads, tape_profile) = {
+            let tape = Tape::new();
+            tape.set_profiling(profile);
+            let loss = model
+                .forward_loss(&tapelora_nn::Ctx::train(&tape, 0), &self.ids, &self.targets)
+                .map_err(|e| e.to_string())?;
+            let grads = tape.backward(&loss).map_err(|e| e.to_string())?;
+            (grads, tape.profile())
+        };
+        let start = Instant::now();
+        self.opt
+            .step(&mut model.parameters_mut(), &grads, 1e-4)
+            .map_err(|e| e.to_string())?;
+        Ok((tape_profile, start.elapsed().as_secs_f64()))
     }
 }

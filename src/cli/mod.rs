@@ -109,6 +109,8 @@ pub enum BenchMode {
     Generate,
     /// Forward latency: base vs LoRA unmerged vs merged.
     Infer,
+    /// Full and LoRA steps alternated: the LoRA step's share of the full step's time.
+    LoraVsFull,
 }
 
 pub type CliResult = Result<(), String>;
@@ -203,6 +205,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 BenchMode::Lora => model.train(true),
                 BenchMode::Generate => model.generate(),
                 BenchMode::Infer => model.infer(),
+                BenchMode::LoraVsFull => model.lora_vs_full(),
             }
         }
     }
