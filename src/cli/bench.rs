@@ -271,7 +271,7 @@ fn print_profile(
     );
 }
 
-/// Model-level benchmarks (`--mode full|lora|generate|infer`).
+/// Model-level benchmarks (`--mode full|lora|generate|infer|lora-vs-full`).
 pub struct ModelBench {
     pub config: String,
     pub rank: usize,
