@@ -120,9 +120,7 @@ pub fn max_of<T: Float>(a: &[T]) -> T {
             lanes[l] = lanes[l].max(x[l]);
         }
     }
-    tail.iter()
-        .chain(&lanes)
-        .fold(T::neg_infinity(), |m, &v| m.max(v))
+    tail.iter().fold(max_lanes(lanes), |m, &v| m.max(v))
 }
 
 /// `Σ f(a[i], b[i])` over equal-length slices, like [`sum_map`].
@@ -337,11 +335,31 @@ fn combine<T: Float>(acc: [[T; 16]; 4]) -> T {
     for l in 0..16 {
         lanes[l] = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
     }
+    sum_lanes(lanes)
+}
+
+/// The sum of sixteen lanes in a fixed tree order: the upper eight onto the lower, then
+/// neighbours, pairs and the two halves. A tree, not a running sum: sixteen additions each
+/// waiting on the one before cost a short row (a T = 64 softmax row) more than its exponentials.
+#[inline(always)]
+pub fn sum_lanes<T: Float>(lanes: [T; 16]) -> T {
     let mut half = [T::zero(); 8];
     for l in 0..8 {
         half[l] = lanes[l] + lanes[l + 8];
     }
     ((half[0] + half[1]) + (half[2] + half[3])) + ((half[4] + half[5]) + (half[6] + half[7]))
+}
+
+/// The largest of sixteen lanes, taken as a tree (see [`sum_lanes`]; a maximum's value does
+/// not depend on the order).
+#[inline(always)]
+pub fn max_lanes<T: Float>(lanes: [T; 16]) -> T {
+    let mut half = [T::zero(); 8];
+    for l in 0..8 {
+        half[l] = lanes[l].max(lanes[l + 8]);
+    }
+    let quad = [0, 1, 2, 3].map(|l| half[l].max(half[l + 4]));
+    quad[0].max(quad[2]).max(quad[1].max(quad[3]))
 }
 
 #[cfg(test)]

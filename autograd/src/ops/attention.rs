@@ -204,42 +204,80 @@ fn view3<T: Float>(x: &Tensor<T>) -> ArrayView3<'_, T> {
 /// Softmax of the first `visible` entries of a row in place; the masked rest become 0.
 /// Inlined so that it is compiled wide inside [`crate::simd::vectorized`].
 ///
-/// Every loop runs over whole 16-lane chunks, the mask a lane comparison: causal rows have
-/// every length from 1 to T, and a scalar tail of up to 15 exponentials per row had made the
-/// softmax half of nanogpt-cpu's attention forward (T = 64). Chunks past the visible ones are
-/// only zeroed. Lanes at or past `visible` may hold anything finite (they are never used).
+/// Every loop runs over whole 16-lane chunks: causal rows have every length from 1 to T, and a
+/// scalar tail of up to 15 exponentials per row had made the softmax half of nanogpt-cpu's
+/// attention forward (T = 64). Chunks wholly visible run unmasked; only the chunk the mask
+/// cuts through compares lanes. Chunks past it are only zeroed; the lanes it masks may hold
+/// anything finite (they are never used). The sixteen lane partials are combined as trees
+/// ([`crate::simd::max_lanes`], [`crate::simd::sum_lanes`]): a running fold over them cost a
+/// T = 64 row as much as its exponentials.
 #[inline(always)]
 fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
     let (chunks, tail) = row.as_chunks_mut::<16>();
-    let live = visible.div_ceil(16).min(chunks.len());
-    let (chunks, dead) = chunks.split_at_mut(live);
-    let masked = |j: usize, v: T, fill: T| if j < visible { v } else { fill };
+    let full = (visible / 16).min(chunks.len());
+    let (full_chunks, rest) = chunks.split_at_mut(full);
+    // Lanes of the chunk after the full ones that are visible (0: no such partial chunk).
+    let cut = if rest.is_empty() {
+        0
+    } else {
+        visible - 16 * full
+    };
+    let (mut edge, dead) = match cut {
+        0 => (None, rest),
+        _ => {
+            let (edge, dead) = rest.split_at_mut(1);
+            (edge.first_mut(), dead)
+        }
+    };
+    let tail_start = 16 * (full + usize::from(edge.is_some()) + dead.len());
+    let in_tail = |i: usize| tail_start + i < visible;
+
     let mut max_lanes = [T::neg_infinity(); 16];
-    for (c, x) in chunks.iter().enumerate() {
+    for x in full_chunks.iter() {
         for l in 0..16 {
-            max_lanes[l] = max_lanes[l].max(masked(16 * c + l, x[l], T::neg_infinity()));
+            max_lanes[l] = max_lanes[l].max(x[l]);
         }
     }
-    let tail_start = 16 * (live + dead.len());
-    let mut max = max_lanes.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
-    for (i, &v) in tail.iter().enumerate() {
-        max = max.max(masked(tail_start + i, v, T::neg_infinity()));
-    }
-    let mut sum_lanes = [T::zero(); 16];
-    for (c, x) in chunks.iter_mut().enumerate() {
+    if let Some(x) = edge.as_deref() {
         for l in 0..16 {
-            let e = masked(16 * c + l, (x[l] - max).exp_fused(), T::zero());
+            max_lanes[l] = max_lanes[l].max(if l < cut { x[l] } else { T::neg_infinity() });
+        }
+    }
+    let mut max = crate::simd::max_lanes(max_lanes);
+    for (i, &v) in tail.iter().enumerate() {
+        if in_tail(i) {
+            max = max.max(v);
+        }
+    }
+
+    let mut sum_lanes = [T::zero(); 16];
+    for x in full_chunks.iter_mut() {
+        for l in 0..16 {
+            let e = (x[l] - max).exp_fused();
             x[l] = e;
             sum_lanes[l] += e;
         }
     }
-    let mut sum = sum_lanes.iter().fold(T::zero(), |s, &v| s + v);
+    if let Some(x) = edge.as_deref_mut() {
+        for l in 0..16 {
+            let e = (x[l] - max).exp_fused();
+            let e = if l < cut { e } else { T::zero() };
+            x[l] = e;
+            sum_lanes[l] += e;
+        }
+    }
+    let mut sum = crate::simd::sum_lanes(sum_lanes);
     for (i, v) in tail.iter_mut().enumerate() {
-        *v = masked(tail_start + i, (*v - max).exp_fused(), T::zero());
+        *v = if in_tail(i) {
+            (*v - max).exp_fused()
+        } else {
+            T::zero()
+        };
         sum += *v;
     }
+
     let inv = T::one() / sum;
-    for x in chunks.iter_mut() {
+    for x in full_chunks.iter_mut().chain(edge) {
         for v in x.iter_mut() {
             *v *= inv;
         }
