@@ -11,7 +11,10 @@
 //! from a counter, so a core slowed by another process does not hold the other one up), the
 //! rest in fixed row (or column) halves, each a single-threaded GEMM. Neither split changes
 //! the order of the inner (k) sum, so results are deterministic for a given thread count (the
-//! dynamic one gives the serial bits on any thread count).
+//! dynamic one gives the serial bits on any thread count). Products far deeper than wide
+//! (GPT-2's tied lm_head ∂x, k = 50 257) are cut along k instead ([`gemm_depth_split`]): fixed
+//! chunks taken by threads as they come free, their partial products added in chunk order —
+//! the same bits on any thread count, one read of each operand.
 //!
 //! Two global counters (calls and floating-point operations) let tests prove that a gradient
 //! nobody needs was never computed, and let benchmarks report FLOP/s.
@@ -540,6 +543,9 @@ fn gemm_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c
     if m == 1 && k > 0 && (b.strides()[1] == 1 || b.strides()[0] == 1) {
         return gemv(alpha, a, b, beta, c);
     }
+    if splits_depth(m, n, k) {
+        return gemm_depth_split(alpha, a, b, beta, c);
+    }
     let threads = rayon::current_num_threads();
     if threads <= 1 || m * n * k < PARALLEL_MIN_MACS || (m < 16 && n < 16) {
         return gemm_serial(alpha, a, b, beta, c);
@@ -557,6 +563,75 @@ fn gemm_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c
         );
         let c_part = c.rows(rows.start, rows.len()).cols(cols.start, cols.len());
         gemm_serial(alpha, a_rows, b_cols, beta, c_part);
+    });
+}
+
+/// Steps of k per chunk of a [`gemm_depth_split`]: sixteen of the AVX-512 kernel's k blocks.
+const DEPTH_CHUNK: usize = 16 * 384;
+/// Most chunks a [`gemm_depth_split`] makes (each but the first is an m × n partial product
+/// in memory until they are added up).
+const DEPTH_MAX_CHUNKS: usize = 16;
+
+/// Whether a product is deep and narrow enough for [`gemm_depth_split`]: k at least eight
+/// times the output's longer side, and the operand a row or column split would have every
+/// thread read whole (k × the shorter side) over 2²⁴ floats — too large for the AVX-512
+/// kernel's shared packing, so that split would fall back to fixed halves each packing all of
+/// it. The one such product in GPT-2 is the tied lm_head's ∂x = ∂logits·wte (k = 50 257).
+/// Depends on the shape only, never on the thread count, so the bits do not either.
+fn splits_depth(m: usize, n: usize, k: usize) -> bool {
+    m > 1 && n > 1 && k >= 8 * m.max(n) && k * m.min(n) > 1 << 24
+}
+
+/// `c ← α·a·b + β·c` with k cut into fixed chunks that threads take as they come free:
+/// the first chunk's product goes straight into `c` (with β), every other one into a partial
+/// m × n matrix, and the partials are added to `c` in chunk order. Each thread reads only its
+/// chunks of a and b (a row split would read all of b on every thread), a core slowed by
+/// another process takes fewer chunks, and since the chunks and the order of the additions
+/// are fixed by the shape, any thread count gives the same bits.
+fn gemm_depth_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<T>) {
+    let (m, k) = a.dim();
+    let n = b.ncols();
+    let chunk = DEPTH_CHUNK.max(k.div_ceil(DEPTH_MAX_CHUNKS));
+    let chunks: Vec<std::ops::Range<usize>> = (0..k)
+        .step_by(chunk)
+        .map(|start| start..(start + chunk).min(k))
+        .collect();
+    let partials: Vec<Option<Array2<T>>> = chunks
+        .par_iter()
+        .with_max_len(1)
+        .enumerate()
+        .map(|(i, depth)| {
+            let (a_chunk, b_chunk) = (
+                a.slice(ndarray::s![.., depth.clone()]),
+                b.slice(ndarray::s![depth.clone(), ..]),
+            );
+            if i == 0 {
+                gemm_serial(alpha, a_chunk, b_chunk, beta, c);
+                return None;
+            }
+            let mut partial = Array2::<T>::uninit((m, n));
+            let out = Out::of(partial.as_mut_ptr().cast::<T>(), partial.strides(), (m, n));
+            gemm_serial(alpha, a_chunk, b_chunk, T::zero(), out);
+            // SAFETY: gemm_serial wrote every element (β = 0).
+            Some(unsafe { partial.assume_init() })
+        })
+        .collect();
+    let partials: Vec<&[T]> = partials
+        .iter()
+        .flatten()
+        .map(|p| p.as_slice().expect("a new row-major matrix"))
+        .collect();
+    (0..m).into_par_iter().for_each(|i| {
+        for j in 0..n {
+            // SAFETY: (i, j) is in bounds, and this row is this task's alone; c was written
+            // by the first chunk's product.
+            unsafe {
+                let sum = partials
+                    .iter()
+                    .fold(c.read(i, j), |acc, partial| acc + partial[i * n + j]);
+                c.write(i, j, sum);
+            }
+        }
     });
 }
 
@@ -833,6 +908,52 @@ pub(crate) mod tests {
         let mut c4 = Array2::zeros((1, 10));
         gemm(1.0, a4.view(), b4.t(), 0.0, c4.view_mut());
         assert!(c4.iter().all(|&v| v == 30_000.0));
+    }
+
+    #[test]
+    fn deep_products_split_along_k_give_the_chunked_sum_on_any_thread_count() {
+        // Four chunks of k (6144, 6144, 6144, 1568), transposed operands, β ≠ 0, f32 (our
+        // kernel) and f64; every thread count gives the same bits, within rounding of a
+        // product summed in one pass.
+        fn check<T: Float + std::fmt::Debug>(of: impl Fn(f64) -> T) {
+            let k = 20_000;
+            let a =
+                Array2::from_shape_fn((40, k), |(i, p)| of(((i * 7 + p * 3) % 11) as f64 - 5.0));
+            let b = Array2::from_shape_fn((k, 33), |(p, j)| of(((p * 5 + j) % 13) as f64 * 0.25));
+            let start = Array2::from_shape_fn((33, 40), |(j, i)| of((i + j) as f64));
+            let (alpha, beta) = (of(0.5), of(2.0));
+            let run = |threads| {
+                on_threads(threads, || {
+                    let mut c = start.clone();
+                    let out = Out::of(c.as_mut_ptr(), c.strides(), (33, 40));
+                    gemm_depth_split(alpha, b.t(), a.t(), beta, out);
+                    c
+                })
+            };
+            let one = run(1);
+            assert_eq!(one, run(2));
+            assert_eq!(one, run(3));
+            let a64 = a.mapv(|x| x.as_f64());
+            let b64 = b.mapv(|x| x.as_f64());
+            let want = naive(&b64.t().to_owned(), &a64.t().to_owned()) * 0.5
+                + start.mapv(|x| x.as_f64()) * 2.0;
+            let got = one.mapv(|x| x.as_f64());
+            let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            let diff = (&got - &want).iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            assert!(diff <= scale * 1e-5, "max diff {diff} of {scale}");
+        }
+        check(|x| x as f32);
+        check(|x| x);
+        // GPT-2's tied lm_head ∂x takes it; its other products, and shallow ones, do not.
+        assert!(splits_depth(1024, 768, 50_257));
+        for (m, n, k) in [
+            (1024, 2304, 768),
+            (768, 2304, 1024),
+            (1024, 768, 3072),
+            (50_257, 768, 1024),
+        ] {
+            assert!(!splits_depth(m, n, k), "{m}×{k}×{n}");
+        }
     }
 
     #[test]
