@@ -4,7 +4,8 @@ benchmark, and writes the tables (with ratios) into docs/BENCHMARKS.md between t
 `<!-- side-by-side:start -->` and `<!-- side-by-side:end -->` markers. Called by run.sh.
 
 Environment: PYTHON (an interpreter with torch + transformers), TAPELORA (the binary),
-QUICK=1 (fewer benchmarks, no scaling tables).
+QUICK=1 (fewer benchmarks, no scaling tables), REPEAT (rounds per row, default 2),
+NANOGPT_ROUNDS (rounds for the nanogpt-cpu training rows, default 7).
 """
 
 import datetime
@@ -41,17 +42,32 @@ def better(a, b):
     return a if a[key] <= b[key] else b
 
 
-def pair(args, threads=2):
-    """The same benchmark on both sides, alternating tapelora and PyTorch REPEAT times and
-    keeping each side's best run: the machine's speed drifts by up to 2× within minutes."""
+# Rounds for the nanogpt-cpu training rows (seconds each, so more rounds are cheap).
+NANOGPT_ROUNDS = int(os.environ.get("NANOGPT_ROUNDS", "7"))
+
+
+def pair(args, threads=2, rounds=None):
+    """The same benchmark on both sides, alternating tapelora and PyTorch `rounds` (REPEAT)
+    times and keeping each side's best run: the machine's speed drifts by up to 2× within
+    minutes. The PyTorch/tapelora ms-per-step ratio of each round (two runs minutes apart at
+    most) is kept too, in `ours["round_ratios"]`, for training benchmarks."""
     ours = theirs = None
-    for _ in range(REPEAT):
+    ratios = []
+    for _ in range(rounds or REPEAT):
         o = last_json([TAPELORA, "bench", "--json", *args], {"RAYON_NUM_THREADS": str(threads)})
         t = last_json([PYTHON, str(ROOT / "benchmarks/pytorch_reference.py"), *args,
                        "--threads", str(threads)])
+        if "ms_per_step" in o and "ms_per_step" in t:
+            ratios.append(t["ms_per_step"] / o["ms_per_step"])
         ours = o if ours is None else quickest_of(better(ours, o), ours, o)
         theirs = t if theirs is None else quickest_of(better(theirs, t), theirs, t)
-    return ours, theirs
+    return {**ours, "round_ratios": ratios}, theirs
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def quickest_of(kept, a, b):
@@ -67,17 +83,21 @@ def fmt(v, digits=1):
 
 def training_rows(specs):
     rows = ["| benchmark | tapelora ms/step | PyTorch ms/step | tokens/s ratio (↑) | "
+            "per-round ratios: median (range) | "
             "quickest step, tapelora / PyTorch ms | quickest-step ratio (↑) | tapelora MFU | "
             "tapelora peak RSS MiB | PyTorch peak RSS MiB | RSS ratio (↓) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     results = {}
     for label, args in specs:
         print(label, flush=True)
-        ours, theirs = pair(args)
+        rounds = max(REPEAT, NANOGPT_ROUNDS) if "nanogpt-cpu" in args else REPEAT
+        ours, theirs = pair(args, rounds=rounds)
         results[label] = (ours, theirs)
+        r = ours["round_ratios"]
         rows.append(
             f"| {label} | {fmt(ours['ms_per_step'])} | {fmt(theirs['ms_per_step'])} | "
             f"**{ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}×** | "
+            f"{median(r):.2f}× ({min(r):.2f}–{max(r):.2f}, {len(r)} rounds) | "
             f"{fmt(ours['best_ms_per_step'])} / {fmt(theirs['best_ms_per_step'])} | "
             f"**{theirs['best_ms_per_step'] / ours['best_ms_per_step']:.2f}×** | "
             f"{100 * ours['mfu']:.0f} % | {fmt(ours['peak_rss_mib'], 0)} | "
@@ -168,7 +188,9 @@ def main():
                                    capture_output=True, text=True).stdout.strip()
     header = [f"Measured {datetime.date.today()} by `benchmarks/run.sh` on {platform.machine()}, "
               f"{os.cpu_count()} cores, PyTorch {torch_version}; each row alternated the two sides "
-              f"{REPEAT}× and keeps each side's best run. "
+              f"{REPEAT}× ({max(REPEAT, NANOGPT_ROUNDS)}× for the nanogpt-cpu training rows) and "
+              "keeps each side's best run; the per-round column is PyTorch's ms/step over "
+              "tapelora's within each round. "
               "Ratios above 1 favour tapelora for tokens/s, below 1 for memory.", ""]
     doc = ROOT / "docs/BENCHMARKS.md"
     text = doc.read_text()
