@@ -569,6 +569,27 @@ impl<T: Float> Gradients<T> {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.id_by_name.keys().map(String::as_str)
     }
+
+    /// Adds `other`'s gradients into these, parameter by parameter (matched by name): one
+    /// batch's gradients recorded on several tapes, as a sharded training step records them.
+    /// Every name in `other` must have a gradient of the same shape here.
+    pub fn add_named(&mut self, other: &Gradients<T>) -> Result<()> {
+        for (name, id) in &other.id_by_name {
+            let grad = &other.by_id[id];
+            let Some(acc) = self.get_mut_by_name(name) else {
+                return crate::error::arg_err(
+                    "add_named",
+                    format!("no gradient named {name:?} to add to"),
+                );
+            };
+            if acc.shape() != grad.shape() {
+                let why = format!("gradients of {name:?} differ in shape");
+                return crate::error::shape_err("add_named", acc.shape(), grad.shape(), why);
+            }
+            crate::ops::add_assign_into(acc, grad);
+        }
+        Ok(())
+    }
 }
 
 impl<T: Float> std::fmt::Debug for Var<'_, T> {

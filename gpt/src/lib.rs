@@ -6,6 +6,7 @@
 //! | [`model`] | [`Gpt`]: embeddings, pre-LN blocks, fused c_attn, causal attention, tied lm_head; [`KvCache`] |
 //! | [`data`] | the 90/10 split, random batches, evaluation windows |
 //! | [`train`] | the training loop (AdamW, warmup + cosine, clipping, evaluation) and `evaluate` |
+//! | [`step`] | one step's loss and gradients; a small model's batch as groups of sequences side by side |
 //! | [`generate`] | sampling (temperature, top-k, top-p) with the KV cache |
 //! | [`tokenizer`] | char-level and GPT-2 byte-level BPE (built in, or vocab.json + merges.txt) |
 //! | [`hf`] | Hugging Face GPT-2 folders: load (with or without `transformer.`), save atomically |
@@ -17,6 +18,7 @@ pub mod error;
 pub mod generate;
 pub mod hf;
 pub mod model;
+pub mod step;
 pub mod tokenizer;
 pub mod train;
 

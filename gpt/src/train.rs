@@ -2,7 +2,8 @@
 //! gradient clipping, periodic evaluation — and evaluation on consecutive windows.
 //!
 //! The loop trains whatever parameters of the model are trainable, so the same loop does full
-//! training and LoRA fine-tuning (where only the adapters are trainable).
+//! training and LoRA fine-tuning (where only the adapters are trainable). A small model's
+//! steps record the batch as groups of sequences side by side ([`crate::step`]).
 
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use tapelora_nn::{clip_grad_norm, AdamW, AdamWConfig, CosineSchedule, Ctx, Modul
 
 use crate::data::{num_windows, random_batch, window_batch, Dataset};
 use crate::model::Gpt;
+use crate::step::{loss_and_gradients, shards_for};
 use crate::{GptError, Result};
 
 /// Hyper-parameters of a run.
@@ -239,7 +241,9 @@ pub trait StepHook {
     fn wants_tape(&self, _step: usize) -> bool {
         false
     }
-    /// The step's tape right after backward (its records, with norms if asked for).
+    /// The step's tape right after backward (its records, with norms if asked for). Called
+    /// on every step recorded on one tape — always when [`StepHook::wants_tape`] says so; a
+    /// small model's other steps run as several tapes side by side ([`crate::step`]).
     fn on_tape(&mut self, _step: usize, _tape: &Tape<f32>) {}
     /// After backward and clipping, before the optimizer changes the parameters.
     fn before_update(&mut self, _step: usize, _model: &Gpt, _grads: &Gradients<f32>) {}
@@ -342,7 +346,32 @@ pub fn train_full(
     let mut stopped = false;
     for step in first_step..cfg.steps {
         let (ids, targets) = random_batch(&data.train, cfg.batch, cfg.block, &mut rng)?;
-        let (loss, mut grads) = {
+        let non_finite = |value: f64| {
+            GptError::Input(format!(
+                "training diverged: the loss is {value} at step {step}{}",
+                if cfg.detect_anomaly {
+                    ""
+                } else {
+                    " (run with --detect-anomaly to find the op that produced it)"
+                }
+            ))
+        };
+        // A small model's batch runs as groups of sequences side by side (crate::step), except
+        // where one tape is wanted whole: a hook reading it, or anomaly detection.
+        let shards = if hook.wants_tape(step) || cfg.detect_anomaly {
+            1
+        } else {
+            shards_for(&model.config, cfg.batch, cfg.block)
+        };
+        let (loss, mut grads) = if shards > 1 {
+            let seed = step_seed(cfg.seed, step);
+            let (value, grads) = loss_and_gradients(model, &ids, &targets, seed, shards)
+                .map_err(|e| diverged(step, e))?;
+            if !value.is_finite() {
+                return Err(non_finite(value));
+            }
+            (value, grads)
+        } else {
             let tape = Tape::new();
             tape.set_track_norms(hook.wants_tape(step));
             tape.set_anomaly_detection(cfg.detect_anomaly);
@@ -352,14 +381,7 @@ pub fn train_full(
                 .map_err(|e| diverged(step, e))?;
             let value = loss.item().unwrap_or(f32::NAN) as f64;
             if !value.is_finite() {
-                return Err(GptError::Input(format!(
-                    "training diverged: the loss is {value} at step {step}{}",
-                    if cfg.detect_anomaly {
-                        ""
-                    } else {
-                        " (run with --detect-anomaly to find the op that produced it)"
-                    }
-                )));
+                return Err(non_finite(value));
             }
             let grads = tape.backward(&loss).map_err(|e| diverged(step, e.into()))?;
             hook.on_tape(step, &tape);

@@ -374,6 +374,7 @@ impl ModelBench {
         };
         let (ids, targets) = Self::ids(lm.model.config.vocab_size, batch, block);
         let opt = AdamW::new(lm.model.parameters(), AdamWConfig::default());
+        let shards = tapelora_gpt::step::shards_for(&lm.model.config, batch, block);
         Ok(Trainer {
             lm,
             opt,
@@ -382,6 +383,7 @@ impl ModelBench {
             batch,
             block,
             steps,
+            shards,
         })
     }
 
@@ -435,7 +437,12 @@ impl ModelBench {
         );
         let mfu_fma = fma_peak.map_or(f64::NAN, |fma| flops / secs / fma);
         if !self.json {
-            println!("{} {} step (batch {batch} × block {block}, {} trainable of {} parameters, {} steps after 1 warm-up):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, trainer.lm.model.num_trainable_params(), trainer.lm.model.num_params(), steps);
+            let recorded = match trainer.shards {
+                _ if self.profile => "one tape per step while profiling".to_string(),
+                1 => "one tape per step".to_string(),
+                n => format!("{n} groups of sequences side by side"),
+            };
+            println!("{} {} step (batch {batch} × block {block}, {recorded}, {} trainable of {} parameters, {} steps after 1 warm-up):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, trainer.lm.model.num_trainable_params(), trainer.lm.model.num_params(), steps);
             println!("  {ms:.1} ms/step (quickest {:.1}), {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; MFU {:.1}% of the sgemm peak ({:.1} GFLOP/s), {:.1}% of the FMA peak ({:.1} GFLOP/s), both sampled between steps; peak RSS {rss:.0} MiB", best_secs * 1e3, flops / 1e9, flops / secs / 1e9, 100.0 * mfu, peak / 1e9, 100.0 * mfu_fma, fma_peak.unwrap_or(f64::NAN) / 1e9);
         }
         println!("{{\"ms_per_step\": {ms:.3}, \"best_ms_per_step\": {:.3}, \"tokens_per_sec\": {tps:.1}, \"peak_rss_mib\": {rss:.1}, \"mfu\": {mfu:.4}, \"mfu_fma\": {}}}", best_secs * 1e3, json_number(mfu_fma, 4));
@@ -614,6 +621,9 @@ struct Trainer {
     batch: usize,
     block: usize,
     steps: usize,
+    /// Groups of sequences each step records side by side ([`tapelora_gpt::step`]; one tape
+    /// when profiling, so that op times are wall times).
+    shards: usize,
 }
 
 impl Trainer {
@@ -625,7 +635,7 @@ impl Trainer {
     ) -> Result<(Option<tapelora_autograd::OpProfile>, f64), String> {
         use tapelora_nn::{Module, Optimizer};
         let model = &mut self.lm.model;
-        let (grads, tape_profile) = {
+        let (grads, tape_profile) = if profile || self.shards == 1 {
             let tape = Tape::new();
             tape.set_profiling(profile);
             let loss = model
@@ -633,6 +643,17 @@ impl Trainer {
                 .map_err(|e| e.to_string())?;
             let grads = tape.backward(&loss).map_err(|e| e.to_string())?;
             (grads, tape.profile())
+        } else {
+            // As `tapelora train` steps: a small model's batch in groups side by side.
+            let (_, grads) = tapelora_gpt::step::loss_and_gradients(
+                model,
+                &self.ids,
+                &self.targets,
+                0,
+                self.shards,
+            )
+            .map_err(|e| e.to_string())?;
+            (grads, None)
         };
         let start = Instant::now();
         self.opt
