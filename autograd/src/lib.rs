@@ -8,7 +8,7 @@
 //! |---|---|
 //! | [`tape`] | [`Tape`], [`Var`], [`Node`] records, [`Tape::backward`], [`Gradients`], `no_grad`, anomaly mode |
 //! | `ops/` | every op, one file per family (see [`ops`]), each with its gradcheck tests |
-//! | [`gemm`] | the one strided matmul kernel (matrixmultiply) and the GEMM call/FLOP counters |
+//! | [`gemm`] | every strided matmul goes through here (our AVX-512 kernels or matrixmultiply): the thread splits (dynamic, fixed halves, along k for deep products), GEMV, the GEMM call/FLOP counters |
 //! | [`gradcheck`](mod@gradcheck) | central-difference gradient checking in `f64` |
 //! | `display` | the tape as a text table (`Display`) and as Graphviz DOT ([`Tape::to_dot`]) |
 //! | [`sgemm_avx512`] | the f32 GEMM used where AVX-512 is present (12×32 FMA micro-kernel; the thin kernel for LoRA's rank side; LoRA's low-rank terms summed inside a linear's tiles) |
