@@ -5,7 +5,8 @@ benchmark, and writes the tables (with ratios) into docs/BENCHMARKS.md between t
 
 Environment: PYTHON (an interpreter with torch + transformers), TAPELORA (the binary),
 QUICK=1 (fewer benchmarks, no scaling tables), REPEAT (rounds per row, default 2),
-NANOGPT_ROUNDS (rounds for the nanogpt-cpu training rows, default 7).
+NANOGPT_ROUNDS (rounds for the nanogpt-cpu training rows: max(REPEAT, NANOGPT_ROUNDS), 7
+by default).
 """
 
 import datetime
@@ -94,10 +95,11 @@ def training_rows(specs):
         ours, theirs = pair(args, rounds=rounds)
         results[label] = (ours, theirs)
         r = ours["round_ratios"]
+        per_round = f"{median(r):.2f}× ({min(r):.2f}–{max(r):.2f}, {len(r)} rounds)" if r else "—"
         rows.append(
             f"| {label} | {fmt(ours['ms_per_step'])} | {fmt(theirs['ms_per_step'])} | "
             f"**{ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}×** | "
-            f"{median(r):.2f}× ({min(r):.2f}–{max(r):.2f}, {len(r)} rounds) | "
+            f"{per_round} | "
             f"{fmt(ours['best_ms_per_step'])} / {fmt(theirs['best_ms_per_step'])} | "
             f"**{theirs['best_ms_per_step'] / ours['best_ms_per_step']:.2f}×** | "
             f"{100 * ours['mfu']:.0f} % | {fmt(ours['peak_rss_mib'], 0)} | "

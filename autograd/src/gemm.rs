@@ -576,8 +576,10 @@ const DEPTH_MAX_CHUNKS: usize = 16;
 /// times the output's longer side, and the operand a row or column split would have every
 /// thread read whole (k × the shorter side) over 2²⁴ floats — too large for the AVX-512
 /// kernel's shared packing, so that split would fall back to fixed halves each packing all of
-/// it. The one such product in GPT-2 is the tied lm_head's ∂x = ∂logits·wte (k = 50 257).
-/// Depends on the shape only, never on the thread count, so the bits do not either.
+/// it. In GPT-2 at B4×T256 that is the tied lm_head's ∂x = ∂logits·wte (k = 50 257); from
+/// about 25 000 tokens per batch every ∂W = xᵀ·G is one too. Depends on the shape only — not
+/// on the element type, the kernel or the thread count (one thread runs the chunks in turn,
+/// with the same extra partials) — so the bits do not depend on the thread count either.
 fn splits_depth(m: usize, n: usize, k: usize) -> bool {
     m > 1 && n > 1 && k >= 8 * m.max(n) && k * m.min(n) > 1 << 24
 }

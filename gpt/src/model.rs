@@ -226,7 +226,7 @@ impl Gpt {
         copy
     }
 
-    fn check_ids(&self, ids: &ArrayD<usize>, past: usize) -> Result<(usize, usize)> {
+    pub(crate) fn check_ids(&self, ids: &ArrayD<usize>, past: usize) -> Result<(usize, usize)> {
         if ids.ndim() != 2 || ids.is_empty() {
             return Err(GptError::Input(format!(
                 "token ids must be a non-empty [batch, time] array, got shape {:?}",

@@ -5,10 +5,13 @@
 //! activations, 64 × 32 attention heads, ≈ 150 parallel sections per step): each waits for
 //! its slower half and wakes the pool again. Recording the batch as `shards` groups of whole
 //! sequences instead — each group's forward and backward on its own [`Tape`], the groups side
-//! by side on the thread pool — keeps every thread on long runs of its own work: 1.14–1.22×
-//! on nanogpt-cpu's forward + backward (full and LoRA, alternated in one process), and no
-//! gain on GPT-2 124M at B4×T256, whose products are large enough to split well
-//! ([`shards_for`] picks one group there).
+//! by side on the thread pool — keeps every thread on long runs of its own work: 1.07–1.12×
+//! on nanogpt-cpu's forward + backward called from a worker of the pool, as the CLI calls it
+//! (1.12–1.22× from a plain main thread, where one tape is slower too; full and LoRA, medians
+//! of 200 alternated steps in one process), and no gain on GPT-2 124M at B4×T256, whose products are large enough to split well
+//! ([`shards_for`] picks one group there, and wherever the groups' extra gradient copies would
+//! pass 64 MiB). Anomaly detection and a hook reading the tape (the first group's) do not
+//! change the groups, so they do not change the numbers.
 //!
 //! The loss is the whole batch's mean: each group's mean is weighted by its share of the
 //! batch's counted targets (`n_g / N`, targets of −1 are not counted), before backward, so the
@@ -16,32 +19,46 @@
 //! for the same number of groups).
 
 use ndarray::{s, ArrayD};
-use rayon::prelude::*;
 use tapelora_autograd::{Gradients, Tape};
-use tapelora_nn::Ctx;
+use tapelora_nn::{Ctx, Module};
 
-use crate::{Gpt, GptConfig, GptError, Result};
+use crate::{Gpt, GptError, Result};
 
 /// Multiply-adds of the MLP's first product for the whole batch (tokens × C × 4C) below which
-/// a step runs in groups: nanogpt-cpu's B12×T64 is 50 M (grouped: 1.14–1.22×), GPT-2's B4×T256
-/// 2.4 G (1.0×, and a copy of the gradients per group).
+/// a step runs in groups: nanogpt-cpu's B12×T64 is 50 M (grouped: 1.07–1.12×), GPT-2's B4×T256
+/// 2.4 G (0.98–1.03×).
 const GROUPED_MAX_MLP_MACS: usize = 1 << 27;
+
+/// Most floats of gradients the extra groups may hold at once (each group holds a gradient
+/// for every trainable parameter until they are summed): 64 MiB.
+const GROUPED_MAX_EXTRA_GRADIENT_FLOATS: usize = 1 << 24;
 
 /// One group's weighted loss and its gradients.
 type GroupResult = Result<(f64, Gradients<f32>)>;
 
-/// How many groups of sequences a training step on `batch × block` tokens runs side by side:
-/// one per thread of the current pool for a small model (see the module docs), else 1.
-pub fn shards_for(config: &GptConfig, batch: usize, block: usize) -> usize {
-    let threads = rayon::current_num_threads();
+/// Who looks at a recorded tape, if anyone.
+type Observer<'a> = Option<&'a mut (dyn FnMut(&Tape<f32>) + Send)>;
+
+/// How many groups of sequences a training step of `model` on `batch × block` tokens runs
+/// side by side: one per thread of the current pool for a small model (see the module docs)
+/// whose extra gradient copies stay small, else 1.
+pub fn shards_for(model: &Gpt, batch: usize, block: usize) -> usize {
+    let config = &model.config;
+    let threads = rayon::current_num_threads().min(batch);
     let mlp_macs = batch
         .saturating_mul(block)
         .saturating_mul(config.n_embd)
         .saturating_mul(config.n_inner);
-    if threads < 2 || batch < 2 || mlp_macs >= GROUPED_MAX_MLP_MACS {
+    let extra_gradients = threads
+        .saturating_sub(1)
+        .saturating_mul(model.num_trainable_params());
+    if threads < 2
+        || mlp_macs >= GROUPED_MAX_MLP_MACS
+        || extra_gradients > GROUPED_MAX_EXTRA_GRADIENT_FLOATS
+    {
         1
     } else {
-        threads.min(batch)
+        threads
     }
 }
 
@@ -53,7 +70,7 @@ fn group_seed(seed: u64, g: usize) -> u64 {
 /// Mean next-token cross-entropy of `ids [B, T]` against `targets` (B·T of them, −1 =
 /// ignored) and its gradients for every trainable parameter, recorded as `shards` groups of
 /// sequences side by side (1: one tape, as [`Gpt::forward_loss`] + backward). Dropout masks
-/// are drawn from `seed` (group g from a seed derived from it).
+/// are drawn from `seed` (group g's from a seed derived from it).
 pub fn loss_and_gradients(
     model: &Gpt,
     ids: &ArrayD<usize>,
@@ -61,21 +78,42 @@ pub fn loss_and_gradients(
     seed: u64,
     shards: usize,
 ) -> Result<(f64, Gradients<f32>)> {
-    let (batch, block) = match ids.shape() {
-        &[b, t] => (b, t),
-        other => {
-            return Err(GptError::Input(format!(
-                "token ids must be [batch, time], got shape {other:?}"
-            )))
-        }
-    };
+    let options = TapeOptions::default();
+    loss_and_gradients_observed(model, ids, targets, seed, shards, options, &mut |_| {})
+}
+
+/// What a step's tapes record besides the ops ([`loss_and_gradients_observed`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TapeOptions {
+    /// Anomaly detection on every group's tape (the first op to produce a non-finite value is
+    /// named).
+    pub detect_anomaly: bool,
+    /// Value and gradient norms on the first group's tape.
+    pub track_norms: bool,
+}
+
+/// [`loss_and_gradients`] with `options` set on the tapes, and `first_tape` called with the
+/// first group's tape right after its backward (the tape of the batch's first sequences;
+/// of the whole batch when there is one group). Neither changes the numbers: the groups are
+/// the same with or without them.
+pub fn loss_and_gradients_observed(
+    model: &Gpt,
+    ids: &ArrayD<usize>,
+    targets: &[i64],
+    seed: u64,
+    shards: usize,
+    options: TapeOptions,
+    first_tape: &mut (dyn FnMut(&Tape<f32>) + Send),
+) -> Result<(f64, Gradients<f32>)> {
+    // Checked up front: a group with no counted targets is never recorded.
+    let (batch, block) = model.check_ids(ids, 0)?;
     if targets.len() != batch * block {
         return Err(GptError::Input(format!(
             "{} targets for {batch} × {block} token ids",
             targets.len()
         )));
     }
-    let n = shards.clamp(1, batch.max(1));
+    let n = shards.clamp(1, batch);
     let groups: Vec<(std::ops::Range<usize>, usize)> = (0..n)
         .map(|g| {
             let rows = g * batch / n..(g + 1) * batch / n;
@@ -87,32 +125,51 @@ pub fn loss_and_gradients(
         })
         .collect();
     let total: usize = groups.iter().map(|(_, counted)| counted).sum();
-    if groups.len() <= 1 || total == 0 {
-        let tape = Tape::new();
-        let loss = model.forward_loss(&Ctx::train(&tape, seed), ids, targets)?;
-        let value = loss.item().map_or(f64::NAN, f64::from);
-        return Ok((value, tape.backward(&loss)?));
+    if n == 1 || total == 0 {
+        return record(model, ids, targets, seed, 1.0, options, Some(first_tape));
     }
-    let per_group: Vec<Option<GroupResult>> = groups
-        .par_iter()
-        .with_max_len(1)
-        .enumerate()
-        .map(|(g, (rows, counted))| {
-            // A group with no counted targets adds nothing to the loss or the gradients.
-            (*counted > 0).then(|| {
-                let tape = Tape::new();
-                let ctx = Ctx::train(&tape, group_seed(seed, g));
-                let group_ids = ids.slice(s![rows.clone(), ..]).to_owned().into_dyn();
-                let group_targets = &targets[rows.start * block..rows.end * block];
-                let loss = model.forward_loss(&ctx, &group_ids, group_targets)?;
-                let share = *counted as f64 / total as f64;
-                let value = loss.item().map_or(f64::NAN, f64::from) * share;
-                Ok((value, tape.backward(&loss.scale(share)?)?))
-            })
+    // One group's loss (weighted by its share of the counted targets) and gradients; None
+    // for a group with no counted targets, which adds nothing to either.
+    let run = |g: usize, observe: Observer<'_>| {
+        let (rows, counted) = &groups[g];
+        (*counted > 0).then(|| {
+            let group_ids = ids.slice(s![rows.clone(), ..]).to_owned().into_dyn();
+            let group_targets = &targets[rows.start * block..rows.end * block];
+            let share = *counted as f64 / total as f64;
+            let options = TapeOptions {
+                track_norms: options.track_norms && observe.is_some(),
+                ..options
+            };
+            let seed = group_seed(seed, g);
+            record(
+                model,
+                &group_ids,
+                group_targets,
+                seed,
+                share,
+                options,
+                observe,
+            )
         })
-        .collect();
+    };
+    let slots: Vec<std::sync::Mutex<Option<GroupResult>>> =
+        (0..n).map(|_| std::sync::Mutex::new(None)).collect();
+    // The other groups go to the pool; the first runs in the scope's body — on this thread
+    // when it is one of the pool's (a caller outside the pool waits while a worker runs it,
+    // so that the groups' own parallel sections run inline on their threads, not queued
+    // behind the other group's).
+    rayon::scope(|scope| {
+        for (g, slot) in slots.iter().enumerate().skip(1) {
+            let run = &run;
+            scope.spawn(move |_| *slot.lock().expect("not poisoned") = run(g, None));
+        }
+        *slots[0].lock().expect("not poisoned") = run(0, Some(first_tape));
+    });
     let mut sum: Option<(f64, Gradients<f32>)> = None;
-    for result in per_group.into_iter().flatten() {
+    for slot in slots {
+        let Some(result) = slot.into_inner().expect("not poisoned") else {
+            continue;
+        };
         let (value, grads) = result?;
         sum = Some(match sum {
             None => (value, grads),
@@ -125,9 +182,36 @@ pub fn loss_and_gradients(
     Ok(sum.expect("total > 0, so some group has counted targets"))
 }
 
+/// Records one tape: forward, the loss times `share`, backward; `observe` sees the tape.
+fn record(
+    model: &Gpt,
+    ids: &ArrayD<usize>,
+    targets: &[i64],
+    seed: u64,
+    share: f64,
+    options: TapeOptions,
+    observe: Observer<'_>,
+) -> GroupResult {
+    let tape = Tape::new();
+    tape.set_anomaly_detection(options.detect_anomaly);
+    tape.set_track_norms(options.track_norms);
+    let loss = model.forward_loss(&Ctx::train(&tape, seed), ids, targets)?;
+    let value = loss.item().map_or(f64::NAN, f64::from);
+    let grads = if share == 1.0 {
+        tape.backward(&loss)?
+    } else {
+        tape.backward(&loss.scale(share)?)?
+    };
+    if let Some(observe) = observe {
+        observe(&tape);
+    }
+    Ok((value * share, grads))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GptConfig;
     use rand::SeedableRng;
     use tapelora_nn::Module;
 
@@ -202,23 +286,71 @@ mod tests {
 
     #[test]
     fn bad_batches_are_errors_and_small_models_run_in_groups() {
-        let (model, ids, targets) = setup();
+        let (model, ids, mut targets) = setup();
         let flat = ArrayD::from_elem(ndarray::IxDyn(&[35]), 0usize);
         assert!(loss_and_gradients(&model, &flat, &targets, 0, 2).is_err());
         assert!(loss_and_gradients(&model, &ids, &targets[1..], 0, 2).is_err());
-        let nano = GptConfig::preset("nanogpt-cpu", Some(65)).unwrap();
-        let gpt2 = GptConfig::preset("gpt2", None).unwrap();
+        // A bad id in a group with no counted targets (never recorded) is still an error.
+        let mut bad = ids.clone();
+        bad[[0, 0]] = model.config.vocab_size;
+        targets[..2 * 7].fill(-1);
+        let err = loss_and_gradients(&model, &bad, &targets, 0, 2).unwrap_err();
+        assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+
         let pool = |threads| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .unwrap()
         };
+        let built = |name: &str, trainable: bool| {
+            let config = GptConfig::preset(name, Some(65)).unwrap();
+            let mut model =
+                Gpt::new(config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0)).unwrap();
+            if trainable {
+                model.unfreeze();
+            } else {
+                model.freeze();
+            }
+            model
+        };
+        let nano = built("nanogpt-cpu", true);
         pool(2).install(|| {
             assert_eq!(shards_for(&nano, 12, 64), 2);
             assert_eq!(shards_for(&nano, 1, 64), 1);
-            assert_eq!(shards_for(&gpt2, 4, 256), 1);
         });
+        pool(3).install(|| assert_eq!(shards_for(&nano, 2, 64), 2));
         pool(1).install(|| assert_eq!(shards_for(&nano, 12, 64), 1));
+        // GPT-2: its products are large enough at B4×T256; at a tiny batch, full training's
+        // extra gradient copy (124 M floats) is too large, a frozen model's is not.
+        let (gpt2_full, gpt2_frozen) = (built("gpt2", true), built("gpt2", false));
+        pool(2).install(|| {
+            assert_eq!(shards_for(&gpt2_frozen, 4, 256), 1);
+            assert_eq!(shards_for(&gpt2_full, 2, 16), 1);
+            assert_eq!(shards_for(&gpt2_frozen, 2, 16), 2);
+        });
+    }
+
+    #[test]
+    fn dropout_masks_differ_between_groups_and_repeat_with_the_seed() {
+        let config = crate::train::tests::tiny(0.5);
+        let mut model = Gpt::new(config, &mut rand_chacha::ChaCha8Rng::seed_from_u64(3)).unwrap();
+        model.unfreeze();
+        // Two identical sequences, one per group: their losses differ only if the two groups
+        // drew different dropout masks.
+        let ids = ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 7]), |i| (i[1] * 3) % 9);
+        let targets: Vec<i64> = (0..14).map(|i| ((i % 7) * 5 % 9) as i64).collect();
+        let group = |g: usize| {
+            let one_ids = ids.slice(s![g..g + 1, ..]).to_owned().into_dyn();
+            let tape = Tape::new();
+            let ctx = Ctx::train(&tape, group_seed(9, g));
+            let loss = model.forward_loss(&ctx, &one_ids, &targets[..7]).unwrap();
+            loss.item().unwrap() as f64
+        };
+        assert_ne!(group(0), group(1), "groups drew the same dropout masks");
+        let (grouped, _) = loss_and_gradients(&model, &ids, &targets, 9, 2).unwrap();
+        assert!((grouped - (group(0) + group(1)) / 2.0).abs() < 1e-6);
+        let (again, _) = loss_and_gradients(&model, &ids, &targets, 9, 2).unwrap();
+        assert_eq!(grouped.to_bits(), again.to_bits());
     }
 }

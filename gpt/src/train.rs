@@ -14,7 +14,7 @@ use tapelora_nn::{clip_grad_norm, AdamW, AdamWConfig, CosineSchedule, Ctx, Modul
 
 use crate::data::{num_windows, random_batch, window_batch, Dataset};
 use crate::model::Gpt;
-use crate::step::{loss_and_gradients, shards_for};
+use crate::step::{loss_and_gradients_observed, shards_for, TapeOptions};
 use crate::{GptError, Result};
 
 /// Hyper-parameters of a run.
@@ -235,15 +235,15 @@ pub fn evaluate(
 }
 
 /// Observes the inside of each optimizer step (audit trails, tape printing). Every method has
-/// a do-nothing default.
-pub trait StepHook {
+/// a do-nothing default. Send: a step may run on any thread of the pool.
+pub trait StepHook: Send {
     /// Whether to record value/gradient norms on this step's tape (for [`StepHook::on_tape`]).
     fn wants_tape(&self, _step: usize) -> bool {
         false
     }
-    /// The step's tape right after backward (its records, with norms if asked for). Called
-    /// on every step recorded on one tape — always when [`StepHook::wants_tape`] says so; a
-    /// small model's other steps run as several tapes side by side ([`crate::step`]).
+    /// The step's tape right after backward (its records, with norms if asked for). A small
+    /// model's step records its batch as groups of sequences side by side ([`crate::step`]):
+    /// this is then the first group's tape (the batch's first sequences).
     fn on_tape(&mut self, _step: usize, _tape: &Tape<f32>) {}
     /// After backward and clipping, before the optimizer changes the parameters.
     fn before_update(&mut self, _step: usize, _model: &Gpt, _grads: &Gradients<f32>) {}
@@ -356,37 +356,26 @@ pub fn train_full(
                 }
             ))
         };
-        // A small model's batch runs as groups of sequences side by side (crate::step), except
-        // where one tape is wanted whole: a hook reading it, or anomaly detection.
-        let shards = if hook.wants_tape(step) || cfg.detect_anomaly {
-            1
-        } else {
-            shards_for(&model.config, cfg.batch, cfg.block)
+        // A small model's batch runs as groups of sequences side by side (crate::step); the
+        // hook sees the first group's tape, and anomaly detection watches every group's, so
+        // neither changes the numbers.
+        let options = TapeOptions {
+            detect_anomaly: cfg.detect_anomaly,
+            track_norms: hook.wants_tape(step),
         };
-        let (loss, mut grads) = if shards > 1 {
-            let seed = step_seed(cfg.seed, step);
-            let (value, grads) = loss_and_gradients(model, &ids, &targets, seed, shards)
-                .map_err(|e| diverged(step, e))?;
-            if !value.is_finite() {
-                return Err(non_finite(value));
-            }
-            (value, grads)
-        } else {
-            let tape = Tape::new();
-            tape.set_track_norms(hook.wants_tape(step));
-            tape.set_anomaly_detection(cfg.detect_anomaly);
-            let ctx = Ctx::train(&tape, step_seed(cfg.seed, step));
-            let loss = model
-                .forward_loss(&ctx, &ids, &targets)
-                .map_err(|e| diverged(step, e))?;
-            let value = loss.item().unwrap_or(f32::NAN) as f64;
-            if !value.is_finite() {
-                return Err(non_finite(value));
-            }
-            let grads = tape.backward(&loss).map_err(|e| diverged(step, e.into()))?;
-            hook.on_tape(step, &tape);
-            (value, grads)
-        };
+        let (loss, mut grads) = loss_and_gradients_observed(
+            model,
+            &ids,
+            &targets,
+            step_seed(cfg.seed, step),
+            shards_for(model, cfg.batch, cfg.block),
+            options,
+            &mut |tape| hook.on_tape(step, tape),
+        )
+        .map_err(|e| diverged(step, e))?;
+        if !loss.is_finite() {
+            return Err(non_finite(loss));
+        }
         let grad_norm = match cfg.clip {
             Some(max) => clip_grad_norm(&mut grads, trainable.iter().map(String::as_str), max),
             None => clip_grad_norm(
@@ -575,6 +564,60 @@ pub(crate) mod tests {
                 assert_eq!(a.value, b.value, "{}", a.name);
             }
         }
+    }
+
+    #[test]
+    fn hooks_reading_the_tape_and_anomaly_detection_do_not_change_the_numbers() {
+        // On two threads the batch of 4 runs as two groups of sequences (crate::step); a hook
+        // that reads every step's tape (with norms) and anomaly detection must leave the run
+        // bit for bit as it was, dropout included.
+        struct Reader(Vec<usize>);
+        impl StepHook for Reader {
+            fn wants_tape(&self, _step: usize) -> bool {
+                true
+            }
+            fn on_tape(&mut self, _step: usize, tape: &Tape<f32>) {
+                self.0.push(tape.len());
+            }
+        }
+        let tokens: Vec<u32> = (0..800).map(|i| ((i * 7 + i / 5) % 9) as u32).collect();
+        let data = Dataset::split(tokens, 0.1);
+        fn run<H: StepHook + Send>(
+            data: &Dataset,
+            detect_anomaly: bool,
+            hook: &mut H,
+        ) -> (u64, Vec<ndarray::ArrayD<f32>>) {
+            let cfg = TrainConfig {
+                batch: 4,
+                block: 8,
+                eval_every: 0,
+                detect_anomaly,
+                ..TrainConfig::nanogpt_cpu(5, 8)
+            };
+            let mut model = Gpt::new(tiny(0.1), &mut ChaCha8Rng::seed_from_u64(3)).unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            assert_eq!(pool.install(|| crate::step::shards_for(&model, 4, 8)), 2);
+            let summary =
+                pool.install(|| train_with_hook(&mut model, data, &cfg, &mut |_| {}, hook));
+            let weights = model
+                .parameters()
+                .iter()
+                .map(|p| p.value.to_owned())
+                .collect();
+            (summary.unwrap().train_loss.to_bits(), weights)
+        }
+        let plain = run(&data, false, &mut NoHook);
+        let mut reader = Reader(Vec::new());
+        assert_eq!(run(&data, true, &mut reader), plain);
+        assert_eq!(
+            reader.0.len(),
+            5,
+            "the hook saw every step's (first group's) tape"
+        );
+        assert!(reader.0.iter().all(|&records| records > 20));
     }
 
     #[test]

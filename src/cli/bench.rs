@@ -374,7 +374,7 @@ impl ModelBench {
         };
         let (ids, targets) = Self::ids(lm.model.config.vocab_size, batch, block);
         let opt = AdamW::new(lm.model.parameters(), AdamWConfig::default());
-        let shards = tapelora_gpt::step::shards_for(&lm.model.config, batch, block);
+        let shards = tapelora_gpt::step::shards_for(&lm.model, batch, block);
         Ok(Trainer {
             lm,
             opt,
@@ -395,7 +395,7 @@ impl ModelBench {
         let mut profile = tapelora_autograd::OpProfile::default();
         let mut optimizer_secs = 0.0;
         let mut step = |trainer: &mut Trainer, timed: bool| -> Result<(), String> {
-            let (tape_profile, secs) = trainer.step(timed && self.profile)?;
+            let (tape_profile, secs) = trainer.step(timed && self.profile, self.profile)?;
             if let Some(p) = tape_profile {
                 profile.add(&p);
             }
@@ -454,8 +454,8 @@ impl ModelBench {
     /// machine's drift cancels) beside the share of GEMM FLOPs it keeps.
     pub fn lora_vs_full(&self) -> Result<(), String> {
         let (mut full, mut lora) = (self.trainer(false)?, self.trainer(true)?);
-        full.step(false)?; // warm-up
-        lora.step(false)?;
+        full.step(false, false)?; // warm-up
+        lora.step(false, false)?;
         let rounds = full.steps.max(3);
         let mut ratios = Vec::with_capacity(rounds);
         let (mut full_flops, mut lora_flops) = (0u64, 0u64);
@@ -463,7 +463,7 @@ impl ModelBench {
             let time = |trainer: &mut Trainer, flops: &mut u64| -> Result<f64, String> {
                 let flops0 = tapelora_autograd::gemm::gemm_flops();
                 let start = Instant::now();
-                trainer.step(false)?;
+                trainer.step(false, false)?;
                 *flops += tapelora_autograd::gemm::gemm_flops() - flops0;
                 Ok(start.elapsed().as_secs_f64())
             };
@@ -628,14 +628,16 @@ struct Trainer {
 
 impl Trainer {
     /// One forward + backward + AdamW step; returns the tape's op profile (when `profile`)
-    /// and the optimizer's seconds.
+    /// and the optimizer's seconds. `one_tape`: record the whole batch on one tape even where
+    /// `tapelora train` would record groups of sequences (for `--profile`, warm-up included).
     fn step(
         &mut self,
         profile: bool,
+        one_tape: bool,
     ) -> Result<(Option<tapelora_autograd::OpProfile>, f64), String> {
         use tapelora_nn::{Module, Optimizer};
         let model = &mut self.lm.model;
-        let (grads, tape_profile) = if profile || self.shards == 1 {
+        let (grads, tape_profile) = if one_tape || self.shards == 1 {
             let tape = Tape::new();
             tape.set_profiling(profile);
             let loss = model
