@@ -90,6 +90,9 @@ pub struct TapeOptions {
     pub detect_anomaly: bool,
     /// Value and gradient norms on the first group's tape.
     pub track_norms: bool,
+    /// Per-op wall times on the first group's tape (`Tape::profile`; with one group, the whole
+    /// step's).
+    pub profile: bool,
 }
 
 /// [`loss_and_gradients`] with `options` set on the tapes, and `first_tape` called with the
@@ -138,6 +141,7 @@ pub fn loss_and_gradients_observed(
             let share = *counted as f64 / total as f64;
             let options = TapeOptions {
                 track_norms: options.track_norms && observe.is_some(),
+                profile: options.profile && observe.is_some(),
                 ..options
             };
             let seed = group_seed(seed, g);
@@ -195,6 +199,7 @@ fn record(
     let tape = Tape::new();
     tape.set_anomaly_detection(options.detect_anomaly);
     tape.set_track_norms(options.track_norms);
+    tape.set_profiling(options.profile);
     let loss = model.forward_loss(&Ctx::train(&tape, seed), ids, targets)?;
     let value = loss.item().map_or(f64::NAN, f64::from);
     let grads = if share == 1.0 {

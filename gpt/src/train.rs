@@ -362,6 +362,7 @@ pub fn train_full(
         let options = TapeOptions {
             detect_anomaly: cfg.detect_anomaly,
             track_norms: hook.wants_tape(step),
+            profile: false,
         };
         let (loss, mut grads) = loss_and_gradients_observed(
             model,

@@ -637,26 +637,23 @@ impl Trainer {
     ) -> Result<(Option<tapelora_autograd::OpProfile>, f64), String> {
         use tapelora_nn::{Module, Optimizer};
         let model = &mut self.lm.model;
-        let (grads, tape_profile) = if one_tape || self.shards == 1 {
-            let tape = Tape::new();
-            tape.set_profiling(profile);
-            let loss = model
-                .forward_loss(&tapelora_nn::Ctx::train(&tape, 0), &self.ids, &self.targets)
-                .map_err(|e| e.to_string())?;
-            let grads = tape.backward(&loss).map_err(|e| e.to_string())?;
-            (grads, tape.profile())
-        } else {
-            // As `tapelora train` steps: a small model's batch in groups side by side.
-            let (_, grads) = tapelora_gpt::step::loss_and_gradients(
-                model,
-                &self.ids,
-                &self.targets,
-                0,
-                self.shards,
-            )
-            .map_err(|e| e.to_string())?;
-            (grads, None)
+        // As `tapelora train` steps (a small model's batch in groups side by side), or on one
+        // tape, whose per-op times are then wall times.
+        let mut tape_profile = None;
+        let options = tapelora_gpt::step::TapeOptions {
+            profile,
+            ..Default::default()
         };
+        let (_, grads) = tapelora_gpt::step::loss_and_gradients_observed(
+            model,
+            &self.ids,
+            &self.targets,
+            0,
+            if one_tape { 1 } else { self.shards },
+            options,
+            &mut |tape| tape_profile = tape.profile(),
+        )
+        .map_err(|e| e.to_string())?;
         let start = Instant::now();
         self.opt
             .step(&mut model.parameters_mut(), &grads, 1e-4)
