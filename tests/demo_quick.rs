@@ -38,9 +38,9 @@ fn quick_demo_runs_writes_its_folder_and_is_deterministic() {
     let (stdout, first) = demo(&root.join("a"));
     for needle in [
         "| full fine-tuning |",
-        "| LoRA r=1 (q,v) |",
+        "| LoRA r=1 (all linear) |",
         "| LoRA r=8 (q,v) |",
-        "| LoRA r=4 (q,k,v,o) |",
+        "| LoRA r=8 (all linear) |",
         "swapped in place",
         "merged",
         "report/index.html",
@@ -51,14 +51,31 @@ fn quick_demo_runs_writes_its_folder_and_is_deterministic() {
     for path in [
         "base/config.json",
         "task1-lora-r8-qv/adapter_config.json",
+        "task1-lora-r2-all/adapter_model.safetensors",
         "task2-lora-r8-qv/adapter_model.safetensors",
-        "task1-lora-r8-qv.trace.jsonl",
+        "task1-lora-r8-all.trace.jsonl",
         "report/index.html",
         "task1-merged/model.safetensors",
     ] {
         assert!(a.join(path).exists(), "{path}");
     }
     assert_eq!(first["merged_accuracy"], first["unmerged_accuracy"]);
+    // The Table 5 comparison holds the budget fixed: r = 2 on every linear layer trains exactly as
+    // many parameters as r = 8 on W_q and W_v.
+    let trainable = |method: &str| {
+        first["task1"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["method"] == method)
+            .unwrap_or_else(|| panic!("no row {method}"))["trainable_params"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(
+        trainable("LoRA r=2 (all linear)"),
+        trainable("LoRA r=8 (q,v)")
+    );
     let (_, second) = demo(&root.join("b"));
     assert_eq!(results(&first), results(&second), "same seed, same results");
     std::fs::remove_dir_all(&root).unwrap();
