@@ -76,6 +76,8 @@ fn quick_demo_runs_writes_its_folder_and_is_deterministic() {
         trainable("LoRA r=2 (all linear)"),
         trainable("LoRA r=8 (q,v)")
     );
+    // 3 blocks × (W_q + W_v) × r·(64 + 64): both adapters really are this small.
+    assert_eq!(trainable("LoRA r=8 (q,v)"), 3 * 2 * 8 * 128);
     let (_, second) = demo(&root.join("b"));
     assert_eq!(results(&first), results(&second), "same seed, same results");
     std::fs::remove_dir_all(&root).unwrap();

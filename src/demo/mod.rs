@@ -444,7 +444,7 @@ pub fn run(quick: bool, seed: u64, out: &Path) -> Result<(), String> {
     let mut lm = LoraModel::new(base.copy_weights());
     load_adapter(&mut lm, "subtract", &out.join(TRACED)).map_err(|e| e.to_string())?;
     load_adapter(&mut lm, "add-one", &out.join("task2-lora-r8-qv")).map_err(|e| e.to_string())?;
-    println!("\nOne base, two adapters, swapped in place (held-out exact match):\n");
+    println!("\nOne base, two adapters, swapped in place (held-out exact match; task 1: r = 8 on all linear layers, task 2: r = 8 on q, v, {} steps):\n", plan.task2_steps);
     println!("| active adapter | subtract | add-one | addition |");
     println!("|---|---:|---:|---:|");
     let mut swap_rows = Vec::new();
