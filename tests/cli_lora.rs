@@ -244,5 +244,38 @@ fn finetune_inspect_merge_and_eval_with_adapters() {
         ],
         "nope",
     );
+
+    // PEFT's "all-linear": every linear layer of both blocks, saved under their own names.
+    let out = ok(tapelora(&[
+        "finetune",
+        "--model",
+        &base,
+        "--data",
+        &task,
+        "--rank",
+        "2",
+        "--targets",
+        "all-linear",
+        "--steps",
+        "2",
+        "--block",
+        "16",
+        "--batch",
+        "4",
+        "--out",
+        &s(p("all-linear")),
+        "--json",
+        "--quiet",
+    ]));
+    // 2 layers × r·((16+48) + (16+16) + (16+64) + (64+16)).
+    assert_eq!(json_line(&out)["trainable_params"], 2 * 2 * 256);
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p("all-linear").join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -262,8 +262,8 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
         .ok_or_else(|| err("field `lora_alpha` must be a number".into()))?;
     let target_modules: Vec<String> = match field("target_modules") {
         Some(Value::Array(list)) => list.iter().map(|t| t.as_str().map(String::from).ok_or_else(|| err(format!("target_modules entry {t} is not a string")))).collect::<Result<_>>()?,
-        Some(Value::String(s)) if s.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.') => vec![s.clone()],
-        Some(other) => return Err(err(format!("target_modules {other} is not supported (give a list of module names; regular expressions are not supported)"))),
+        Some(Value::String(s)) if s == crate::target::ALL_LINEAR || s.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.') => vec![s.clone()],
+        Some(other) => return Err(err(format!("target_modules {other} is not supported (give a list of module names or \"all-linear\"; regular expressions are not supported)"))),
         None => return Err(err("missing field `target_modules`".into())),
     };
     for (k, why) in [

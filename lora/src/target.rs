@@ -5,6 +5,8 @@
 //! `h.{i}.attn.c_attn.q|k|v` (loralib's MergedLinear: LoRA on W_q and W_v only, as in the
 //! paper's experiments). A target matches a module when it equals the name or is a suffix
 //! after a dot (PEFT's rule): `c_proj` matches both `attn.c_proj` and `mlp.c_proj`.
+//! [`ALL_LINEAR`] (PEFT's `target_modules="all-linear"`) names every linear layer of every
+//! block — `c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` — and not the tied `wte`/lm_head.
 
 use crate::config::LoraConfig;
 use crate::error::{config_err, Result};
@@ -66,7 +68,10 @@ impl Target {
 }
 
 /// Target names accepted, for error messages.
-pub const VALID_TARGETS: &str = "c_attn, c_attn.q, c_attn.k, c_attn.v, attn.c_proj, c_fc, mlp.c_proj, c_proj (both projections), wte, or a full name such as h.0.attn.c_attn";
+pub const VALID_TARGETS: &str = "c_attn, c_attn.q, c_attn.k, c_attn.v, attn.c_proj, c_fc, mlp.c_proj, c_proj (both projections), wte, all-linear, or a full name such as h.0.attn.c_attn";
+
+/// PEFT's shorthand for every linear layer except the output layer.
+pub const ALL_LINEAR: &str = "all-linear";
 
 pub(crate) fn matches(target: &str, name: &str) -> bool {
     name == target || name.ends_with(&format!(".{target}"))
@@ -109,7 +114,13 @@ pub fn resolve(config: &LoraConfig, n_layer: usize) -> Result<Vec<Target>> {
         let t = normalize(raw);
         let hits: Vec<_> = universe
             .iter()
-            .filter(|(name, ..)| matches(t, name))
+            .filter(|(name, kind, _, slice)| {
+                if t == ALL_LINEAR {
+                    *kind != ModuleKind::Wte && slice.is_none()
+                } else {
+                    matches(t, name)
+                }
+            })
             .collect();
         if hits.is_empty() {
             return config_err(
@@ -246,6 +257,12 @@ mod tests {
             2
         )
         .is_err());
+        assert_eq!(
+            names(&c(&[ALL_LINEAR])),
+            names(&c(&["c_attn", "c_proj", "c_fc"]))
+        );
+        assert_eq!(names(&c(&[ALL_LINEAR])).len(), 8);
+        assert!(resolve(&c(&[ALL_LINEAR, "c_attn.q"]), 2).is_err());
         let patterned = LoraConfig {
             rank_pattern: vec![("mlp.c_fc".into(), 2)],
             ..c(&["c_fc", "c_attn"])

@@ -100,6 +100,40 @@ fn peft_adapter_gives_peft_logits_loss_and_gradients() {
     assert_eq!(grads.len(), 16);
 }
 
+/// PEFT's `target_modules="all-linear"` (a string, as a user writes it in a config) names the
+/// same modules as the fixture's `["c_attn", "c_fc", "c_proj"]`, so it loads to PEFT's logits.
+#[test]
+fn all_linear_shorthand_loads_the_same_adapter() {
+    let dir = std::env::temp_dir().join(format!("tapelora-all-linear-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture("gpt2-tiny-lora")).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let config_path = dir.join("adapter_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["c_attn", "c_fc", "c_proj"])
+    );
+    config["target_modules"] = "all-linear".into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let mut lm = LoraModel::new(load_model(&fixture("gpt2-tiny")).unwrap());
+    load_adapter(&mut lm, "default", &dir).unwrap();
+    assert_eq!(lm.lora_layers().len(), 8);
+    let reference = TensorFile::open(&fixture("gpt2-tiny-lora/reference.safetensors")).unwrap();
+    let (logits, _) = logits_and_loss(&lm, &reference);
+    assert!(
+        rel_diff(
+            "logits (all-linear)",
+            &logits,
+            &reference.f64("logits").unwrap()
+        ) <= 1e-5
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn rslora_and_layers_to_transform_fixture() {
     let lm = lora_model_with("gpt2-tiny-lora-rslora");

@@ -49,7 +49,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 16.0)]
     pub alpha: f64,
     /// Modules to adapt, comma-separated: c_attn, c_attn.q, c_attn.k, c_attn.v, attn.c_proj,
-    /// c_fc, mlp.c_proj, c_proj.
+    /// c_fc, mlp.c_proj, c_proj, or all-linear (every linear layer of every block).
     #[arg(long, value_delimiter = ',', default_value = "c_attn.q,c_attn.v")]
     pub targets: Vec<String>,
     /// Only adapt these blocks (comma-separated indices).
