@@ -37,8 +37,13 @@ fn rel_diff(name: &str, ours: &ArrayD<f64>, reference: &ArrayD<f64>) -> f64 {
 }
 
 fn lora_model_with(adapter: &str) -> LoraModel {
+    lora_model_from(&fixture(adapter))
+}
+
+/// The tiny base with the adapter folder `dir` loaded as "default".
+fn lora_model_from(dir: &std::path::Path) -> LoraModel {
     let mut lm = LoraModel::new(load_model(&fixture("gpt2-tiny")).unwrap());
-    load_adapter(&mut lm, "default", &fixture(adapter)).unwrap();
+    load_adapter(&mut lm, "default", dir).unwrap();
     lm
 }
 
@@ -119,8 +124,7 @@ fn all_linear_shorthand_loads_the_same_adapter() {
     );
     config["target_modules"] = "all-linear".into();
     std::fs::write(&config_path, config.to_string()).unwrap();
-    let mut lm = LoraModel::new(load_model(&fixture("gpt2-tiny")).unwrap());
-    load_adapter(&mut lm, "default", &dir).unwrap();
+    let lm = lora_model_from(&dir);
     assert_eq!(lm.lora_layers().len(), 8);
     let reference = TensorFile::open(&fixture("gpt2-tiny-lora/reference.safetensors")).unwrap();
     let (logits, _) = logits_and_loss(&lm, &reference);
