@@ -131,8 +131,9 @@ pub fn accuracy(model: &Gpt, tok: &Tokenizer, task: Task, pairs: &[(u32, u32)]) 
 
 /// The paper's placement: the query and value projections.
 const QV: [&str; 2] = ["c_attn.q", "c_attn.v"];
-/// Every linear layer of a block (GPT-2's `c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`).
-const ALL_LINEAR: [&str; 3] = ["c_attn", "c_proj", "c_fc"];
+/// Every linear layer of every block (PEFT's shorthand; GPT-2's `c_attn`, `attn.c_proj`,
+/// `mlp.c_fc`, `mlp.c_proj`).
+const ALL_LINEAR: [&str; 1] = [tapelora_lora::target::ALL_LINEAR];
 /// The task-1 adapter that is traced, swapped and merged.
 const TRACED: &str = "task1-lora-r8-all";
 /// Learning rates, each tuned for its method on seeds 1, 2 and 1337 (full fine-tuning at the
