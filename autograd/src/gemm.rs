@@ -330,6 +330,93 @@ pub fn gemm_side_by_side<T: Float>(products: Vec<Product<'_, T>>) {
     }
 }
 
+/// The right operand of many small products that each read a range of its rows (steps of k)
+/// and its first columns: attention's per-head K, V, Q and ∂O, read by every block of queries
+/// or keys. For f32 on the AVX-512 kernel it is packed once
+/// ([`crate::sgemm_avx512::PackedB`]) and every product reads the packed panels; otherwise
+/// each product is a [`gemm_write`] of the slices.
+pub struct PackedRight<'a, T> {
+    b: ArrayView2<'a, T>,
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<crate::sgemm_avx512::PackedB>,
+}
+
+impl<'a, T: Float> PackedRight<'a, T> {
+    /// Whether an operand of `ncols` columns would be packed (f32 on the AVX-512 kernel, at
+    /// least 32 columns).
+    pub fn packs(ncols: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::any::TypeId;
+            TypeId::of::<T>() == TypeId::of::<f32>()
+                && crate::sgemm_avx512::available()
+                && ncols >= 32
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = ncols;
+            false
+        }
+    }
+
+    /// Packs `b` where the kernel can take it: f32, AVX-512, at least 32 columns.
+    pub fn new(b: ArrayView2<'a, T>) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let packed = Self::packs(b.ncols()).then(|| {
+                let ((k, n), strides) = (b.dim(), b.strides());
+                // SAFETY: T is f32 (checked above); the view describes a valid k × n matrix.
+                unsafe {
+                    crate::sgemm_avx512::PackedB::new(
+                        k,
+                        n,
+                        b.as_ptr().cast::<f32>(),
+                        strides[0],
+                        strides[1],
+                    )
+                }
+            });
+            PackedRight { b, packed }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        PackedRight { b }
+    }
+
+    /// `c ← α·a·b[steps, ..c.ncols()]` into memory that need not be initialised, `a` being
+    /// `c.nrows() × steps.len()`.
+    pub fn multiply(
+        &self,
+        alpha: T,
+        a: ArrayView2<T>,
+        steps: std::ops::Range<usize>,
+        mut c: ArrayViewMut2<MaybeUninit<T>>,
+    ) {
+        let b = self.b.slice(ndarray::s![steps.clone(), ..c.ncols()]);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(packed) = &self.packed {
+            let (sa, sc) = (a.strides(), [c.strides()[0], c.strides()[1]]);
+            if (sa[0] == 1 || sa[1] == 1) && sc[1] == 1 {
+                check_and_count(&a, &b, c.dim());
+                // SAFETY: T is f32 (a packed operand exists only then); the views are valid
+                // matrices of the checked shapes, and `c`, a mutable view, aliases neither.
+                unsafe {
+                    packed.multiply(
+                        a.nrows(),
+                        steps,
+                        c.ncols(),
+                        alpha.as_f64() as f32,
+                        (a.as_ptr().cast::<f32>(), sa[0], sa[1]),
+                        c.as_mut_ptr().cast::<f32>(),
+                        sc[0],
+                    );
+                }
+                return;
+            }
+        }
+        gemm_write(alpha, a, b, c);
+    }
+}
+
 fn check_and_count<T: Float>(a: &ArrayView2<T>, b: &ArrayView2<T>, c_dim: (usize, usize)) {
     let (m, k) = a.dim();
     let (k2, n) = b.dim();

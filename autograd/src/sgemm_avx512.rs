@@ -33,6 +33,8 @@
 //! side, where the 12×32 tile would leave most lanes idle): B packed into 16-float lines, a
 //! row-major or column-major A read in place, other layouts packed 12 rows at a time.
 //! [`sgemm_low_rank`] is the 12×32 driver with LoRA's low-rank terms added inside the tiles.
+//! [`PackedB`] packs a right operand once for many small products that read parts of it
+//! (attention's per-head blocks).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -707,21 +709,9 @@ impl Product {
                                     // (attention's per-head products 1.07–1.11×, medians
                                     // of 20 000 alternated calls), and a column-major A
                                     // read in place has no padding rows to read.
-                                    let run = match tile_rows {
-                                        1 => kernel::<1>,
-                                        2 => kernel::<2>,
-                                        3 => kernel::<3>,
-                                        4 => kernel::<4>,
-                                        5 => kernel::<5>,
-                                        6 => kernel::<6>,
-                                        7 => kernel::<7>,
-                                        8 => kernel::<8>,
-                                        9 => kernel::<9>,
-                                        10 => kernel::<10>,
-                                        11 => kernel::<11>,
-                                        _ => kernel::<MR>,
-                                    };
-                                    run(kc, a_panel, a_step, b_panel, tail, tile);
+                                    kernel_for_rows(tile_rows)(
+                                        kc, a_panel, a_step, b_panel, tail, tile,
+                                    );
                                 }
                             }
                         }
@@ -841,6 +831,121 @@ impl Product {
         });
         drop(kept);
         true
+    }
+}
+
+thread_local! {
+    /// Buffers of dropped [`PackedB`]s, reused by the next ones on this thread (attention packs
+    /// four operands per head, thousands of heads per step).
+    static PACKED_POOL: RefCell<Vec<Vec<Line>>> = const { RefCell::new(Vec::new()) };
+    /// The packed partial row panel of [`PackedB::multiply`]'s row-major A.
+    static EDGE_PANEL: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A `k × n` right operand packed once, whole, into the micro-kernel's 32-column panels (each
+/// holding all `k` of its steps), for many small products that each read a range of its steps
+/// and its first columns: attention's per-head products, where every block of queries reads
+/// the keys it sees and every block of keys the queries that see it. [`sgemm`] would pack the
+/// part each product reads again for every product.
+#[cfg(target_arch = "x86_64")]
+pub struct PackedB {
+    lines: Vec<Line>,
+    k: usize,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PackedB {
+    /// Packs the `k × n` matrix at `b` (any strides).
+    ///
+    /// # Safety
+    /// [`available`] returned true; `b`, `rsb`, `csb` describe a valid `k × n` matrix.
+    pub unsafe fn new(k: usize, n: usize, b: *const f32, rsb: isize, csb: isize) -> Self {
+        let mut lines = PACKED_POOL
+            .with(|pool| pool.borrow_mut().pop())
+            .unwrap_or_default();
+        let out = self::lines(&mut lines, k * n.next_multiple_of(NR));
+        pack_b(k, n, b, rsb, csb, out);
+        PackedB { lines, k, n }
+    }
+
+    /// `C[m × cols] ← α·A·B[steps, ..cols]`, where A is `m × steps.len()` and C is row-major
+    /// (row stride `rsc`; written, never read, so it may be uninitialised). A row-major A
+    /// (`csa == 1`) is read in place twelve rows at a time (a partial last panel is packed);
+    /// a column-major A (`rsa == 1`, a transposed view) is read in place up to
+    /// [`COLUMNS_IN_PLACE_MAX_K`] steps and packed panel by panel beyond. Every element
+    /// is one sum over `steps` in order, as in [`sgemm`] with a single k block.
+    ///
+    /// # Safety
+    /// [`available`] returned true; `a` is a valid `m × steps.len()` matrix with `rsa == 1`
+    /// or `csa == 1`; `steps.end ≤ k`, `cols ≤ n`; `c` is a valid `m × cols` matrix that
+    /// aliases neither operand.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn multiply(
+        &self,
+        m: usize,
+        steps: std::ops::Range<usize>,
+        cols: usize,
+        alpha: f32,
+        (a, rsa, csa): (*const f32, isize, isize),
+        c: *mut f32,
+        rsc: isize,
+    ) {
+        assert!(
+            steps.end <= self.k && cols <= self.n && (rsa == 1 || csa == 1),
+            "PackedB::multiply: internal shape bug"
+        );
+        let kc = steps.len();
+        let column_major = rsa == 1 && csa != 1;
+        let columns_in_place = column_major && kc <= COLUMNS_IN_PLACE_MAX_K;
+        for ir in (0..m).step_by(MR) {
+            let rows = MR.min(m - ir);
+            let a_panel = a.offset(ir as isize * rsa);
+            // A partial panel of a row-major A, or a deep column-major one, packed (12 values
+            // per step of k).
+            let packed_a = ((column_major && !columns_in_place) || (!column_major && rows < MR))
+                .then(|| {
+                    EDGE_PANEL.with(|buffer| {
+                        let packed = self::lines(&mut buffer.borrow_mut(), MR * kc);
+                        pack_a(rows, kc, a_panel, rsa, csa, packed);
+                        packed as *const f32
+                    })
+                });
+            for jr in (0..cols).step_by(NR) {
+                let tile = Tile {
+                    c: c.offset(ir as isize * rsc + jr as isize),
+                    rsc,
+                    csc: 1,
+                    rows,
+                    cols: NR.min(cols - jr),
+                    alpha,
+                    beta: 0.0,
+                    bias: std::ptr::null(),
+                };
+                let b_panel = self
+                    .lines
+                    .as_ptr()
+                    .cast::<f32>()
+                    .add(jr * self.k + steps.start * NR);
+                let (a_start, a_step) = match packed_a {
+                    Some(packed) => (packed, MR as isize),
+                    None if columns_in_place => (a_panel, csa),
+                    None => {
+                        kernel_rows(kc, a_panel, rsa, b_panel, TailSteps::NONE, tile);
+                        continue;
+                    }
+                };
+                kernel_for_rows(rows)(kc, a_start, a_step, b_panel, TailSteps::NONE, tile);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for PackedB {
+    fn drop(&mut self) {
+        let lines = std::mem::take(&mut self.lines);
+        PACKED_POOL.with(|pool| pool.borrow_mut().push(lines));
     }
 }
 
@@ -1066,6 +1171,27 @@ unsafe fn kernel<const ROWS: usize>(
     }
     tail.accumulate::<ROWS>(&mut left, &mut right);
     store(left, right, tile);
+}
+
+/// [`kernel`]'s instance for a tile of `rows` rows (12 for anything larger).
+#[cfg(target_arch = "x86_64")]
+fn kernel_for_rows(
+    rows: usize,
+) -> unsafe fn(usize, *const f32, isize, *const f32, TailSteps, Tile) {
+    match rows {
+        1 => kernel::<1>,
+        2 => kernel::<2>,
+        3 => kernel::<3>,
+        4 => kernel::<4>,
+        5 => kernel::<5>,
+        6 => kernel::<6>,
+        7 => kernel::<7>,
+        8 => kernel::<8>,
+        9 => kernel::<9>,
+        10 => kernel::<10>,
+        11 => kernel::<11>,
+        _ => kernel::<MR>,
+    }
 }
 
 /// The micro-kernel reading 12 full rows of a row-major A in place (row `i`, step `p` at
@@ -1483,6 +1609,80 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn packed_b_products_read_any_step_range_and_column_prefix() {
+        if !available() {
+            return;
+        }
+        // B is 300 × 70 (a partial third panel), packed from a row-major and from a
+        // column-major copy. A: full and partial 12-row panels, row-major and column-major,
+        // the latter in place (≤ 256 steps) and packed (280 steps).
+        let (k, n) = (300, 70);
+        let (_, b) = operands(1, k, n);
+        let b_cols: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        for (b_ptr, rsb, csb) in [
+            (b.as_ptr(), n as isize, 1),
+            (b_cols.as_ptr(), 1, k as isize),
+        ] {
+            // SAFETY: AVX-512 checked above; both copies are valid k × n matrices.
+            let packed = unsafe { PackedB::new(k, n, b_ptr, rsb, csb) };
+            for (m, steps, cols, a_column_major) in [
+                (30, 0..300, 70, false),
+                (7, 40..100, 33, false),
+                (25, 10..290, 64, true),
+                (13, 0..200, 70, true),
+                (1, 5..6, 1, false),
+            ] {
+                let kc = steps.len();
+                let (a, _) = operands(m, kc, 1);
+                let (a_data, rsa, csa) = if a_column_major {
+                    let at: Vec<f32> = (0..m * kc).map(|i| a[(i % m) * kc + i / m]).collect();
+                    (at, 1, m as isize)
+                } else {
+                    (a, kc as isize, 1)
+                };
+                // Three columns past each row of C that must stay untouched.
+                let rsc = cols + 3;
+                let mut c = vec![f32::NAN; m * rsc];
+                // SAFETY: the shapes and strides describe the buffers above.
+                unsafe {
+                    packed.multiply(
+                        m,
+                        steps.clone(),
+                        cols,
+                        0.5,
+                        (a_data.as_ptr(), rsa, csa),
+                        c.as_mut_ptr(),
+                        rsc as isize,
+                    );
+                }
+                for i in 0..m {
+                    for j in 0..rsc {
+                        let got = c[i * rsc + j];
+                        if j >= cols {
+                            assert!(got.is_nan(), "wrote past column {cols}");
+                            continue;
+                        }
+                        let want: f64 = 0.5
+                            * steps
+                                .clone()
+                                .enumerate()
+                                .map(|(p, step)| {
+                                    a_data[i * rsa as usize + p * csa as usize] as f64
+                                        * b[step * n + j] as f64
+                                })
+                                .sum::<f64>();
+                        assert!(
+                            (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{m}×{kc}, steps {steps:?}, A column-major {a_column_major}: \
+                             ({i}, {j}) {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

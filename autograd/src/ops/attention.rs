@@ -21,6 +21,13 @@
 //! ∂q = ∂S·k      ∂k = ∂Sᵀ·q
 //! ```
 //! With `Tk > Tq` and `causal`, the queries are the last `Tq` positions — the KV-cache case.
+//!
+//! Causal attention runs in blocks of query rows (and, for ∂v and ∂k, of keys), each reading
+//! only the keys (queries) it can see, so most of the masked triangle is never computed.
+//! Forward and backward go block by block: scores, softmax and `P·v` (or `∂P`, `∂S` and
+//! `∂q`) while the block's rows are in L1. For f32 on the AVX-512 kernel and T ≥ 128, K, V,
+//! Q and ∂O are packed once per head ([`PackedRight`]) and blocks are 24 rows; otherwise each
+//! block's product packs what it reads, and blocks are 36 rows.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -29,7 +36,7 @@ use ndarray::{s, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3, A
 use rayon::prelude::*;
 
 use crate::error::{arg_err, shape_err, Result};
-use crate::gemm::gemm_write;
+use crate::gemm::PackedRight;
 use crate::tape::{OpRecord, Tensor, Var};
 use crate::Float;
 
@@ -43,9 +50,38 @@ struct Dims {
     /// Channels per head.
     d: usize,
     causal: bool,
+    /// Whether the per-head products read operands packed once per head ([`PackedRight`]
+    /// packs them for f32 on the AVX-512 kernel): then a block of rows costs only its own
+    /// rows, and causal blocks are [`PACKED_BLOCK`] rows high.
+    packed: bool,
 }
 
 impl Dims {
+    fn new<T: Float>(
+        (batch, heads): (usize, usize),
+        (tq, tk): (usize, usize),
+        d: usize,
+        causal: bool,
+    ) -> Self {
+        // Only causal attention has blocks, and only long ones gain from them: at T = 64
+        // (nanogpt-cpu) 12- or 24-row blocks on packed operands were 3–11 % slower than one
+        // block. Token-by-token generation (one query) reads each key once, so packing K and V
+        // would copy them for as long as the products take.
+        let packed = causal
+            && tq >= CAUSAL_BLOCKS_FROM
+            && tk.min(d) >= PACKED_MIN_COLUMNS
+            && PackedRight::<T>::packs(PACKED_MIN_COLUMNS);
+        Dims {
+            batch,
+            heads,
+            tq,
+            tk,
+            d,
+            causal,
+            packed,
+        }
+    }
+
     /// Keys visible to query row `i`.
     fn visible(&self, i: usize) -> usize {
         if self.causal {
@@ -59,7 +95,7 @@ impl Dims {
     /// computes scores (and everything after) only for those keys, skipping most of the masked
     /// triangle. Not causal: one block, all keys.
     fn query_blocks(&self) -> Vec<(Range<usize>, usize)> {
-        row_blocks(self.tq, self.causal)
+        row_blocks(self.tq, self.causal, self.packed)
             .into_iter()
             .map(|rows| {
                 let keys = self.visible(rows.end - 1);
@@ -71,7 +107,7 @@ impl Dims {
     /// Blocks of keys, each with the first query row that sees any of them (rows before it
     /// hold only masked zeros for these keys).
     fn key_blocks(&self) -> Vec<(Range<usize>, usize)> {
-        row_blocks(self.tk, self.causal)
+        row_blocks(self.tk, self.causal, self.packed)
             .into_iter()
             .map(|keys| {
                 let first = if self.causal {
@@ -89,25 +125,43 @@ impl Dims {
     }
 }
 
-/// Rows per block when skipping the masked triangle: three 12-row panels of the GEMM kernel.
-/// Smaller blocks skip more of the triangle but make thinner, less efficient products
-/// (measured at GPT-2's T = 256: 36 beats 64; both beat no blocks, forward −10 %, backward −20 %).
+/// Rows per block when skipping the masked triangle with products that pack their operands
+/// for each block (f64, or no AVX-512): three 12-row panels of the GEMM kernel. Smaller
+/// blocks skip more of the triangle but make thinner, less efficient products (measured at
+/// GPT-2's T = 256: 36 beats 64; both beat no blocks, forward −10 %, backward −20 %).
 const CAUSAL_BLOCK: usize = 36;
 
 /// Sequences shorter than this run as one block: at T = 64 (nanogpt-cpu) the extra, narrower
 /// products cost more (+10–20 %) than the skipped quarter of the scores saves.
 const CAUSAL_BLOCKS_FROM: usize = 128;
 
-/// `0..n` in blocks of [`CAUSAL_BLOCK`] (a last block shorter than 12 joins the one before);
-/// one block when not causal or shorter than [`CAUSAL_BLOCKS_FROM`].
-fn row_blocks(n: usize, causal: bool) -> Vec<Range<usize>> {
-    if !causal || n < CAUSAL_BLOCKS_FROM {
+/// Rows per causal block when K, V, Q and ∂O are packed once per head: two kernel panels. A
+/// block then costs only its own products, so blocks can be finer than [`CAUSAL_BLOCK`]:
+/// attention at GPT-2's shape (T = 256, one thread, alternated with the unpacked 36-row
+/// blocks in one process) forward 1.11–1.12× with 12 rows, 1.14–1.15× with 24; backward
+/// 1.13–1.22× and 1.16–1.19×; at T = 512 and 1024, 24 rows 1.26–1.31× against 1.14–1.28×.
+const PACKED_BLOCK: usize = 24;
+
+/// Fewest keys and channels per head for packed operands: one 32-column panel.
+const PACKED_MIN_COLUMNS: usize = 32;
+
+/// `0..n` in blocks: not causal, one block; with packed operands, blocks of
+/// [`PACKED_BLOCK`]; otherwise blocks of [`CAUSAL_BLOCK`] (a last block shorter than 12 joins
+/// the one before), or one block when shorter than [`CAUSAL_BLOCKS_FROM`].
+fn row_blocks(n: usize, causal: bool, packed: bool) -> Vec<Range<usize>> {
+    let blocks = |size: usize| -> Vec<Range<usize>> {
+        (0..n)
+            .step_by(size)
+            .map(|start| start..(start + size).min(n))
+            .collect()
+    };
+    if !causal || (!packed && n < CAUSAL_BLOCKS_FROM) {
         return std::iter::once(0..n).collect();
     }
-    let mut blocks: Vec<Range<usize>> = (0..n)
-        .step_by(CAUSAL_BLOCK)
-        .map(|start| start..(start + CAUSAL_BLOCK).min(n))
-        .collect();
+    if packed {
+        return blocks(PACKED_BLOCK);
+    }
+    let mut blocks = blocks(CAUSAL_BLOCK);
     if blocks.len() > 1 && blocks[blocks.len() - 1].len() < 12 {
         let last = blocks.pop().expect("two blocks");
         blocks.last_mut().expect("one block").end = last.end;
@@ -119,41 +173,6 @@ fn row_blocks(n: usize, causal: bool) -> Vec<Range<usize>> {
 fn zero_tail<T: Float>(x: &mut ArrayViewMut2<MaybeUninit<T>>, rows: Range<usize>, from: usize) {
     for mut row in x.slice_mut(s![rows, from..]).rows_mut() {
         row.fill(MaybeUninit::new(T::zero()));
-    }
-}
-
-/// `out = P·x` for a `[Tq, Tk]` matrix P (probabilities or ∂S) whose masked entries are zero:
-/// each block of query rows reads only the keys it sees.
-fn p_times<T: Float>(
-    dims: &Dims,
-    p: ArrayView2<T>,
-    x: ArrayView2<T>,
-    mut out: ArrayViewMut2<MaybeUninit<T>>,
-) {
-    for (rows, keys) in dims.query_blocks() {
-        gemm_write(
-            T::one(),
-            p.slice(s![rows.clone(), ..keys]),
-            x.slice(s![..keys, ..]),
-            out.slice_mut(s![rows, ..]),
-        );
-    }
-}
-
-/// `out = Pᵀ·x` for the same P: each block of keys reads only the query rows that see them.
-fn p_transposed_times<T: Float>(
-    dims: &Dims,
-    p: ArrayView2<T>,
-    x: ArrayView2<T>,
-    mut out: ArrayViewMut2<MaybeUninit<T>>,
-) {
-    for (keys, first) in dims.key_blocks() {
-        gemm_write(
-            T::one(),
-            p.slice(s![first.., keys.clone()]).t(),
-            x.slice(s![first.., ..]),
-            out.slice_mut(s![keys, ..]),
-        );
     }
 }
 
@@ -321,36 +340,40 @@ fn forward_heads<T: Float>(
         .into_par_iter()
         .zip(out_heads.into_par_iter())
         .enumerate()
-        .for_each(|(bh, (mut p, o))| {
+        .for_each(|(bh, (mut p, mut o))| {
             let (b, h) = (bh / heads, bh % heads);
-            let (qh, kh) = (head(q3, b, h, d, q_off), head(k3, b, h, d, k_off));
+            let qh = head(q3, b, h, d, q_off);
+            let k_t = PackedRight::new(head(k3, b, h, d, k_off).reversed_axes());
+            let vh = PackedRight::new(head(v3, b, h, d, v_off));
+            // Block by block, so that a block's probabilities are still in L1 for P·v.
             for (rows, keys) in dims.query_blocks() {
-                gemm_write(
+                k_t.multiply(
                     dims.scale(),
                     qh.slice(s![rows.clone(), ..]),
-                    kh.slice(s![..keys, ..]).t(),
+                    0..d,
                     p.slice_mut(s![rows.clone(), ..keys]),
                 );
-                zero_tail(&mut p, rows, keys);
-            }
-            // SAFETY: the GEMMs wrote every score a block's keys cover, zero_tail the rest.
-            let mut p = unsafe { p.assume_init() };
-            crate::simd::vectorized(
-                #[inline(always)]
-                || {
-                    // Past a block's keys the row is already zero: softmax only up to them.
-                    // The entries from a block's keys on were zeroed above, so a row may
-                    // run on to a whole chunk past them.
-                    for (rows, keys) in dims.query_blocks() {
-                        for i in rows {
-                            let row = p.row_mut(i).into_slice().expect("contiguous rows");
-                            let span = row_span(keys, tk);
-                            softmax_masked_row(&mut row[..span], dims.visible(i));
+                zero_tail(&mut p, rows.clone(), keys);
+                // SAFETY: the product wrote the block's first `keys` columns, zero_tail the rest.
+                let mut block = unsafe { p.slice_mut(s![rows.clone(), ..]).assume_init() };
+                crate::simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        // Past the block's keys the rows are already zero, so a row may run
+                        // on to a whole chunk past them.
+                        for (row, i) in block.outer_iter_mut().zip(rows.clone()) {
+                            let row = row.into_slice().expect("contiguous rows");
+                            softmax_masked_row(&mut row[..row_span(keys, tk)], dims.visible(i));
                         }
-                    }
-                },
-            );
-            p_times(&dims, p.view(), head(v3, b, h, d, v_off), o);
+                    },
+                );
+                vh.multiply(
+                    T::one(),
+                    block.slice(s![.., ..keys]),
+                    0..keys,
+                    o.slice_mut(s![rows, ..]),
+                );
+            }
         });
     // SAFETY: every (b, h) block of both was written above.
     unsafe { (probs.assume_init(), out.assume_init()) }
@@ -372,6 +395,7 @@ fn backward_heads<T: Float>(
         heads, tq, tk, d, ..
     } = dims;
     let scale: T = dims.scale();
+    let rows_per_block = dims.query_blocks().iter().map(|(rows, _)| rows.len()).max();
     probs
         .outer_iter_mut()
         .into_par_iter()
@@ -385,47 +409,75 @@ fn backward_heads<T: Float>(
                 head(k3, b, h, d, k_off),
                 head(v3, b, h, d, v_off),
             );
-            if let Some(dv) = dv {
-                p_transposed_times(&dims, p.view(), gh, dv);
+            if let Some(mut dv) = dv {
+                let gh = PackedRight::new(gh);
+                for (keys, first) in dims.key_blocks() {
+                    gh.multiply(
+                        T::one(),
+                        p.slice(s![first.., keys.clone()]).t(),
+                        first..tq,
+                        dv.slice_mut(s![keys, ..]),
+                    );
+                }
             }
             if dq.is_none() && dk.is_none() {
                 return;
             }
-            // ∂P, then ∂S in place of P (P is not needed after this head).
-            let mut dp = ndarray::Array2::<T>::uninit((tq, tk));
+            // Block by block: ∂P, then ∂S in place of P (P is not needed after this head),
+            // then the block's ∂q while its ∂S is in L1.
+            let v_t = PackedRight::new(vh.reversed_axes());
+            let kh_packed = dq.as_ref().map(|_| PackedRight::new(kh));
+            let mut dq = dq;
+            let mut dp = ndarray::Array2::<T>::uninit((rows_per_block.unwrap_or(0), tk));
             for (rows, keys) in dims.query_blocks() {
-                gemm_write(
+                let mut dp = dp.slice_mut(s![..rows.len(), ..]);
+                v_t.multiply(
                     T::one(),
                     gh.slice(s![rows.clone(), ..]),
-                    vh.slice(s![..keys, ..]).t(),
-                    dp.slice_mut(s![rows.clone(), ..keys]),
+                    0..d,
+                    dp.slice_mut(s![.., ..keys]),
                 );
-                zero_tail(&mut dp.view_mut(), rows, keys);
-            }
-            // SAFETY: the GEMMs wrote every entry a block's keys cover, zero_tail the rest.
-            let dp = unsafe { dp.assume_init() };
-            crate::simd::vectorized(
-                #[inline(always)]
-                || {
-                    for (i, (p_row, dp_row)) in p.outer_iter_mut().zip(dp.outer_iter()).enumerate()
-                    {
-                        // P is 0 past the visible keys (and ∂P finite), so those entries
-                        // add nothing to the dot product and stay 0.
-                        let seen = row_span(dims.visible(i), tk);
-                        let p_row = &mut p_row.into_slice().expect("contiguous rows")[..seen];
-                        let dp_row = &dp_row.to_slice().expect("contiguous rows")[..seen];
-                        let dot = crate::simd::dot(p_row, dp_row);
-                        for (p, &dp) in p_row.iter_mut().zip(dp_row) {
-                            *p = *p * (dp - dot) * scale;
+                zero_tail(&mut dp, 0..rows.len(), keys);
+                // SAFETY: the product wrote the first `keys` columns, zero_tail the rest.
+                let dp = unsafe { dp.assume_init() };
+                let mut ds = p.slice_mut(s![rows.clone(), ..]);
+                crate::simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((p_row, dp_row), i) in
+                            ds.outer_iter_mut().zip(dp.outer_iter()).zip(rows.clone())
+                        {
+                            // P is 0 past the visible keys (and ∂P finite), so those entries
+                            // add nothing to the dot product and stay 0.
+                            let seen = row_span(dims.visible(i), tk);
+                            let p_row = &mut p_row.into_slice().expect("contiguous rows")[..seen];
+                            let dp_row = &dp_row.to_slice().expect("contiguous rows")[..seen];
+                            let dot = crate::simd::dot(p_row, dp_row);
+                            for (p, &dp) in p_row.iter_mut().zip(dp_row) {
+                                *p = *p * (dp - dot) * scale;
+                            }
                         }
-                    }
-                },
-            );
-            if let Some(dq) = dq {
-                p_times(&dims, p.view(), kh, dq);
+                    },
+                );
+                if let (Some(kh), Some(dq)) = (&kh_packed, &mut dq) {
+                    kh.multiply(
+                        T::one(),
+                        ds.slice(s![.., ..keys]),
+                        0..keys,
+                        dq.slice_mut(s![rows, ..]),
+                    );
+                }
             }
-            if let Some(dk) = dk {
-                p_transposed_times(&dims, p.view(), qh, dk);
+            if let Some(mut dk) = dk {
+                let qh = PackedRight::new(qh);
+                for (keys, first) in dims.key_blocks() {
+                    qh.multiply(
+                        T::one(),
+                        p.slice(s![first.., keys.clone()]).t(),
+                        first..tq,
+                        dk.slice_mut(s![keys, ..]),
+                    );
+                }
             }
         });
 }
@@ -469,14 +521,7 @@ pub fn attention<'t, T: Float>(
             format!("causal attention needs at least as many keys ({tk}) as queries ({tq})"),
         );
     }
-    let dims = Dims {
-        batch,
-        heads: n_head,
-        tq,
-        tk,
-        d,
-        causal,
-    };
+    let dims = Dims::new::<T>((batch, n_head), (tq, tk), d, causal);
     let (qv, kv, vv) = (q.value().clone(), k.value().clone(), v.value().clone());
     let (probs, out) = forward_heads((view3(&qv), 0), (view3(&kv), 0), (view3(&vv), 0), dims);
     OpRecord::new("attention", &[q, k, v])
@@ -531,14 +576,7 @@ pub fn attention_qkv<'t, T: Float>(
     }
     let (batch, t, c) = (shape[0], shape[1], shape[2] / 3);
     let d = head_size(c, n_head)?;
-    let dims = Dims {
-        batch,
-        heads: n_head,
-        tq: t,
-        tk: t,
-        d,
-        causal,
-    };
+    let dims = Dims::new::<T>((batch, n_head), (t, t), d, causal);
     let x = qkv.value().clone();
     let (probs, out) = forward_heads((view3(&x), 0), (view3(&x), c), (view3(&x), 2 * c), dims);
     OpRecord::new("attention_qkv", &[qkv])
@@ -651,16 +689,82 @@ mod tests {
             }
         }
         assert_eq!(
-            super::row_blocks(150, true),
+            super::row_blocks(150, true, false),
             vec![0..36, 36..72, 72..108, 108..150]
         );
         assert_eq!(
-            super::row_blocks(140, true),
+            super::row_blocks(140, true, false),
             vec![0..36, 36..72, 72..108, 108..140]
         );
         let whole = |n| std::iter::once(0..n).collect::<Vec<_>>();
-        assert_eq!(super::row_blocks(150, false), whole(150));
-        assert_eq!(super::row_blocks(100, true), whole(100));
+        assert_eq!(super::row_blocks(150, false, false), whole(150));
+        assert_eq!(super::row_blocks(100, true, false), whole(100));
+        assert_eq!(super::row_blocks(150, false, true), whole(150));
+        assert_eq!(
+            super::row_blocks(130, true, true),
+            vec![0..24, 24..48, 48..72, 72..96, 96..120, 120..130]
+        );
+    }
+
+    /// Output and ∂q, ∂k, ∂v of Σ (attention ⊙ weights) in element type `T`, as f64.
+    fn attention_and_gradients<T: crate::Float>(
+        inputs: &[ndarray::ArrayD<f64>; 4],
+        heads: usize,
+        causal: bool,
+    ) -> [ndarray::ArrayD<f64>; 4] {
+        let tape = Tape::<T>::new();
+        let cast = |x: &ndarray::ArrayD<f64>| x.mapv(T::from_f64);
+        let q = tape.param("q", cast(&inputs[0]));
+        let k = tape.param("k", cast(&inputs[1]));
+        let v = tape.param("v", cast(&inputs[2]));
+        let weights = tape.constant(cast(&inputs[3]));
+        let y = attention(&q, &k, &v, heads, causal).unwrap();
+        let loss = y.mul(&weights).unwrap().sum_all().unwrap();
+        let g = tape.backward(&loss).unwrap();
+        let wide = |x: ndarray::ArrayViewD<T>| x.mapv(|x| x.as_f64());
+        [
+            wide(y.value().view()),
+            wide(g.get(&q).unwrap().view()),
+            wide(g.get(&k).unwrap().view()),
+            wide(g.get(&v).unwrap().view()),
+        ]
+    }
+
+    #[test]
+    fn packed_f32_heads_match_f64_values_and_gradients() {
+        // With AVX-512, f32 heads from T = 128 read operands packed once per head, in 24-row
+        // blocks; f64 runs ordinary products (see `causal_blocks_skip_only_masked_entries…`).
+        // Shapes: a ragged last block (140 = 5·24 + 20: a 12-row and an 8-row panel), a
+        // partial column panel (48 channels per head), a KV cache (128 queries of 200
+        // positions), and 300 queries, whose first key blocks are read by more than 256 (the
+        // transposed P is packed then, not read in place).
+        for (tq, tk, c, heads, seed) in [
+            (140, 140, 128, 2, 70),
+            (130, 130, 96, 2, 80),
+            (128, 200, 64, 1, 90),
+            (300, 300, 64, 1, 100),
+        ] {
+            let causal = true;
+            let inputs = [
+                rand_array(&[2, tq, c], seed),
+                rand_array(&[2, tk, c], seed + 1),
+                rand_array(&[2, tk, c], seed + 2),
+                rand_array(&[2, tq, c], seed + 3),
+            ];
+            let single = attention_and_gradients::<f32>(&inputs, heads, causal);
+            let double = attention_and_gradients::<f64>(&inputs, heads, causal);
+            for (name, (a, b)) in ["y", "∂q", "∂k", "∂v"]
+                .iter()
+                .zip(single.iter().zip(&double))
+            {
+                let diff = (a - b).mapv(f64::abs).fold(0.0f64, |m, &x| m.max(x));
+                let scale = b.mapv(f64::abs).fold(0.0f64, |m, &x| m.max(x));
+                assert!(
+                    diff < 2e-5 * scale.max(1.0),
+                    "{tq}×{tk} C={c} causal={causal} {name}: max diff {diff} (max {scale})"
+                );
+            }
+        }
     }
 
     #[test]
