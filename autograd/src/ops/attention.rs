@@ -176,6 +176,24 @@ fn zero_tail<T: Float>(x: &mut ArrayViewMut2<MaybeUninit<T>>, rows: Range<usize>
     }
 }
 
+/// `out = Pᵀ·x` for a `[Tq, Tk]` matrix P (probabilities or ∂S) whose masked entries are
+/// zero: each block of keys reads only the query rows that see them (∂v = Pᵀ·∂O, ∂k = ∂Sᵀ·q).
+fn p_transposed_times<T: Float>(
+    dims: &Dims,
+    p: ArrayView2<T>,
+    x: &PackedRight<T>,
+    mut out: ArrayViewMut2<MaybeUninit<T>>,
+) {
+    for (keys, first) in dims.key_blocks() {
+        x.multiply(
+            T::one(),
+            p.slice(s![first.., keys.clone()]).t(),
+            first..dims.tq,
+            out.slice_mut(s![keys, ..]),
+        );
+    }
+}
+
 /// The (b, h) head slice `[T, D]` of a `[B, T, ·]` tensor whose head columns start at `offset`.
 fn head<'a, T: Float>(
     x: ArrayView3<'a, T>,
@@ -391,9 +409,7 @@ fn backward_heads<T: Float>(
     grads: Vec<[Option<ArrayViewMut2<MaybeUninit<T>>>; 3]>,
     dims: Dims,
 ) {
-    let Dims {
-        heads, tq, tk, d, ..
-    } = dims;
+    let Dims { heads, tk, d, .. } = dims;
     let scale: T = dims.scale();
     let rows_per_block = dims.query_blocks().iter().map(|(rows, _)| rows.len()).max();
     probs
@@ -409,16 +425,8 @@ fn backward_heads<T: Float>(
                 head(k3, b, h, d, k_off),
                 head(v3, b, h, d, v_off),
             );
-            if let Some(mut dv) = dv {
-                let gh = PackedRight::new(gh);
-                for (keys, first) in dims.key_blocks() {
-                    gh.multiply(
-                        T::one(),
-                        p.slice(s![first.., keys.clone()]).t(),
-                        first..tq,
-                        dv.slice_mut(s![keys, ..]),
-                    );
-                }
+            if let Some(dv) = dv {
+                p_transposed_times(&dims, p.view(), &PackedRight::new(gh), dv);
             }
             if dq.is_none() && dk.is_none() {
                 return;
@@ -468,16 +476,8 @@ fn backward_heads<T: Float>(
                     );
                 }
             }
-            if let Some(mut dk) = dk {
-                let qh = PackedRight::new(qh);
-                for (keys, first) in dims.key_blocks() {
-                    qh.multiply(
-                        T::one(),
-                        p.slice(s![first.., keys.clone()]).t(),
-                        first..tq,
-                        dk.slice_mut(s![keys, ..]),
-                    );
-                }
+            if let Some(dk) = dk {
+                p_transposed_times(&dims, p.view(), &PackedRight::new(qh), dk);
             }
         });
 }
