@@ -332,9 +332,10 @@ pub fn gemm_side_by_side<T: Float>(products: Vec<Product<'_, T>>) {
 
 /// The right operand of many small products that each read a range of its rows (steps of k)
 /// and its first columns: attention's per-head K, V, Q and ∂O, read by every block of queries
-/// or keys. For f32 on the AVX-512 kernel it is packed once
-/// ([`crate::sgemm_avx512::PackedB`]) and every product reads the packed panels; otherwise
-/// each product is a [`gemm_write`] of the slices.
+/// or keys. When the caller asks for it and the kernel can take it (f32 on AVX-512) it is
+/// packed once ([`crate::sgemm_avx512::PackedB`]) and every product reads the packed panels;
+/// otherwise each product is a [`gemm_write`] of the slices (which packs what it reads, or
+/// takes the GEMV path for one row).
 pub struct PackedRight<'a, T> {
     b: ArrayView2<'a, T>,
     #[cfg(target_arch = "x86_64")]
@@ -359,11 +360,11 @@ impl<'a, T: Float> PackedRight<'a, T> {
         }
     }
 
-    /// Packs `b` where the kernel can take it: f32, AVX-512, at least 32 columns.
-    pub fn new(b: ArrayView2<'a, T>) -> Self {
+    /// `b`, packed when `pack` is set and the kernel can take it ([`PackedRight::packs`]).
+    pub fn new(b: ArrayView2<'a, T>, pack: bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let packed = Self::packs(b.ncols()).then(|| {
+            let packed = (pack && Self::packs(b.ncols())).then(|| {
                 let ((k, n), strides) = (b.dim(), b.strides());
                 // SAFETY: T is f32 (checked above); the view describes a valid k × n matrix.
                 unsafe {
@@ -379,7 +380,10 @@ impl<'a, T: Float> PackedRight<'a, T> {
             PackedRight { b, packed }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        PackedRight { b }
+        {
+            let _ = pack;
+            PackedRight { b }
+        }
     }
 
     /// `c ← α·a·b[steps, ..c.ncols()]` into memory that need not be initialised, `a` being

@@ -177,18 +177,20 @@ fn zero_tail<T: Float>(x: &mut ArrayViewMut2<MaybeUninit<T>>, rows: Range<usize>
 }
 
 /// `out = Pᵀ·x` for a `[Tq, Tk]` matrix P (probabilities or ∂S) whose masked entries are
-/// zero: each block of keys reads only the query rows that see them (∂v = Pᵀ·∂O, ∂k = ∂Sᵀ·q).
+/// zero: each of the [`Dims::key_blocks`] reads only the query rows that see its keys
+/// (∂v = Pᵀ·∂O, ∂k = ∂Sᵀ·q).
 fn p_transposed_times<T: Float>(
-    dims: &Dims,
+    key_blocks: &[(Range<usize>, usize)],
+    tq: usize,
     p: ArrayView2<T>,
     x: &PackedRight<T>,
     mut out: ArrayViewMut2<MaybeUninit<T>>,
 ) {
-    for (keys, first) in dims.key_blocks() {
+    for (keys, first) in key_blocks.iter().cloned() {
         x.multiply(
             T::one(),
             p.slice(s![first.., keys.clone()]).t(),
-            first..dims.tq,
+            first..tq,
             out.slice_mut(s![keys, ..]),
         );
     }
@@ -353,6 +355,7 @@ fn forward_heads<T: Float>(
     let mut probs = Array3::<T>::uninit((batch * heads, tq, tk));
     let mut out = Array3::<T>::uninit((batch, tq, heads * d));
     let out_heads = column_blocks(out.view_mut(), d);
+    let query_blocks = dims.query_blocks();
     probs
         .outer_iter_mut()
         .into_par_iter()
@@ -361,10 +364,10 @@ fn forward_heads<T: Float>(
         .for_each(|(bh, (mut p, mut o))| {
             let (b, h) = (bh / heads, bh % heads);
             let qh = head(q3, b, h, d, q_off);
-            let k_t = PackedRight::new(head(k3, b, h, d, k_off).reversed_axes());
-            let vh = PackedRight::new(head(v3, b, h, d, v_off));
+            let k_t = PackedRight::new(head(k3, b, h, d, k_off).reversed_axes(), dims.packed);
+            let vh = PackedRight::new(head(v3, b, h, d, v_off), dims.packed);
             // Block by block, so that a block's probabilities are still in L1 for P·v.
-            for (rows, keys) in dims.query_blocks() {
+            for (rows, keys) in query_blocks.iter().cloned() {
                 k_t.multiply(
                     dims.scale(),
                     qh.slice(s![rows.clone(), ..]),
@@ -409,9 +412,12 @@ fn backward_heads<T: Float>(
     grads: Vec<[Option<ArrayViewMut2<MaybeUninit<T>>>; 3]>,
     dims: Dims,
 ) {
-    let Dims { heads, tk, d, .. } = dims;
+    let Dims {
+        heads, tq, tk, d, ..
+    } = dims;
     let scale: T = dims.scale();
-    let rows_per_block = dims.query_blocks().iter().map(|(rows, _)| rows.len()).max();
+    let (query_blocks, key_blocks) = (dims.query_blocks(), dims.key_blocks());
+    let rows_per_block = query_blocks.iter().map(|(rows, _)| rows.len()).max();
     probs
         .outer_iter_mut()
         .into_par_iter()
@@ -426,18 +432,24 @@ fn backward_heads<T: Float>(
                 head(v3, b, h, d, v_off),
             );
             if let Some(dv) = dv {
-                p_transposed_times(&dims, p.view(), &PackedRight::new(gh), dv);
+                p_transposed_times(
+                    &key_blocks,
+                    tq,
+                    p.view(),
+                    &PackedRight::new(gh, dims.packed),
+                    dv,
+                );
             }
             if dq.is_none() && dk.is_none() {
                 return;
             }
             // Block by block: ∂P, then ∂S in place of P (P is not needed after this head),
             // then the block's ∂q while its ∂S is in L1.
-            let v_t = PackedRight::new(vh.reversed_axes());
-            let kh_packed = dq.as_ref().map(|_| PackedRight::new(kh));
+            let v_t = PackedRight::new(vh.reversed_axes(), dims.packed);
+            let kh_packed = dq.as_ref().map(|_| PackedRight::new(kh, dims.packed));
             let mut dq = dq;
             let mut dp = ndarray::Array2::<T>::uninit((rows_per_block.unwrap_or(0), tk));
-            for (rows, keys) in dims.query_blocks() {
+            for (rows, keys) in query_blocks.iter().cloned() {
                 let mut dp = dp.slice_mut(s![..rows.len(), ..]);
                 v_t.multiply(
                     T::one(),
@@ -477,7 +489,13 @@ fn backward_heads<T: Float>(
                 }
             }
             if let Some(dk) = dk {
-                p_transposed_times(&dims, p.view(), &PackedRight::new(qh), dk);
+                p_transposed_times(
+                    &key_blocks,
+                    tq,
+                    p.view(),
+                    &PackedRight::new(qh, dims.packed),
+                    dk,
+                );
             }
         });
 }
@@ -703,6 +721,18 @@ mod tests {
         assert_eq!(
             super::row_blocks(130, true, true),
             vec![0..24, 24..48, 48..72, 72..96, 96..120, 120..130]
+        );
+        // Packed operands only for long causal f32 heads: never for one query against a KV
+        // cache (generation), T = 64, f64 or attention without a mask.
+        let packed =
+            |tq, tk, d, causal| super::Dims::new::<f32>((1, 2), (tq, tk), d, causal).packed;
+        assert!(!packed(1, 200, 64, true));
+        assert!(!packed(64, 64, 32, true));
+        assert!(!packed(200, 200, 64, false));
+        assert!(!super::Dims::new::<f64>((1, 2), (200, 200), 64, true).packed);
+        assert_eq!(
+            packed(200, 200, 64, true),
+            crate::gemm::PackedRight::<f32>::packs(32)
         );
     }
 
