@@ -53,6 +53,12 @@ pub fn gemm_flops() -> u64 {
     GEMM_FLOPS.load(Ordering::Relaxed)
 }
 
+/// Adds products computed outside this module (attention's register tiles for short
+/// sequences, [`crate::attention_avx512`]) to [`gemm_flops`], so model FLOP rates stay whole.
+pub(crate) fn count_flops(flops: usize) {
+    GEMM_FLOPS.fetch_add(flops as u64, Ordering::Relaxed);
+}
+
 /// `c ← α·a·b + β·c` for 2-D views of any strides (`a`: m×k, `b`: k×n, `c`: m×n).
 ///
 /// Shapes are checked by the callers (the ops), which know the user-facing shapes; here a

@@ -1090,7 +1090,7 @@ unsafe fn transpose_rows(kc: usize, src: *const f32, rsa: isize, dst: *mut f32) 
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+pub(crate) unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     // Interleave pairs of rows, then pairs of pairs (within 128-bit lanes), then move the
     // 128-bit lanes across (twice).
     let mut t = [_mm512_setzero_ps(); 16];

@@ -54,6 +54,9 @@ struct Dims {
     /// packs them for f32 on the AVX-512 kernel): then a block of rows costs only its own
     /// rows, and causal blocks are [`PACKED_BLOCK`] rows high.
     packed: bool,
+    /// Whether each head runs in [`crate::attention_avx512`]'s register tiles (f32 on
+    /// AVX-512, self-attention of at most 64 positions, heads of 16 to 64 channels).
+    small: bool,
 }
 
 impl Dims {
@@ -71,6 +74,8 @@ impl Dims {
             && tq >= CAUSAL_BLOCKS_FROM
             && tk.min(d) >= PACKED_MIN_COLUMNS
             && PackedRight::<T>::packs(PACKED_MIN_COLUMNS);
+        let small = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && crate::attention_avx512::takes(tq, tk, d);
         Dims {
             batch,
             heads,
@@ -79,6 +84,7 @@ impl Dims {
             d,
             causal,
             packed,
+            small,
         }
     }
 
@@ -336,6 +342,25 @@ fn row_span(visible: usize, len: usize) -> usize {
     visible.next_multiple_of(16).min(len)
 }
 
+/// A head's rows for [`crate::attention_avx512`], when its channels are contiguous (the
+/// kernel reads them as vectors) and `T` is f32 (`Dims::small` says so).
+fn rows_of<T: Float>(x: &ArrayView2<T>) -> Option<crate::attention_avx512::Rows> {
+    (x.ncols() <= 1 || x.strides()[1] == 1).then(|| crate::attention_avx512::Rows {
+        ptr: x.as_ptr().cast::<f32>(),
+        stride: x.strides()[0],
+    })
+}
+
+/// [`rows_of`] for rows to write.
+fn rows_of_mut<T: Float>(
+    x: &mut ArrayViewMut2<MaybeUninit<T>>,
+) -> Option<crate::attention_avx512::RowsMut> {
+    (x.ncols() <= 1 || x.strides()[1] == 1).then(|| crate::attention_avx512::RowsMut {
+        ptr: x.as_mut_ptr().cast::<f32>(),
+        stride: x.strides()[0],
+    })
+}
+
 /// Forward for all heads: q, k, v are `[B, T, ·]` views whose heads start at the given column
 /// offsets. Returns the probabilities `[B·H, Tq, Tk]` and the output `[B, Tq, H·D]`.
 fn forward_heads<T: Float>(
@@ -364,6 +389,31 @@ fn forward_heads<T: Float>(
         .for_each(|(bh, (mut p, mut o))| {
             let (b, h) = (bh / heads, bh % heads);
             let qh = head(q3, b, h, d, q_off);
+            #[cfg(target_arch = "x86_64")]
+            if dims.small {
+                let (kh, vh) = (head(k3, b, h, d, k_off), head(v3, b, h, d, v_off));
+                if let (Some(q), Some(k), Some(v), Some(out)) = (
+                    rows_of(&qh),
+                    rows_of(&kh),
+                    rows_of(&vh),
+                    rows_of_mut(&mut o),
+                ) {
+                    // SAFETY: `small` holds only for f32 and what the kernel takes; the views
+                    // are this head's t rows of d contiguous channels, P its own t × t block.
+                    unsafe {
+                        crate::attention_avx512::forward(
+                            tq,
+                            d,
+                            dims.causal,
+                            dims.scale::<f32>(),
+                            (q, k, v),
+                            p.as_mut_ptr().cast::<f32>(),
+                            out,
+                        );
+                    }
+                    return;
+                }
+            }
             let k_t = PackedRight::new(head(k3, b, h, d, k_off).reversed_axes(), dims.packed);
             let vh = PackedRight::new(head(v3, b, h, d, v_off), dims.packed);
             // Block by block, so that a block's probabilities are still in L1 for P·v.
@@ -431,6 +481,39 @@ fn backward_heads<T: Float>(
                 head(k3, b, h, d, k_off),
                 head(v3, b, h, d, v_off),
             );
+            let (mut dq, mut dk, mut dv) = (dq, dk, dv);
+            #[cfg(target_arch = "x86_64")]
+            if dims.small {
+                let out = |x: &mut Option<ArrayViewMut2<MaybeUninit<T>>>| match x {
+                    Some(x) => rows_of_mut(x).map(Some),
+                    None => Some(None),
+                };
+                if let (Some(g), Some(q), Some(k), Some(v), Some(dq), Some(dk), Some(dv)) = (
+                    rows_of(&gh),
+                    rows_of(&qh),
+                    rows_of(&kh),
+                    rows_of(&vh),
+                    out(&mut dq),
+                    out(&mut dk),
+                    out(&mut dv),
+                ) {
+                    // SAFETY: as in the forward; P holds this head's probabilities, and the
+                    // gradient blocks are this head's own rows.
+                    unsafe {
+                        crate::attention_avx512::backward(
+                            tq,
+                            d,
+                            dims.causal,
+                            scale.as_f64() as f32,
+                            g,
+                            (q, k, v),
+                            p.as_mut_ptr().cast::<f32>(),
+                            (dq, dk, dv),
+                        );
+                    }
+                    return;
+                }
+            }
             if let Some(dv) = dv {
                 p_transposed_times(
                     &key_blocks,
@@ -447,7 +530,6 @@ fn backward_heads<T: Float>(
             // then the block's ∂q while its ∂S is in L1.
             let v_t = PackedRight::new(vh.reversed_axes(), dims.packed);
             let kh_packed = dq.as_ref().map(|_| PackedRight::new(kh, dims.packed));
-            let mut dq = dq;
             let mut dp = ndarray::Array2::<T>::uninit((rows_per_block.unwrap_or(0), tk));
             for (rows, keys) in query_blocks.iter().cloned() {
                 let mut dp = dp.slice_mut(s![..rows.len(), ..]);
@@ -794,6 +876,120 @@ mod tests {
                     "{tq}×{tk} C={c} causal={causal} {name}: max diff {diff} (max {scale})"
                 );
             }
+        }
+    }
+
+    /// Output, ∂q, ∂k and ∂v (those in `needs`) of every head through `forward_heads` and
+    /// `backward_heads`, in f32, with heads run in register tiles or not.
+    fn heads_f32(
+        inputs: &[ndarray::ArrayD<f64>; 4],
+        heads: usize,
+        causal: bool,
+        small: bool,
+        needs: [bool; 3],
+    ) -> Vec<Option<ndarray::Array3<f32>>> {
+        use super::{backward_heads, forward_heads, optional_blocks, Dims};
+        use ndarray::{Array3, Ix3};
+        let [q, k, v, g] = inputs
+            .clone()
+            .map(|x| x.mapv(|x| x as f32).into_dimensionality::<Ix3>().unwrap());
+        let (batch, t, c) = q.dim();
+        let d = c / heads;
+        let mut dims = Dims::new::<f32>((batch, heads), (t, t), d, causal);
+        dims.small = small;
+        let (probs, out) = forward_heads((q.view(), 0), (k.view(), 0), (v.view(), 0), dims);
+        let mut grads: Vec<_> = needs
+            .iter()
+            .map(|&need| Array3::<f32>::uninit((batch, if need { t } else { 0 }, c)))
+            .collect();
+        let [dq, dk, dv] = &mut grads[..] else {
+            unreachable!()
+        };
+        let blocks = optional_blocks(dq.view_mut(), d, needs[0])
+            .into_iter()
+            .zip(optional_blocks(dk.view_mut(), d, needs[1]))
+            .zip(optional_blocks(dv.view_mut(), d, needs[2]))
+            .map(|((q, k), v)| [q, k, v])
+            .collect();
+        backward_heads(
+            g.view(),
+            (q.view(), 0),
+            (k.view(), 0),
+            (v.view(), 0),
+            probs,
+            blocks,
+            dims,
+        );
+        let mut all = vec![Some(out)];
+        for (x, need) in grads.into_iter().zip(needs) {
+            // SAFETY: backward_heads wrote every block of a needed gradient.
+            all.push(need.then(|| unsafe { x.assume_init() }));
+        }
+        all
+    }
+
+    #[test]
+    fn register_tile_heads_give_the_general_paths_bits() {
+        // Short self-attention in f32 on AVX-512 runs each head in `attention_avx512`'s
+        // register tiles. Against the general path (packed products, softmax over memory):
+        // the same bits when T is a multiple of 16 (6-row blocks with 1–4 vectors of keys, a
+        // last block of 4 rows at T = 64 and of 2 at 32), and within rounding for other T,
+        // where the softmax adds its last partial chunk lane-wise. Heads of 16, 32, 48, 64
+        // channels; causal or not; every subset of gradients the tape may ask for.
+        if !crate::attention_avx512::takes(16, 16, 16) {
+            return;
+        }
+        let mut seed = 200;
+        for (t, c, heads) in [
+            (64, 128, 4),
+            (64, 64, 1),
+            (48, 96, 2),
+            (32, 48, 1),
+            (16, 64, 4),
+            (37, 64, 2),
+            (50, 128, 2),
+            (5, 32, 1),
+            (1, 32, 2),
+        ] {
+            for causal in [true, false] {
+                for needs in [
+                    [true, true, true],
+                    [true, false, true],
+                    [false, false, true],
+                    [false, true, false],
+                ] {
+                    seed += 4;
+                    let inputs = [0, 1, 2, 3].map(|i| rand_array(&[2, t, c], seed + i));
+                    let tiles = heads_f32(&inputs, heads, causal, true, needs);
+                    let general = heads_f32(&inputs, heads, causal, false, needs);
+                    for (name, (a, b)) in ["y", "∂q", "∂k", "∂v"]
+                        .iter()
+                        .zip(tiles.iter().zip(&general))
+                    {
+                        let (Some(a), Some(b)) = (a, b) else {
+                            assert!(a.is_none() && b.is_none());
+                            continue;
+                        };
+                        let what = format!("T={t} C={c} heads={heads} causal={causal} {name}");
+                        if t % 16 == 0 {
+                            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(same, "{what}: not the same bits");
+                        } else {
+                            let diff = (a - b).mapv(f32::abs).fold(0.0f32, |m, &x| m.max(x));
+                            let size = b.mapv(f32::abs).fold(0.0f32, |m, &x| m.max(x));
+                            assert!(diff <= 1e-5 * size.max(1.0), "{what}: max diff {diff}");
+                        }
+                    }
+                }
+            }
+        }
+        // And against f64 through the op itself (the f32 call takes the tiles).
+        let inputs = [0, 1, 2, 3].map(|i| rand_array(&[2, 64, 128], 300 + i));
+        let single = attention_and_gradients::<f32>(&inputs, 4, true);
+        let double = attention_and_gradients::<f64>(&inputs, 4, true);
+        for (a, b) in single.iter().zip(&double) {
+            let diff = (a - b).mapv(f64::abs).fold(0.0f64, |m, &x| m.max(x));
+            assert!(diff < 2e-5, "f32 tiles against f64: max diff {diff}");
         }
     }
 

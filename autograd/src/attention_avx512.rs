@@ -1,0 +1,563 @@
+//! One attention head of a short sequence (T ≤ 64, heads of 16, 32, 48 or 64 channels) in
+//! f32 on AVX-512, with a block of query rows' scores, softmax and ∂S in registers.
+//!
+//! At nanogpt-cpu's shape (T = 64, D = 32) every product of a head is a few thousand
+//! multiply-adds, and going through the GEMM (pack, 12×32 tiles, store, then a softmax pass
+//! over memory) cost more than the arithmetic. Here each step of [`forward`] and [`backward`]
+//! is one register tile of [`ROWS`] rows × up to four 16-lane vectors, all from [`tile`]:
+//!
+//! ```text
+//! forward, per block of 6 query rows        backward
+//!   S  = q·kᵀ        tile over D            ∂v = Pᵀ·∂O    tile over the queries that see the keys
+//!   P  = softmax(S·scale, masked)           per block of 6 query rows:
+//!   O  = P·v         tile over the keys       ∂P = ∂O·vᵀ   tile over D
+//!                    the block sees           ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) · scale
+//!                                             ∂q = ∂S·k    tile over the keys the block sees
+//!                                           ∂k = ∂Sᵀ·q
+//! ```
+//! Causal blocks stop at the last key their last row sees, rounded up to 16 lanes: the
+//! masked triangle is mostly skipped. kᵀ and vᵀ are transposed once per head (16×16 blocks in
+//! registers) into a stack buffer; everything else is read in place.
+//!
+//! The additions happen in the GEMM path's order (each product sums its steps in order from
+//! zero; softmax's sums and ∂S's dot products use [`crate::simd`]'s lane trees), so for T a
+//! multiple of 16 the results are the bits of [`crate::ops::attention`]'s general path; for
+//! other T the softmax sum adds the last partial chunk lane-wise instead of one by one.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+/// Runs `f::<V>(args)` for `V` = `$n` (1 to 4 vectors of 16 lanes).
+macro_rules! with_vectors {
+    ($n:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            _ => $f::<4>($($arg),*),
+        }
+    };
+}
+
+/// Longest sequence (keys per row of scores: four 16-lane vectors).
+pub const MAX_T: usize = 64;
+
+/// Rows of a register tile: 6 rows × 4 vectors = 24 accumulators.
+const ROWS: usize = 6;
+
+/// Query rows (or keys) per block: the scores and ∂S of two 6-row tiles, then one product
+/// over the block (one 12-row tile for heads of up to 32 channels).
+const BLOCK: usize = 2 * ROWS;
+
+/// Whether [`forward`] and [`backward`] take a head of `d` channels over `tq` queries and `tk`
+/// keys: self-attention (`tq == tk`) of at most [`MAX_T`] positions, `d` a multiple of 16 up
+/// to 64, on a CPU with AVX-512 (and the AVX-512 GEMM not switched off).
+pub fn takes(tq: usize, tk: usize, d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        tq == tk
+            && (1..=MAX_T).contains(&tk)
+            && d.is_multiple_of(16)
+            && (16..=64).contains(&d)
+            && crate::sgemm_avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (tq, tk, d);
+        false
+    }
+}
+
+/// Rows of `d` contiguous floats, row `i` at `ptr + i·stride`.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows {
+    pub ptr: *const f32,
+    pub stride: isize,
+}
+
+/// [`Rows`] to write (memory that need not be initialised).
+#[derive(Clone, Copy, Debug)]
+pub struct RowsMut {
+    pub ptr: *mut f32,
+    pub stride: isize,
+}
+
+impl Rows {
+    fn row(self, i: usize) -> *const f32 {
+        self.ptr.wrapping_offset(i as isize * self.stride)
+    }
+
+    fn from(self, i: usize) -> Rows {
+        Rows {
+            ptr: self.row(i),
+            stride: self.stride,
+        }
+    }
+}
+
+impl RowsMut {
+    fn from(self, i: usize) -> RowsMut {
+        RowsMut {
+            ptr: self.ptr.wrapping_offset(i as isize * self.stride),
+            stride: self.stride,
+        }
+    }
+}
+
+/// A head's kᵀ or vᵀ: row `c` holds channel `c` of the 64 positions (see [`transpose`]).
+#[repr(C, align(64))]
+struct Transposed([f32; MAX_T * 64]);
+
+/// One head's scaled dot-product attention forward over `t` positions of `d` channels:
+/// writes the probabilities `p` (`t × t`, row-major, zero where masked) and the output rows.
+///
+/// # Safety
+/// [`takes`]`(t, t, d)` must hold; `q`, `k`, `v` must hold `t` readable rows of `d` floats,
+/// `p` `t·t` writable floats and `out` `t` writable rows of `d`, none overlapping the others.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn forward(
+    t: usize,
+    d: usize,
+    causal: bool,
+    scale: f32,
+    (q, k, v): (Rows, Rows, Rows),
+    p: *mut f32,
+    out: RowsMut,
+) {
+    let k_t = transpose(k, t, d);
+    let mut flops = 0;
+    let head = Head { t, causal, scale };
+    for i0 in (0..t).step_by(BLOCK) {
+        let rows = BLOCK.min(t - i0);
+        for s0 in (i0..i0 + rows).step_by(ROWS) {
+            let n = ROWS.min(i0 + rows - s0);
+            let keys = head.keys(s0 + n);
+            with_vectors!(keys.div_ceil(16), softmax_block(head, q, &k_t, d, s0, n, p));
+            flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
+        }
+        let keys = head.keys(i0 + rows);
+        let probs = Rows {
+            ptr: p.add(i0 * t),
+            stride: t as isize,
+        };
+        weighted(probs, 1, v, keys, rows, out.from(i0), d / 16);
+        flops += 2 * rows * keys * d;
+    }
+    crate::gemm::count_flops(flops);
+}
+
+/// One head's backward: from the output's gradient `g` and the probabilities `p` saved by
+/// [`forward`], writes whichever of ∂q, ∂k, ∂v is asked for. `p` is overwritten with ∂S.
+///
+/// # Safety
+/// As for [`forward`]; `p` must hold [`forward`]'s probabilities for these q, k.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward(
+    t: usize,
+    d: usize,
+    causal: bool,
+    scale: f32,
+    g: Rows,
+    (q, k, v): (Rows, Rows, Rows),
+    p: *mut f32,
+    (dq, dk, dv): (Option<RowsMut>, Option<RowsMut>, Option<RowsMut>),
+) {
+    let vectors = d / 16;
+    let mut flops = 0;
+    // ∂v = Pᵀ·∂O, and at the end ∂k = ∂Sᵀ·q: per block of keys, the queries that see them.
+    let transposed_product = |m: *const f32, x: Rows, out: RowsMut, flops: &mut usize| {
+        for j0 in (0..t).step_by(BLOCK) {
+            let rows = BLOCK.min(t - j0);
+            let first = if causal { j0 } else { 0 };
+            let columns = Rows {
+                ptr: m.add(first * t + j0),
+                stride: 1,
+            };
+            let x = x.from(first);
+            weighted(
+                columns,
+                t as isize,
+                x,
+                t - first,
+                rows,
+                out.from(j0),
+                vectors,
+            );
+            *flops += 2 * rows * (t - first) * d;
+        }
+    };
+    if let Some(dv) = dv {
+        transposed_product(p, g, dv, &mut flops);
+    }
+    if dq.is_none() && dk.is_none() {
+        crate::gemm::count_flops(flops);
+        return;
+    }
+    let v_t = transpose(v, t, d);
+    let head = Head { t, causal, scale };
+    for i0 in (0..t).step_by(BLOCK) {
+        let rows = BLOCK.min(t - i0);
+        for s0 in (i0..i0 + rows).step_by(ROWS) {
+            let n = ROWS.min(i0 + rows - s0);
+            let keys = head.keys(s0 + n);
+            with_vectors!(
+                keys.div_ceil(16),
+                score_gradient_block(head, g, &v_t, d, s0, n, p)
+            );
+            flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
+        }
+        if let Some(dq) = dq {
+            let keys = head.keys(i0 + rows);
+            let ds = Rows {
+                ptr: p.add(i0 * t),
+                stride: t as isize,
+            };
+            weighted(ds, 1, k, keys, rows, dq.from(i0), vectors);
+            flops += 2 * rows * keys * d;
+        }
+    }
+    if let Some(dk) = dk {
+        transposed_product(p, q, dk, &mut flops);
+    }
+    crate::gemm::count_flops(flops);
+}
+
+#[derive(Clone, Copy)]
+struct Head {
+    t: usize,
+    causal: bool,
+    scale: f32,
+}
+
+impl Head {
+    /// Keys that rows before `end` see.
+    fn keys(self, end: usize) -> usize {
+        if self.causal {
+            end
+        } else {
+            self.t
+        }
+    }
+
+    fn visible(self, i: usize) -> usize {
+        if self.causal {
+            i + 1
+        } else {
+            self.t
+        }
+    }
+}
+
+/// `acc[r][v] = Σ_s m(r, s) · y(s)[16v..16v + 16]` for `s` in `0..steps`, where row `r` of
+/// `m` starts at `m.row(r)` (rows past `rows` repeat the last one) and steps `m_step` apart,
+/// and `y(s) = y.row(s)`. Each accumulator adds its steps in order from zero, as the GEMM
+/// kernels do.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const R: usize, const V: usize>(
+    m: Rows,
+    m_step: isize,
+    rows: usize,
+    y: Rows,
+    steps: usize,
+) -> [[__m512; V]; R] {
+    let starts: [*const f32; R] = std::array::from_fn(|r| m.row(r.min(rows - 1)));
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    let mut y_row = y.ptr;
+    for s in 0..steps as isize {
+        let ys: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(y_row.add(16 * v)));
+        for r in 0..R {
+            let a = _mm512_set1_ps(*starts[r].offset(s * m_step));
+            for v in 0..V {
+                acc[r][v] = _mm512_fmadd_ps(a, ys[v], acc[r][v]);
+            }
+        }
+        y_row = y_row.offset(y.stride);
+    }
+    acc
+}
+
+/// Lanes `16v..16v + 16` that are below `n`.
+#[cfg(target_arch = "x86_64")]
+fn lanes_below(n: usize, v: usize) -> __mmask16 {
+    let count = n.saturating_sub(16 * v).min(16);
+    ((1u32 << count) - 1) as __mmask16
+}
+
+/// `out[r] = Σ_s m(r, s)·x(s)` for `rows` rows of `16·vectors` channels: tiles of 12 rows
+/// for heads of up to 32 channels (24 accumulators), else of 6.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted(
+    m: Rows,
+    m_step: isize,
+    x: Rows,
+    steps: usize,
+    rows: usize,
+    out: RowsMut,
+    vectors: usize,
+) {
+    let tall = if vectors <= 2 { 2 * ROWS } else { ROWS };
+    for r0 in (0..rows).step_by(tall) {
+        let (m, n, out) = (m.from(r0), (rows - r0).min(tall), out.from(r0));
+        match vectors {
+            1 => weighted_rows::<{ 2 * ROWS }, 1>(m, m_step, x, steps, n, out),
+            2 => weighted_rows::<{ 2 * ROWS }, 2>(m, m_step, x, steps, n, out),
+            3 => weighted_rows::<ROWS, 3>(m, m_step, x, steps, n, out),
+            _ => weighted_rows::<ROWS, 4>(m, m_step, x, steps, n, out),
+        }
+    }
+}
+
+/// [`weighted`] for one tile of at most `R` rows.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_rows<const R: usize, const V: usize>(
+    m: Rows,
+    m_step: isize,
+    x: Rows,
+    steps: usize,
+    rows: usize,
+    out: RowsMut,
+) {
+    let acc = tile::<R, V>(m, m_step, rows, x, steps);
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let row = out.ptr.offset(r as isize * out.stride);
+        for (v, value) in acc.iter().enumerate() {
+            _mm512_storeu_ps(row.add(16 * v), *value);
+        }
+    }
+}
+
+/// Scores of query rows `i0..i0 + rows` against the first `16·V` keys, their masked softmax,
+/// written as rows of `p` (zero where masked and up to the row's end).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn softmax_block<const V: usize>(
+    head: Head,
+    q: Rows,
+    k_t: &MaybeUninit<Transposed>,
+    d: usize,
+    i0: usize,
+    rows: usize,
+    p: *mut f32,
+) {
+    let t = head.t;
+    let q_block = Rows {
+        ptr: q.row(i0),
+        stride: q.stride,
+    };
+    let k_t = Rows {
+        ptr: k_t.as_ptr().cast::<f32>(),
+        stride: MAX_T as isize,
+    };
+    let acc = tile::<ROWS, V>(q_block, 1, rows, k_t, d);
+    let scale = _mm512_set1_ps(head.scale);
+    // Lanes before this index add lane-wise; a last partial chunk of the row (T not a
+    // multiple of 16) adds one by one after them, as the general path's scalar tail does.
+    let chunked = t / 16 * 16;
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let i = i0 + r;
+        let visible = head.visible(i);
+        let scores: [__m512; V] = std::array::from_fn(|v| _mm512_mul_ps(scale, acc[v]));
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for (v, s) in scores.iter().enumerate() {
+            max = _mm512_mask_max_ps(max, lanes_below(visible, v), max, *s);
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let mut sum_lanes = _mm512_setzero_ps();
+        let mut exps = [_mm512_setzero_ps(); V];
+        for (v, s) in scores.iter().enumerate() {
+            exps[v] = _mm512_maskz_mov_ps(lanes_below(visible, v), exp(_mm512_sub_ps(*s, max)));
+            if 16 * v < chunked {
+                sum_lanes = _mm512_add_ps(sum_lanes, exps[v]);
+            }
+        }
+        let mut sum = sum_of_lanes(sum_lanes);
+        if 16 * V > chunked {
+            let mut last = [0.0f32; 16];
+            _mm512_storeu_ps(last.as_mut_ptr(), exps[chunked / 16]);
+            for &x in &last[..t - chunked] {
+                sum += x;
+            }
+        }
+        let inv = _mm512_set1_ps(1.0 / sum);
+        let row = p.add(i * t);
+        for (v, e) in exps.iter().enumerate() {
+            _mm512_mask_storeu_ps(row.add(16 * v), lanes_below(t, v), _mm512_mul_ps(*e, inv));
+        }
+        for v in V..t.div_ceil(16) {
+            _mm512_mask_storeu_ps(row.add(16 * v), lanes_below(t, v), _mm512_setzero_ps());
+        }
+    }
+}
+
+/// ∂P of query rows `i0..i0 + rows` against the first `16·V` keys, then ∂S in place of
+/// their probabilities in `p` (only where P may be non-zero, as the general path does).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn score_gradient_block<const V: usize>(
+    head: Head,
+    g: Rows,
+    v_t: &MaybeUninit<Transposed>,
+    d: usize,
+    i0: usize,
+    rows: usize,
+    p: *mut f32,
+) {
+    let t = head.t;
+    let g_block = Rows {
+        ptr: g.row(i0),
+        stride: g.stride,
+    };
+    let v_t = Rows {
+        ptr: v_t.as_ptr().cast::<f32>(),
+        stride: MAX_T as isize,
+    };
+    let acc = tile::<ROWS, V>(g_block, 1, rows, v_t, d);
+    let scale = _mm512_set1_ps(head.scale);
+    for (r, dp) in acc.iter().enumerate().take(rows) {
+        let i = i0 + r;
+        // P is zero past the visible keys; whole chunks up to them, as the general path.
+        let seen = head.visible(i).next_multiple_of(16).min(t);
+        let mut dp_row = [0.0f32; MAX_T];
+        for (v, x) in dp.iter().enumerate() {
+            _mm512_storeu_ps(dp_row.as_mut_ptr().add(16 * v), *x);
+        }
+        let row = p.add(i * t);
+        let p_row = std::slice::from_raw_parts(row, seen);
+        let dot = _mm512_set1_ps(crate::simd::dot_avx512(p_row, &dp_row[..seen]));
+        for (v, x) in dp.iter().enumerate() {
+            let mask = lanes_below(seen, v);
+            let probs = _mm512_maskz_loadu_ps(mask, row.add(16 * v));
+            let ds = _mm512_mul_ps(_mm512_mul_ps(probs, _mm512_sub_ps(*x, dot)), scale);
+            _mm512_mask_storeu_ps(row.add(16 * v), mask, ds);
+        }
+    }
+}
+
+/// `x`'s first `t` rows of `d` channels as `out[c][j]`, zero for `t ≤ j` up to the next
+/// multiple of 16 (what the tiles read); 16×16 blocks transposed in registers. The rest of
+/// the buffer stays uninitialised: zeroing all 16 KiB cost as much as the transposes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose(x: Rows, t: usize, d: usize) -> MaybeUninit<Transposed> {
+    let mut out = MaybeUninit::<Transposed>::uninit();
+    let base = out.as_mut_ptr().cast::<f32>();
+    for j0 in (0..t).step_by(16) {
+        for c0 in (0..d).step_by(16) {
+            let block: [__m512; 16] = std::array::from_fn(|j| {
+                if j0 + j < t {
+                    _mm512_loadu_ps(x.row(j0 + j).add(c0))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            for (c, column) in crate::sgemm_avx512::transpose16(block).iter().enumerate() {
+                _mm512_store_ps(base.add((c0 + c) * MAX_T + j0), *column);
+            }
+        }
+    }
+    out
+}
+
+/// The sixteen lanes' sum in [`crate::simd::sum_lanes`]'s order (the same bits).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sum_of_lanes(x: __m512) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), x);
+    crate::simd::sum_lanes(lanes)
+}
+
+/// [`crate::element::exp_f32_fused`] on sixteen lanes: the same operations in the same
+/// order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn exp(x: __m512) -> __m512 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = _mm512_min_ps(
+        _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
+        _mm512_set1_ps(88.3),
+    );
+    let shifted = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), _mm512_set1_ps(ROUND));
+    let n_int = _mm512_sub_epi32(
+        _mm512_castps_si512(shifted),
+        _mm512_set1_epi32(ROUND.to_bits() as i32),
+    );
+    let n = _mm512_sub_ps(shifted, _mm512_set1_ps(ROUND));
+    let g = _mm512_fnmadd_ps(
+        n,
+        _mm512_set1_ps(LN2_LO),
+        _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc),
+    );
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [
+        1.0f32 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(c));
+    }
+    let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        n_int,
+        _mm512_set1_epi32(127),
+    )));
+    let y = _mm512_mul_ps(p, scale);
+    // NaN in, NaN out (the clamp above would have turned it into a number).
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    _mm512_mask_mov_ps(y, nan, x)
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    #[test]
+    fn sixteen_lane_exp_has_the_scalar_bits() {
+        if !super::takes(16, 16, 16) {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let xs: Vec<f32> = (0..4096)
+            .map(|i| (i as f32 - 2048.0) * 0.047)
+            .chain([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1e30, 1e30, 0.0])
+            .chain(std::iter::repeat_n(0.5, 10))
+            .collect();
+        for chunk in xs.chunks_exact(16) {
+            let mut got = [0.0f32; 16];
+            // SAFETY: takes() checked AVX-512F.
+            unsafe {
+                _mm512_storeu_ps(
+                    got.as_mut_ptr(),
+                    super::exp(_mm512_loadu_ps(chunk.as_ptr())),
+                )
+            };
+            for (x, y) in chunk.iter().zip(got) {
+                let want = crate::element::exp_f32_fused(*x);
+                assert!(
+                    want.to_bits() == y.to_bits() || (want.is_nan() && y.is_nan()),
+                    "exp({x}): {y} vs {want}"
+                );
+            }
+        }
+    }
+}
