@@ -703,6 +703,12 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
         self.inputs.iter().any(|v| v.requires_grad)
     }
 
+    /// Whether this record will keep a backward rule (recording is on and some input needs a
+    /// gradient): an op whose forward can cheaply produce what its backward needs asks first.
+    pub(crate) fn keeps_backward(&self) -> bool {
+        self.tape().grad_enabled.get() && self.any_requires_grad()
+    }
+
     /// Appends the record with its backward rule (kept only if some input requires grad and
     /// recording is on) and returns the output.
     pub(crate) fn finish(

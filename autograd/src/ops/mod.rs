@@ -165,6 +165,51 @@ pub(crate) fn map<T: Float, S: Data<Elem = T>>(
     }
 }
 
+/// `f(a)` elementwise into two new arrays of `a`'s shape (a value and a derivative from one
+/// pass), wide-vectorised and in parallel when large.
+pub(crate) fn map_pair<T: Float, S: Data<Elem = T>>(
+    a: &ArrayBase<S, IxDyn>,
+    f: impl Fn(T) -> (T, T) + Sync + Send,
+) -> (ArrayD<T>, ArrayD<T>) {
+    let a = a.as_standard_layout();
+    let src = a.as_slice().expect("standard layout");
+    let (mut first, mut second) = (Vec::with_capacity(src.len()), Vec::with_capacity(src.len()));
+    let run = |x: &mut [MaybeUninit<T>], y: &mut [MaybeUninit<T>], a: &[T]| {
+        crate::simd::vectorized(
+            #[inline(always)]
+            || {
+                for ((x, y), &v) in x.iter_mut().zip(y.iter_mut()).zip(a) {
+                    let (u, w) = f(v);
+                    x.write(u);
+                    y.write(w);
+                }
+            },
+        )
+    };
+    let (x, y) = (
+        &mut first.spare_capacity_mut()[..src.len()],
+        &mut second.spare_capacity_mut()[..src.len()],
+    );
+    if src.len() >= PARALLEL_MIN_LEN {
+        x.par_chunks_mut(CHUNK)
+            .zip(y.par_chunks_mut(CHUNK))
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|((x, y), a)| run(x, y, a));
+    } else {
+        run(x, y, src);
+    }
+    // SAFETY: the loops above wrote every element of both below src.len().
+    unsafe {
+        first.set_len(src.len());
+        second.set_len(src.len());
+    }
+    let shape = a.raw_dim();
+    (
+        ArrayD::from_shape_vec(shape.clone(), first).expect("same size"),
+        ArrayD::from_shape_vec(shape, second).expect("same size"),
+    )
+}
+
 /// `f(a, b)` elementwise over the broadcast `shape`.
 pub(crate) fn zip_map<T: Float, S1: Data<Elem = T>, S2: Data<Elem = T>>(
     shape: &[usize],
