@@ -1,23 +1,28 @@
-//! One attention head of a short sequence (T ≤ 64, heads of 16, 32, 48 or 64 channels) in
-//! f32 on AVX-512, with a block of query rows' scores, softmax and ∂S in registers.
+//! One attention head of a short sequence (self-attention over T ≤ 192 positions, heads of
+//! 16, 32, 48 or 64 channels) in f32 on AVX-512, from register tiles: for T ≤ 64 a block of
+//! query rows' scores, softmax and ∂S never leave registers.
 //!
 //! At nanogpt-cpu's shape (T = 64, D = 32) every product of a head is a few thousand
 //! multiply-adds, and going through the GEMM (pack, 12×32 tiles, store, then a softmax pass
 //! over memory) cost more than the arithmetic. Here each step of [`forward`] and [`backward`]
-//! is one register tile of [`ROWS`] rows × up to four 16-lane vectors, all from [`tile`]:
+//! is one register tile of 6 rows × up to four 16-lane vectors, all from one `tile` function:
 //!
 //! ```text
-//! forward, per block of 6 query rows        backward
+//! forward, per block of 12 query rows       backward
 //!   S  = q·kᵀ        tile over D            ∂v = Pᵀ·∂O    tile over the queries that see the keys
-//!   P  = softmax(S·scale, masked)           per block of 6 query rows:
+//!   P  = softmax(S·scale, masked)           per block of 12 query rows:
 //!   O  = P·v         tile over the keys       ∂P = ∂O·vᵀ   tile over D
 //!                    the block sees           ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) · scale
 //!                                             ∂q = ∂S·k    tile over the keys the block sees
 //!                                           ∂k = ∂Sᵀ·q
 //! ```
-//! Causal blocks stop at the last key their last row sees, rounded up to 16 lanes: the
-//! masked triangle is mostly skipped. kᵀ and vᵀ are transposed once per head (16×16 blocks in
-//! registers) into a stack buffer; everything else is read in place.
+//! Scores and ∂S are taken 6 rows at a time (6 × 4 vectors = 24 accumulators); the products
+//! over keys 12 rows at a time for heads of up to 32 channels. Causal blocks stop at the last
+//! key their last row sees, rounded up to 16 lanes: the masked triangle is mostly skipped.
+//! Rows that see more than 64 keys ([`MAX_T`] < T ≤ [`LONGEST`]) have their scores and ∂P
+//! written to memory 64 columns at a time and their softmax and ∂S computed over the stored
+//! row. kᵀ and vᵀ are transposed once per head (16×16 blocks in registers) into a buffer kept
+//! by the thread; everything else is read in place.
 //!
 //! The additions happen in the GEMM path's order (each product sums its steps in order from
 //! zero; softmax's sums and ∂S's dot products use [`crate::simd`]'s lane trees), so for T a
@@ -26,7 +31,6 @@
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
-use std::mem::MaybeUninit;
 
 /// Runs `f::<V>(args)` for `V` = `$n` (1 to 4 vectors of 16 lanes).
 macro_rules! with_vectors {
@@ -40,8 +44,15 @@ macro_rules! with_vectors {
     };
 }
 
-/// Longest sequence (keys per row of scores: four 16-lane vectors).
+/// Most keys a row's scores can hold in registers (four 16-lane vectors).
 pub const MAX_T: usize = 64;
+
+/// Longest sequence taken at all: past [`MAX_T`] keys a block's scores (and ∂P) go through
+/// memory in groups of 64 columns, and the softmax (∂S) runs over the stored rows. Against
+/// the general path's packed 24-row blocks (one thread, GPT-2's 12 heads of 64, alternated
+/// in one process): T = 96 1.41× forward, 1.35× backward; 128 1.21×, 1.15×; 192 1.10×,
+/// 1.07×; 256 1.03–1.12×, 0.94–1.03×; 512 0.98×, 0.91× — so 192.
+pub const LONGEST: usize = 192;
 
 /// Rows of a register tile: 6 rows × 4 vectors = 24 accumulators.
 const ROWS: usize = 6;
@@ -51,13 +62,13 @@ const ROWS: usize = 6;
 const BLOCK: usize = 2 * ROWS;
 
 /// Whether [`forward`] and [`backward`] take a head of `d` channels over `tq` queries and `tk`
-/// keys: self-attention (`tq == tk`) of at most [`MAX_T`] positions, `d` a multiple of 16 up
+/// keys: self-attention (`tq == tk`) of at most [`LONGEST`] positions, `d` a multiple of 16 up
 /// to 64, on a CPU with AVX-512 (and the AVX-512 GEMM not switched off).
 pub fn takes(tq: usize, tk: usize, d: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         tq == tk
-            && (1..=MAX_T).contains(&tk)
+            && (1..=LONGEST).contains(&tk)
             && d.is_multiple_of(16)
             && (16..=64).contains(&d)
             && crate::sgemm_avx512::available()
@@ -84,6 +95,14 @@ pub struct RowsMut {
 }
 
 impl Rows {
+    /// The same rows from column `j` on.
+    fn shifted(self, j: usize) -> Rows {
+        Rows {
+            ptr: self.ptr.wrapping_add(j),
+            stride: self.stride,
+        }
+    }
+
     fn row(self, i: usize) -> *const f32 {
         self.ptr.wrapping_offset(i as isize * self.stride)
     }
@@ -105,9 +124,27 @@ impl RowsMut {
     }
 }
 
-/// A head's kᵀ or vᵀ: row `c` holds channel `c` of the 64 positions (see [`transpose`]).
-#[repr(C, align(64))]
-struct Transposed([f32; MAX_T * 64]);
+thread_local! {
+    /// A head's kᵀ or vᵀ ([`transpose`]), kept between heads on this thread.
+    static TRANSPOSED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with `x`'s first `t` rows transposed ([`transpose`]) into this thread's buffer.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn with_transposed<R>(x: Rows, t: usize, d: usize, f: impl FnOnce(Rows) -> R) -> R {
+    let stride = t.next_multiple_of(16);
+    let mut buffer = TRANSPOSED.take();
+    buffer.clear();
+    buffer.reserve(d * stride);
+    transpose(x, t, d, buffer.as_mut_ptr(), stride);
+    let result = f(Rows {
+        ptr: buffer.as_ptr(),
+        stride: stride as isize,
+    });
+    TRANSPOSED.set(buffer);
+    result
+}
 
 /// One head's scaled dot-product attention forward over `t` positions of `d` channels:
 /// writes the probabilities `p` (`t × t`, row-major, zero where masked) and the output rows.
@@ -127,25 +164,49 @@ pub unsafe fn forward(
     p: *mut f32,
     out: RowsMut,
 ) {
-    let k_t = transpose(k, t, d);
     let mut flops = 0;
     let head = Head { t, causal, scale };
-    for i0 in (0..t).step_by(BLOCK) {
-        let rows = BLOCK.min(t - i0);
-        for s0 in (i0..i0 + rows).step_by(ROWS) {
-            let n = ROWS.min(i0 + rows - s0);
-            let keys = head.keys(s0 + n);
-            with_vectors!(keys.div_ceil(16), softmax_block(head, q, &k_t, d, s0, n, p));
-            flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
+    with_transposed(k, t, d, |k_t| {
+        for i0 in (0..t).step_by(BLOCK) {
+            let rows = BLOCK.min(t - i0);
+            for s0 in (i0..i0 + rows).step_by(ROWS) {
+                let n = ROWS.min(i0 + rows - s0);
+                let keys = head.keys(s0 + n);
+                if keys <= MAX_T {
+                    with_vectors!(keys.div_ceil(16), softmax_block(head, q, k_t, d, s0, n, p));
+                } else {
+                    for g0 in (0..keys).step_by(MAX_T) {
+                        with_vectors!(
+                            (keys - g0).div_ceil(16).min(4),
+                            scores_block(
+                                q.from(s0),
+                                n,
+                                k_t.shifted(g0),
+                                d,
+                                RowsMut {
+                                    ptr: p.add(s0 * t + g0),
+                                    stride: t as isize
+                                },
+                                t - g0,
+                                scale
+                            )
+                        );
+                    }
+                    for i in s0..s0 + n {
+                        softmax_row(p.add(i * t), head.visible(i), t);
+                    }
+                }
+                flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
+            }
+            let keys = head.keys(i0 + rows);
+            let probs = Rows {
+                ptr: p.add(i0 * t),
+                stride: t as isize,
+            };
+            weighted(probs, 1, v, keys, rows, out.from(i0), d / 16);
+            flops += 2 * rows * keys * d;
         }
-        let keys = head.keys(i0 + rows);
-        let probs = Rows {
-            ptr: p.add(i0 * t),
-            stride: t as isize,
-        };
-        weighted(probs, 1, v, keys, rows, out.from(i0), d / 16);
-        flops += 2 * rows * keys * d;
-    }
+    });
     crate::gemm::count_flops(flops);
 }
 
@@ -198,29 +259,61 @@ pub unsafe fn backward(
         crate::gemm::count_flops(flops);
         return;
     }
-    let v_t = transpose(v, t, d);
     let head = Head { t, causal, scale };
-    for i0 in (0..t).step_by(BLOCK) {
-        let rows = BLOCK.min(t - i0);
-        for s0 in (i0..i0 + rows).step_by(ROWS) {
-            let n = ROWS.min(i0 + rows - s0);
-            let keys = head.keys(s0 + n);
-            with_vectors!(
-                keys.div_ceil(16),
-                score_gradient_block(head, g, &v_t, d, s0, n, p)
-            );
-            flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
+    let stride = t.next_multiple_of(16);
+    let mut dp = if t > MAX_T {
+        vec![0.0f32; ROWS * stride]
+    } else {
+        Vec::new()
+    };
+    with_transposed(v, t, d, |v_t| {
+        for i0 in (0..t).step_by(BLOCK) {
+            let rows = BLOCK.min(t - i0);
+            for s0 in (i0..i0 + rows).step_by(ROWS) {
+                let n = ROWS.min(i0 + rows - s0);
+                let keys = head.keys(s0 + n);
+                if keys <= MAX_T {
+                    with_vectors!(
+                        keys.div_ceil(16),
+                        score_gradient_block(head, g, v_t, d, s0, n, p)
+                    );
+                } else {
+                    for g0 in (0..keys).step_by(MAX_T) {
+                        with_vectors!(
+                            (keys - g0).div_ceil(16).min(4),
+                            scores_block(
+                                g.from(s0),
+                                n,
+                                v_t.shifted(g0),
+                                d,
+                                RowsMut {
+                                    ptr: dp.as_mut_ptr().add(g0),
+                                    stride: stride as isize
+                                },
+                                t - g0,
+                                1.0
+                            )
+                        );
+                    }
+                    for r in 0..n {
+                        let i = s0 + r;
+                        let seen = head.visible(i).next_multiple_of(16).min(t);
+                        score_gradient_row(p.add(i * t), dp.as_ptr().add(r * stride), seen, scale);
+                    }
+                }
+                flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
+            }
+            if let Some(dq) = dq {
+                let keys = head.keys(i0 + rows);
+                let ds = Rows {
+                    ptr: p.add(i0 * t),
+                    stride: t as isize,
+                };
+                weighted(ds, 1, k, keys, rows, dq.from(i0), vectors);
+                flops += 2 * rows * keys * d;
+            }
         }
-        if let Some(dq) = dq {
-            let keys = head.keys(i0 + rows);
-            let ds = Rows {
-                ptr: p.add(i0 * t),
-                stride: t as isize,
-            };
-            weighted(ds, 1, k, keys, rows, dq.from(i0), vectors);
-            flops += 2 * rows * keys * d;
-        }
-    }
+    });
     if let Some(dk) = dk {
         transposed_product(p, q, dk, &mut flops);
     }
@@ -345,7 +438,7 @@ unsafe fn weighted_rows<const R: usize, const V: usize>(
 unsafe fn softmax_block<const V: usize>(
     head: Head,
     q: Rows,
-    k_t: &MaybeUninit<Transposed>,
+    k_t: Rows,
     d: usize,
     i0: usize,
     rows: usize,
@@ -355,10 +448,6 @@ unsafe fn softmax_block<const V: usize>(
     let q_block = Rows {
         ptr: q.row(i0),
         stride: q.stride,
-    };
-    let k_t = Rows {
-        ptr: k_t.as_ptr().cast::<f32>(),
-        stride: MAX_T as isize,
     };
     let acc = tile::<ROWS, V>(q_block, 1, rows, k_t, d);
     let scale = _mm512_set1_ps(head.scale);
@@ -410,7 +499,7 @@ unsafe fn softmax_block<const V: usize>(
 unsafe fn score_gradient_block<const V: usize>(
     head: Head,
     g: Rows,
-    v_t: &MaybeUninit<Transposed>,
+    v_t: Rows,
     d: usize,
     i0: usize,
     rows: usize,
@@ -421,12 +510,7 @@ unsafe fn score_gradient_block<const V: usize>(
         ptr: g.row(i0),
         stride: g.stride,
     };
-    let v_t = Rows {
-        ptr: v_t.as_ptr().cast::<f32>(),
-        stride: MAX_T as isize,
-    };
     let acc = tile::<ROWS, V>(g_block, 1, rows, v_t, d);
-    let scale = _mm512_set1_ps(head.scale);
     for (r, dp) in acc.iter().enumerate().take(rows) {
         let i = i0 + r;
         // P is zero past the visible keys; whole chunks up to them, as the general path.
@@ -435,15 +519,106 @@ unsafe fn score_gradient_block<const V: usize>(
         for (v, x) in dp.iter().enumerate() {
             _mm512_storeu_ps(dp_row.as_mut_ptr().add(16 * v), *x);
         }
-        let row = p.add(i * t);
-        let p_row = std::slice::from_raw_parts(row, seen);
-        let dot = _mm512_set1_ps(crate::simd::dot_avx512(p_row, &dp_row[..seen]));
-        for (v, x) in dp.iter().enumerate() {
-            let mask = lanes_below(seen, v);
-            let probs = _mm512_maskz_loadu_ps(mask, row.add(16 * v));
-            let ds = _mm512_mul_ps(_mm512_mul_ps(probs, _mm512_sub_ps(*x, dot)), scale);
-            _mm512_mask_storeu_ps(row.add(16 * v), mask, ds);
+        score_gradient_row(p.add(i * t), dp_row.as_ptr(), seen, head.scale);
+    }
+}
+
+/// ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) · scale in place of one row of P, over its first `seen`
+/// entries (P is zero past them).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn score_gradient_row(row: *mut f32, dp: *const f32, seen: usize, scale: f32) {
+    let p_row = std::slice::from_raw_parts(row, seen);
+    let dot = _mm512_set1_ps(crate::simd::dot_avx512(
+        p_row,
+        std::slice::from_raw_parts(dp, seen),
+    ));
+    let scale = _mm512_set1_ps(scale);
+    for v in 0..seen.div_ceil(16) {
+        let mask = lanes_below(seen, v);
+        let probs = _mm512_maskz_loadu_ps(mask, row.add(16 * v));
+        let dp = _mm512_maskz_loadu_ps(mask, dp.add(16 * v));
+        let ds = _mm512_mul_ps(_mm512_mul_ps(probs, _mm512_sub_ps(dp, dot)), scale);
+        _mm512_mask_storeu_ps(row.add(16 * v), mask, ds);
+    }
+}
+
+/// Scaled scores (or ∂P, with `scale` 1) of `rows` rows against the 16·V columns of `k_t`,
+/// the first `limit` of them stored as rows of `out`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_block<const V: usize>(
+    a: Rows,
+    rows: usize,
+    k_t: Rows,
+    d: usize,
+    out: RowsMut,
+    limit: usize,
+    scale: f32,
+) {
+    let acc = tile::<ROWS, V>(a, 1, rows, k_t, d);
+    let scale = _mm512_set1_ps(scale);
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        let row = out.ptr.offset(r as isize * out.stride);
+        for (v, x) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(
+                row.add(16 * v),
+                lanes_below(limit, v),
+                _mm512_mul_ps(scale, *x),
+            );
         }
+    }
+}
+
+/// The masked softmax of a row of `t` scores in memory, `visible` of them unmasked: zero
+/// from there to the row's end. Sums as [`softmax_block`] (the general path's order).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row(row: *mut f32, visible: usize, t: usize) {
+    let chunks = visible.div_ceil(16);
+    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+    for v in 0..chunks {
+        max = _mm512_mask_max_ps(
+            max,
+            lanes_below(visible, v),
+            max,
+            _mm512_loadu_ps(row.add(16 * v)),
+        );
+    }
+    let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+    let chunked = t / 16 * 16;
+    let mut sum_lanes = _mm512_setzero_ps();
+    let mut last = _mm512_setzero_ps();
+    for v in 0..chunks {
+        let x = _mm512_loadu_ps(row.add(16 * v));
+        let e = _mm512_maskz_mov_ps(lanes_below(visible, v), exp(_mm512_sub_ps(x, max)));
+        if 16 * v < chunked {
+            sum_lanes = _mm512_add_ps(sum_lanes, e);
+        } else {
+            last = e;
+        }
+        _mm512_mask_storeu_ps(row.add(16 * v), lanes_below(t, v), e);
+    }
+    let mut sum = sum_of_lanes(sum_lanes);
+    if 16 * chunks > chunked {
+        let mut values = [0.0f32; 16];
+        _mm512_storeu_ps(values.as_mut_ptr(), last);
+        for &x in &values[..t - chunked] {
+            sum += x;
+        }
+    }
+    let inv = _mm512_set1_ps(1.0 / sum);
+    for v in 0..chunks {
+        let mask = lanes_below(t, v);
+        let e = _mm512_maskz_loadu_ps(mask, row.add(16 * v));
+        _mm512_mask_storeu_ps(row.add(16 * v), mask, _mm512_mul_ps(e, inv));
+    }
+    for v in chunks..t.div_ceil(16) {
+        _mm512_mask_storeu_ps(row.add(16 * v), lanes_below(t, v), _mm512_setzero_ps());
     }
 }
 
@@ -452,9 +627,7 @@ unsafe fn score_gradient_block<const V: usize>(
 /// the buffer stays uninitialised: zeroing all 16 KiB cost as much as the transposes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose(x: Rows, t: usize, d: usize) -> MaybeUninit<Transposed> {
-    let mut out = MaybeUninit::<Transposed>::uninit();
-    let base = out.as_mut_ptr().cast::<f32>();
+unsafe fn transpose(x: Rows, t: usize, d: usize, out: *mut f32, stride: usize) {
     for j0 in (0..t).step_by(16) {
         for c0 in (0..d).step_by(16) {
             let block: [__m512; 16] = std::array::from_fn(|j| {
@@ -465,11 +638,10 @@ unsafe fn transpose(x: Rows, t: usize, d: usize) -> MaybeUninit<Transposed> {
                 }
             });
             for (c, column) in crate::sgemm_avx512::transpose16(block).iter().enumerate() {
-                _mm512_store_ps(base.add((c0 + c) * MAX_T + j0), *column);
+                _mm512_storeu_ps(out.add((c0 + c) * stride + j0), *column);
             }
         }
     }
-    out
 }
 
 /// The sixteen lanes' sum in [`crate::simd::sum_lanes`]'s order (the same bits).
