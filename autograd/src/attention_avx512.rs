@@ -1,4 +1,4 @@
-//! One attention head of a short sequence (self-attention over T ≤ 192 positions, heads of
+//! One attention head of a short sequence (self-attention over T ≤ 384 positions, heads of
 //! 16, 32, 48 or 64 channels) in f32 on AVX-512, from register tiles: for T ≤ 64 a block of
 //! query rows' scores, softmax and ∂S never leave registers.
 //!
@@ -49,10 +49,11 @@ pub const MAX_T: usize = 64;
 
 /// Longest sequence taken at all: past [`MAX_T`] keys a block's scores (and ∂P) go through
 /// memory in groups of 64 columns, and the softmax (∂S) runs over the stored rows. Against
-/// the general path's packed 24-row blocks (one thread, GPT-2's 12 heads of 64, alternated
-/// in one process): T = 96 1.41× forward, 1.35× backward; 128 1.21×, 1.15×; 192 1.10×,
-/// 1.07×; 256 1.03–1.12×, 0.94–1.03×; 512 0.98×, 0.91× — so 192.
-pub const LONGEST: usize = 192;
+/// the general path's packed 24-row blocks (GPT-2's 12 heads of 64, alternated in one
+/// process; one thread unless said): T = 96 1.41× forward, 1.35× backward; 128 1.21×,
+/// 1.18×; 256 1.08×, 1.07–1.09× (B = 4 on two threads 1.11–1.12×, 1.03–1.14×); 320
+/// 1.04–1.07×, 1.02–1.06×; 384 1.09×, 1.05×; 512 1.04–1.06×, 0.94–0.96× — so 384.
+pub const LONGEST: usize = 384;
 
 /// Rows of a register tile: 6 rows × 4 vectors = 24 accumulators.
 const ROWS: usize = 6;
@@ -127,6 +128,29 @@ impl RowsMut {
 thread_local! {
     /// A head's kᵀ or vᵀ ([`transpose`]), kept between heads on this thread.
     static TRANSPOSED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// A head's v, k, ∂O or q rows side by side ([`with_contiguous`]).
+    static CONTIGUOUS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` with `x`'s first `t` rows of `d` copied side by side when they are far apart and
+/// many (the products over keys read one row per step: rows a fused qkv's 3C apart, past 64
+/// of them, each step lands in another page), else with `x` itself.
+#[cfg(target_arch = "x86_64")]
+unsafe fn with_contiguous<R>(x: Rows, t: usize, d: usize, f: impl FnOnce(Rows) -> R) -> R {
+    if t <= MAX_T || x.stride == d as isize {
+        return f(x);
+    }
+    let mut buffer = CONTIGUOUS.take();
+    buffer.clear();
+    for i in 0..t {
+        buffer.extend_from_slice(std::slice::from_raw_parts(x.row(i), d));
+    }
+    let result = f(Rows {
+        ptr: buffer.as_ptr(),
+        stride: d as isize,
+    });
+    CONTIGUOUS.set(buffer);
+    result
 }
 
 /// Runs `f` with `x`'s first `t` rows transposed ([`transpose`]) into this thread's buffer.
@@ -167,45 +191,47 @@ pub unsafe fn forward(
     let mut flops = 0;
     let head = Head { t, causal, scale };
     with_transposed(k, t, d, |k_t| {
-        for i0 in (0..t).step_by(BLOCK) {
-            let rows = BLOCK.min(t - i0);
-            for s0 in (i0..i0 + rows).step_by(ROWS) {
-                let n = ROWS.min(i0 + rows - s0);
-                let keys = head.keys(s0 + n);
-                if keys <= MAX_T {
-                    with_vectors!(keys.div_ceil(16), softmax_block(head, q, k_t, d, s0, n, p));
-                } else {
-                    for g0 in (0..keys).step_by(MAX_T) {
-                        with_vectors!(
-                            (keys - g0).div_ceil(16).min(4),
-                            scores_block(
-                                q.from(s0),
-                                n,
-                                k_t.shifted(g0),
-                                d,
-                                RowsMut {
-                                    ptr: p.add(s0 * t + g0),
-                                    stride: t as isize
-                                },
-                                t - g0,
-                                scale
-                            )
-                        );
+        with_contiguous(v, t, d, |v| {
+            for i0 in (0..t).step_by(BLOCK) {
+                let rows = BLOCK.min(t - i0);
+                for s0 in (i0..i0 + rows).step_by(ROWS) {
+                    let n = ROWS.min(i0 + rows - s0);
+                    let keys = head.keys(s0 + n);
+                    if keys <= MAX_T {
+                        with_vectors!(keys.div_ceil(16), softmax_block(head, q, k_t, d, s0, n, p));
+                    } else {
+                        for g0 in (0..keys).step_by(MAX_T) {
+                            with_vectors!(
+                                (keys - g0).div_ceil(16).min(4),
+                                scores_block(
+                                    q.from(s0),
+                                    n,
+                                    k_t.shifted(g0),
+                                    d,
+                                    RowsMut {
+                                        ptr: p.add(s0 * t + g0),
+                                        stride: t as isize
+                                    },
+                                    t - g0,
+                                    scale
+                                )
+                            );
+                        }
+                        for i in s0..s0 + n {
+                            softmax_row(p.add(i * t), head.visible(i), t);
+                        }
                     }
-                    for i in s0..s0 + n {
-                        softmax_row(p.add(i * t), head.visible(i), t);
-                    }
+                    flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
                 }
-                flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
+                let keys = head.keys(i0 + rows);
+                let probs = Rows {
+                    ptr: p.add(i0 * t),
+                    stride: t as isize,
+                };
+                weighted(probs, 1, v, keys, rows, out.from(i0), d / 16);
+                flops += 2 * rows * keys * d;
             }
-            let keys = head.keys(i0 + rows);
-            let probs = Rows {
-                ptr: p.add(i0 * t),
-                stride: t as isize,
-            };
-            weighted(probs, 1, v, keys, rows, out.from(i0), d / 16);
-            flops += 2 * rows * keys * d;
-        }
+        })
     });
     crate::gemm::count_flops(flops);
 }
@@ -253,7 +279,7 @@ pub unsafe fn backward(
         }
     };
     if let Some(dv) = dv {
-        transposed_product(p, g, dv, &mut flops);
+        with_contiguous(g, t, d, |g| transposed_product(p, g, dv, &mut flops));
     }
     if dq.is_none() && dk.is_none() {
         crate::gemm::count_flops(flops);
@@ -267,55 +293,62 @@ pub unsafe fn backward(
         Vec::new()
     };
     with_transposed(v, t, d, |v_t| {
-        for i0 in (0..t).step_by(BLOCK) {
-            let rows = BLOCK.min(t - i0);
-            for s0 in (i0..i0 + rows).step_by(ROWS) {
-                let n = ROWS.min(i0 + rows - s0);
-                let keys = head.keys(s0 + n);
-                if keys <= MAX_T {
-                    with_vectors!(
-                        keys.div_ceil(16),
-                        score_gradient_block(head, g, v_t, d, s0, n, p)
-                    );
-                } else {
-                    for g0 in (0..keys).step_by(MAX_T) {
+        with_contiguous(k, t, d, |k| {
+            for i0 in (0..t).step_by(BLOCK) {
+                let rows = BLOCK.min(t - i0);
+                for s0 in (i0..i0 + rows).step_by(ROWS) {
+                    let n = ROWS.min(i0 + rows - s0);
+                    let keys = head.keys(s0 + n);
+                    if keys <= MAX_T {
                         with_vectors!(
-                            (keys - g0).div_ceil(16).min(4),
-                            scores_block(
-                                g.from(s0),
-                                n,
-                                v_t.shifted(g0),
-                                d,
-                                RowsMut {
-                                    ptr: dp.as_mut_ptr().add(g0),
-                                    stride: stride as isize
-                                },
-                                t - g0,
-                                1.0
-                            )
+                            keys.div_ceil(16),
+                            score_gradient_block(head, g, v_t, d, s0, n, p)
                         );
+                    } else {
+                        for g0 in (0..keys).step_by(MAX_T) {
+                            with_vectors!(
+                                (keys - g0).div_ceil(16).min(4),
+                                scores_block(
+                                    g.from(s0),
+                                    n,
+                                    v_t.shifted(g0),
+                                    d,
+                                    RowsMut {
+                                        ptr: dp.as_mut_ptr().add(g0),
+                                        stride: stride as isize
+                                    },
+                                    t - g0,
+                                    1.0
+                                )
+                            );
+                        }
+                        for r in 0..n {
+                            let i = s0 + r;
+                            let seen = head.visible(i).next_multiple_of(16).min(t);
+                            score_gradient_row(
+                                p.add(i * t),
+                                dp.as_ptr().add(r * stride),
+                                seen,
+                                scale,
+                            );
+                        }
                     }
-                    for r in 0..n {
-                        let i = s0 + r;
-                        let seen = head.visible(i).next_multiple_of(16).min(t);
-                        score_gradient_row(p.add(i * t), dp.as_ptr().add(r * stride), seen, scale);
-                    }
+                    flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
                 }
-                flops += 2 * n * t.min(keys.next_multiple_of(16)) * d;
+                if let Some(dq) = dq {
+                    let keys = head.keys(i0 + rows);
+                    let ds = Rows {
+                        ptr: p.add(i0 * t),
+                        stride: t as isize,
+                    };
+                    weighted(ds, 1, k, keys, rows, dq.from(i0), vectors);
+                    flops += 2 * rows * keys * d;
+                }
             }
-            if let Some(dq) = dq {
-                let keys = head.keys(i0 + rows);
-                let ds = Rows {
-                    ptr: p.add(i0 * t),
-                    stride: t as isize,
-                };
-                weighted(ds, 1, k, keys, rows, dq.from(i0), vectors);
-                flops += 2 * rows * keys * d;
-            }
-        }
+        })
     });
     if let Some(dk) = dk {
-        transposed_product(p, q, dk, &mut flops);
+        with_contiguous(q, t, d, |q| transposed_product(p, q, dk, &mut flops));
     }
     crate::gemm::count_flops(flops);
 }

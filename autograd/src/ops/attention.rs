@@ -29,7 +29,7 @@
 //! Q and ∂O are packed once per head ([`PackedRight`]) and blocks are 24 rows; otherwise each
 //! block's product packs what it reads, and blocks are 36 rows.
 //!
-//! In f32 on AVX-512, self-attention over at most 192 positions with heads of 16 to 64
+//! In f32 on AVX-512, self-attention over at most 384 positions with heads of 16 to 64
 //! channels (nanogpt-cpu's T = 64, D = 32) skips all of that: each head runs in
 //! [`crate::attention_avx512`]'s register tiles, with the same bits for T a multiple of 16.
 
@@ -938,7 +938,7 @@ mod tests {
         // register tiles. Against the general path (packed products, softmax over memory):
         // the same bits when T is a multiple of 16 (6-row tiles with 1–4 vectors of keys, a
         // last tile of 4 rows at T = 64 and of 2 at 32; past 64 keys, scores through memory in
-        // 64-column groups: T = 100, 128, 150, 192), and within rounding for other T, where
+        // 64-column groups: T = 100 … 300; v, k, ∂O and q rows copied side by side from 65 on), and within rounding for other T, where
         // the softmax adds its last partial chunk lane-wise. Heads of 16, 32, 48, 64
         // channels; causal or not; every subset of gradients the tape may ask for.
         if !crate::attention_avx512::takes(16, 16, 16) {
@@ -960,6 +960,8 @@ mod tests {
             (192, 64, 1),
             (77, 96, 2),
             (150, 64, 1),
+            (256, 128, 2),
+            (300, 64, 1),
         ] {
             for causal in [true, false] {
                 for needs in [
