@@ -615,19 +615,16 @@ unsafe fn softmax_row(row: *mut f32, visible: usize, t: usize) {
     let chunks = visible.div_ceil(16);
     let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
     for v in 0..chunks {
-        max = _mm512_mask_max_ps(
-            max,
-            lanes_below(visible, v),
-            max,
-            _mm512_loadu_ps(row.add(16 * v)),
-        );
+        // Masked loads: the last row of the last head's P ends its buffer.
+        let x = _mm512_maskz_loadu_ps(lanes_below(t, v), row.add(16 * v));
+        max = _mm512_mask_max_ps(max, lanes_below(visible, v), max, x);
     }
     let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
     let chunked = t / 16 * 16;
     let mut sum_lanes = _mm512_setzero_ps();
     let mut last = _mm512_setzero_ps();
     for v in 0..chunks {
-        let x = _mm512_loadu_ps(row.add(16 * v));
+        let x = _mm512_maskz_loadu_ps(lanes_below(t, v), row.add(16 * v));
         let e = _mm512_maskz_mov_ps(lanes_below(visible, v), exp(_mm512_sub_ps(x, max)));
         if 16 * v < chunked {
             sum_lanes = _mm512_add_ps(sum_lanes, e);
