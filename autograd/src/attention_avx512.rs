@@ -24,10 +24,11 @@
 //! row. kᵀ and vᵀ are transposed once per head (16×16 blocks in registers) into a buffer kept
 //! by the thread; everything else is read in place.
 //!
-//! The additions happen in the GEMM path's order (each product sums its steps in order from
-//! zero; softmax's sums and ∂S's dot products use [`crate::simd`]'s lane trees), so for T a
-//! multiple of 16 the results are the bits of [`crate::ops::attention`]'s general path; for
-//! other T the softmax sum adds the last partial chunk lane-wise instead of one by one.
+//! The additions happen in the general path's order (each product sums its steps in order
+//! from zero; softmax's sums and ∂S's dot products use [`crate::simd`]'s lane trees, a row's
+//! last partial chunk added one by one), so for finite inputs the results are the bits of
+//! [`crate::ops::attention`]'s general path. (The tiles skip products with masked zeros of P
+//! that the general path may compute, so an infinite or NaN input can differ there.)
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -404,7 +405,8 @@ unsafe fn tile<const R: usize, const V: usize>(
                 acc[r][v] = _mm512_fmadd_ps(a, ys[v], acc[r][v]);
             }
         }
-        y_row = y_row.offset(y.stride);
+        // Wrapping: after the last step the row pointer may point past the buffer (unread).
+        y_row = y_row.wrapping_offset(y.stride);
     }
     acc
 }
@@ -733,6 +735,203 @@ unsafe fn exp(x: __m512) -> __m512 {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    /// One head, the last in every buffer it reads or writes (q, k, v in a fused `[t, 3C]`
+    /// array, C = 2d; the output, ∂O and P exactly sized), its outputs and P prefilled with
+    /// NaN. Returns P, the output, ∂q, ∂k, ∂v (NaN where not asked for) and the inputs q, k,
+    /// v, ∂O as `[t, d]` blocks.
+    #[allow(clippy::type_complexity)]
+    fn run_last_head(
+        t: usize,
+        d: usize,
+        causal: bool,
+        needs: [bool; 3],
+        inputs: Option<u64>,
+    ) -> ([Vec<f32>; 5], [Vec<f64>; 4]) {
+        use super::{Rows, RowsMut};
+        let (c, nan) = (2 * d, f32::NAN);
+        let w = 3 * c;
+        let random = |len: usize, seed: u64| -> Vec<f32> {
+            match inputs {
+                Some(base) => crate::ops::test_util::rand_array(&[len], base + seed)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect(),
+                None => vec![nan; len],
+            }
+        };
+        let (qkv, g) = (random(t * w, 0), random(t * c, 7));
+        let rows = |x: &[f32], offset: usize, stride: usize| Rows {
+            ptr: x[offset..].as_ptr(),
+            stride: stride as isize,
+        };
+        let (q, k, v) = (
+            rows(&qkv, d, w),
+            rows(&qkv, c + d, w),
+            rows(&qkv, 2 * c + d, w),
+        );
+        let (mut p, mut out, mut dqkv) = (vec![nan; t * t], vec![nan; t * c], vec![nan; t * w]);
+        let scale = 1.0 / (d as f32).sqrt();
+        let base = dqkv.as_mut_ptr();
+        let grad = |i: usize| {
+            needs[i].then(|| RowsMut {
+                ptr: base.wrapping_add(i * c + d),
+                stride: w as isize,
+            })
+        };
+        // SAFETY: takes() was checked by the caller; every view is inside its buffer.
+        let probs = unsafe {
+            let out = RowsMut {
+                ptr: out[d..].as_mut_ptr(),
+                stride: c as isize,
+            };
+            super::forward(t, d, causal, scale, (q, k, v), p.as_mut_ptr(), out);
+            let probs = p.clone();
+            let g = rows(&g, d, c);
+            super::backward(
+                t,
+                d,
+                causal,
+                scale,
+                g,
+                (q, k, v),
+                p.as_mut_ptr(),
+                (grad(0), grad(1), grad(2)),
+            );
+            probs
+        };
+        let block = |x: &[f32], offset: usize, stride: usize| -> Vec<f32> {
+            (0..t)
+                .flat_map(|i| x[i * stride + offset..i * stride + offset + d].to_vec())
+                .collect()
+        };
+        let wide = |x: Vec<f32>| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        (
+            [
+                probs,
+                block(&out, d, c),
+                block(&dqkv, d, w),
+                block(&dqkv, c + d, w),
+                block(&dqkv, 2 * c + d, w),
+            ],
+            [
+                wide(block(&qkv, d, w)),
+                wide(block(&qkv, c + d, w)),
+                wide(block(&qkv, 2 * c + d, w)),
+                wide(block(&g, d, c)),
+            ],
+        )
+    }
+
+    #[test]
+    fn heads_at_the_ends_of_their_buffers_match_an_f64_reference() {
+        // Every T from 1 to 384 that changes a block, tile or chunk boundary, heads of 16 to 64
+        // channels, causal or not, each gradient subset (past T = 130 only all three); outputs
+        // and P start as NaN and the per-thread buffers hold NaN from a previous head, so
+        // anything read before it is written shows. Gradients not asked for stay unwritten;
+        // masked probabilities are exactly +0.
+        if !super::takes(16, 16, 16) {
+            return;
+        }
+        for causal in [true, false] {
+            run_last_head(384, 64, causal, [true; 3], None);
+        }
+        let mut seed = 1000;
+        let lengths = [
+            1, 2, 5, 6, 7, 11, 12, 13, 15, 16, 17, 18, 31, 33, 47, 63, 64, 65, 66, 70, 79, 80, 96,
+            112, 127, 128, 129, 191, 200, 255, 257, 320, 383, 384,
+        ];
+        for t in lengths {
+            for d in [16, 32, 48, 64] {
+                for causal in [true, false] {
+                    for needs in [
+                        [true, true, true],
+                        [true, false, false],
+                        [false, true, false],
+                        [false, false, true],
+                        [true, true, false],
+                        [false, true, true],
+                    ] {
+                        if t > 130 && needs != [true; 3] {
+                            continue;
+                        }
+                        seed += 10;
+                        let ([p, out, dq, dk, dv], [q, k, v, g]) =
+                            run_last_head(t, d, causal, needs, Some(seed));
+                        let at = |x: &[f64], i: usize, c: usize| x[i * d + c];
+                        let scale = 1.0 / (d as f64).sqrt();
+                        let visible = |i: usize| if causal { i + 1 } else { t };
+                        let mut probs = vec![0.0f64; t * t];
+                        for i in 0..t {
+                            let s: Vec<f64> = (0..visible(i))
+                                .map(|j| {
+                                    (0..d).map(|c| at(&q, i, c) * at(&k, j, c)).sum::<f64>() * scale
+                                })
+                                .collect();
+                            let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                            let sum: f64 = e.iter().sum();
+                            for (j, e) in e.iter().enumerate() {
+                                probs[i * t + j] = e / sum;
+                            }
+                        }
+                        let mut ds = vec![0.0f64; t * t];
+                        let mut want = [
+                            vec![0.0f64; t * d],
+                            vec![0.0; t * d],
+                            vec![0.0; t * d],
+                            vec![0.0; t * d],
+                        ];
+                        for i in 0..t {
+                            let dp: Vec<f64> = (0..t)
+                                .map(|j| (0..d).map(|c| at(&g, i, c) * at(&v, j, c)).sum())
+                                .collect();
+                            let dot: f64 = (0..t).map(|j| dp[j] * probs[i * t + j]).sum();
+                            for j in 0..t {
+                                ds[i * t + j] = probs[i * t + j] * (dp[j] - dot) * scale;
+                            }
+                        }
+                        for i in 0..t {
+                            for c in 0..d {
+                                let sum = |f: &dyn Fn(usize) -> f64| (0..t).map(f).sum::<f64>();
+                                want[0][i * d + c] = sum(&|j| probs[i * t + j] * at(&v, j, c));
+                                want[1][i * d + c] = sum(&|j| ds[i * t + j] * at(&k, j, c));
+                                want[2][i * d + c] = sum(&|j| ds[j * t + i] * at(&q, j, c));
+                                want[3][i * d + c] = sum(&|j| probs[j * t + i] * at(&g, j, c));
+                            }
+                        }
+                        let what = format!("T={t} d={d} causal={causal} needs={needs:?}");
+                        let close = |name: &str, got: &[f32], want: &[f64]| {
+                            for (index, (a, b)) in got.iter().zip(want).enumerate() {
+                                let diff = (*a as f64 - b).abs();
+                                assert!(diff < 1e-4, "{what} {name}[{index}]: {a} against {b}");
+                            }
+                        };
+                        close("P", &p, &probs);
+                        close("y", &out, &want[0]);
+                        for ((name, got), (need, want)) in ["∂q", "∂k", "∂v"]
+                            .iter()
+                            .zip([&dq, &dk, &dv])
+                            .zip(needs.iter().zip(&want[1..]))
+                        {
+                            if *need {
+                                close(name, got, want);
+                            } else {
+                                assert!(got.iter().all(|x| x.is_nan()), "{what}: {name} written");
+                            }
+                        }
+                        if causal {
+                            for i in 0..t {
+                                for j in i + 1..t {
+                                    assert_eq!(p[i * t + j].to_bits(), 0, "{what}: P[{i}][{j}]");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn sixteen_lane_exp_has_the_scalar_bits() {
         if !super::takes(16, 16, 16) {

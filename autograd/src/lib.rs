@@ -12,7 +12,7 @@
 //! | [`gradcheck`](mod@gradcheck) | central-difference gradient checking in `f64` |
 //! | `display` | the tape as a text table (`Display`) and as Graphviz DOT ([`Tape::to_dot`]) |
 //! | [`sgemm_avx512`] | the f32 GEMM used where AVX-512 is present (12×32 FMA micro-kernel; the thin kernel for LoRA's rank side; LoRA's low-rank terms summed inside a linear's tiles) |
-//! | [`attention_avx512`] | one attention head of a short sequence (T ≤ 64) in f32 with its scores, softmax and ∂S in registers (nanogpt-cpu's heads) |
+//! | [`attention_avx512`] | one attention head of a short sequence (T ≤ 384) in f32 from register tiles; for T ≤ 64 its scores, softmax and ∂S stay in registers (nanogpt-cpu's heads) |
 //! | [`simd`] | run-time choice of AVX-512 / AVX2 builds for the elementwise loops |
 //! | [`element`] | the [`Float`] trait: `f32` for training, `f64` for checking |
 //! | [`error`] | [`AutogradError`], typed errors naming the op and shapes |
