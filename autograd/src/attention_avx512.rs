@@ -480,11 +480,7 @@ unsafe fn softmax_block<const V: usize>(
     p: *mut f32,
 ) {
     let t = head.t;
-    let q_block = Rows {
-        ptr: q.row(i0),
-        stride: q.stride,
-    };
-    let acc = tile::<ROWS, V>(q_block, 1, rows, k_t, d);
+    let acc = tile::<ROWS, V>(q.from(i0), 1, rows, k_t, d);
     let scale = _mm512_set1_ps(head.scale);
     // Lanes before this index add lane-wise; a last partial chunk of the row (T not a
     // multiple of 16) adds one by one after them, as the general path's scalar tail does.
@@ -541,11 +537,7 @@ unsafe fn score_gradient_block<const V: usize>(
     p: *mut f32,
 ) {
     let t = head.t;
-    let g_block = Rows {
-        ptr: g.row(i0),
-        stride: g.stride,
-    };
-    let acc = tile::<ROWS, V>(g_block, 1, rows, v_t, d);
+    let acc = tile::<ROWS, V>(g.from(i0), 1, rows, v_t, d);
     for (r, dp) in acc.iter().enumerate().take(rows) {
         let i = i0 + r;
         // P is zero past the visible keys; whole chunks up to them, as the general path.

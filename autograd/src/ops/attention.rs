@@ -245,6 +245,22 @@ fn optional_blocks<A>(
         .collect()
 }
 
+/// Per (b, h), the blocks of ∂q, ∂k, ∂v to write (`None` where `needs` says no; such an
+/// array has no rows).
+#[allow(clippy::type_complexity)]
+fn gradient_blocks<'a, T>(
+    [dq, dk, dv]: [&'a mut Array3<MaybeUninit<T>>; 3],
+    d: usize,
+    needs: &[bool],
+) -> Vec<[Option<ArrayViewMut2<'a, MaybeUninit<T>>>; 3]> {
+    optional_blocks(dq.view_mut(), d, needs[0])
+        .into_iter()
+        .zip(optional_blocks(dk.view_mut(), d, needs[1]))
+        .zip(optional_blocks(dv.view_mut(), d, needs[2]))
+        .map(|((q, k), v)| [q, k, v])
+        .collect()
+}
+
 fn view3<T: Float>(x: &Tensor<T>) -> ArrayView3<'_, T> {
     x.view()
         .into_dimensionality::<Ix3>()
@@ -644,12 +660,7 @@ pub fn attention<'t, T: Float>(
             let mut dq = Array3::<T>::uninit((batch, rows(needs[0], tq), c));
             let mut dk = Array3::<T>::uninit((batch, rows(needs[1], tk), c));
             let mut dv = Array3::<T>::uninit((batch, rows(needs[2], tk), c));
-            let grads = optional_blocks(dq.view_mut(), d, needs[0])
-                .into_iter()
-                .zip(optional_blocks(dk.view_mut(), d, needs[1]))
-                .zip(optional_blocks(dv.view_mut(), d, needs[2]))
-                .map(|((q, k), v)| [q, k, v])
-                .collect();
+            let grads = gradient_blocks([&mut dq, &mut dk, &mut dv], d, needs);
             backward_heads(
                 g3.view(),
                 (view3(&qv), 0),
@@ -896,7 +907,7 @@ mod tests {
         small: bool,
         needs: [bool; 3],
     ) -> Vec<Option<ndarray::Array3<f32>>> {
-        use super::{backward_heads, forward_heads, optional_blocks, Dims};
+        use super::{backward_heads, forward_heads, gradient_blocks, Dims};
         use ndarray::{Array3, Ix3};
         let [q, k, v, g] = inputs
             .clone()
@@ -913,12 +924,7 @@ mod tests {
         let [dq, dk, dv] = &mut grads[..] else {
             unreachable!()
         };
-        let blocks = optional_blocks(dq.view_mut(), d, needs[0])
-            .into_iter()
-            .zip(optional_blocks(dk.view_mut(), d, needs[1]))
-            .zip(optional_blocks(dv.view_mut(), d, needs[2]))
-            .map(|((q, k), v)| [q, k, v])
-            .collect();
+        let blocks = gradient_blocks([dq, dk, dv], d, &needs);
         backward_heads(
             g.view(),
             (q.view(), 0),
