@@ -201,23 +201,11 @@ pub unsafe fn forward(
                     if keys <= MAX_T {
                         with_vectors!(keys.div_ceil(16), softmax_block(head, q, k_t, d, s0, n, p));
                     } else {
-                        for g0 in (0..keys).step_by(MAX_T) {
-                            with_vectors!(
-                                (keys - g0).div_ceil(16).min(4),
-                                scores_block(
-                                    q.from(s0),
-                                    n,
-                                    k_t.shifted(g0),
-                                    d,
-                                    RowsMut {
-                                        ptr: p.add(s0 * t + g0),
-                                        stride: t as isize
-                                    },
-                                    t - g0,
-                                    scale
-                                )
-                            );
-                        }
+                        let scores = RowsMut {
+                            ptr: p.add(s0 * t),
+                            stride: t as isize,
+                        };
+                        scores_in_groups(q.from(s0), n, k_t, d, scores, (keys, t), scale);
                         for i in s0..s0 + n {
                             softmax_row(p.add(i * t), head.visible(i), t);
                         }
@@ -306,23 +294,11 @@ pub unsafe fn backward(
                             score_gradient_block(head, g, v_t, d, s0, n, p)
                         );
                     } else {
-                        for g0 in (0..keys).step_by(MAX_T) {
-                            with_vectors!(
-                                (keys - g0).div_ceil(16).min(4),
-                                scores_block(
-                                    g.from(s0),
-                                    n,
-                                    v_t.shifted(g0),
-                                    d,
-                                    RowsMut {
-                                        ptr: dp.as_mut_ptr().add(g0),
-                                        stride: stride as isize
-                                    },
-                                    t - g0,
-                                    1.0
-                                )
-                            );
-                        }
+                        let dp_rows = RowsMut {
+                            ptr: dp.as_mut_ptr(),
+                            stride: stride as isize,
+                        };
+                        scores_in_groups(g.from(s0), n, v_t, d, dp_rows, (keys, t), 1.0);
                         for r in 0..n {
                             let i = s0 + r;
                             let seen = head.visible(i).next_multiple_of(16).min(t);
@@ -568,6 +544,32 @@ unsafe fn score_gradient_row(row: *mut f32, dp: *const f32, seen: usize, scale: 
         let dp = _mm512_maskz_loadu_ps(mask, dp.add(16 * v));
         let ds = _mm512_mul_ps(_mm512_mul_ps(probs, _mm512_sub_ps(dp, dot)), scale);
         _mm512_mask_storeu_ps(row.add(16 * v), mask, ds);
+    }
+}
+
+/// Scaled scores (or ∂P, with `scale` 1) of `rows` rows against the first `keys` columns of
+/// `k_t`, 64 at a time, written into `out`'s rows (each `t` long; whole 16-lane chunks up to
+/// `keys`, never past `t`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_in_groups(
+    a: Rows,
+    rows: usize,
+    k_t: Rows,
+    d: usize,
+    out: RowsMut,
+    (keys, t): (usize, usize),
+    scale: f32,
+) {
+    for g0 in (0..keys).step_by(MAX_T) {
+        let out = RowsMut {
+            ptr: out.ptr.add(g0),
+            stride: out.stride,
+        };
+        with_vectors!(
+            (keys - g0).div_ceil(16).min(4),
+            scores_block(a, rows, k_t.shifted(g0), d, out, t - g0, scale)
+        );
     }
 }
 
