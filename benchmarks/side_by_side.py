@@ -4,7 +4,8 @@ benchmark, and writes the tables (with ratios) into docs/BENCHMARKS.md between t
 `<!-- side-by-side:start -->` and `<!-- side-by-side:end -->` markers. Called by run.sh.
 
 Environment: PYTHON (an interpreter with torch + transformers), TAPELORA (the binary),
-QUICK=1 (fewer benchmarks, no scaling tables), REPEAT (rounds per row, default 2),
+QUICK=1 (fewer benchmarks, no scaling tables), REPEAT (rounds per row, default 3: an odd
+count, so that a row's per-round median is one round's ratio),
 NANOGPT_ROUNDS (rounds for the nanogpt-cpu training rows: max(REPEAT, NANOGPT_ROUNDS), 7
 by default).
 """
@@ -32,7 +33,7 @@ def last_json(cmd, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-REPEAT = int(os.environ.get("REPEAT", "2"))
+REPEAT = int(os.environ.get("REPEAT", "3"))
 
 
 def better(a, b):
