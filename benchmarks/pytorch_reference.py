@@ -9,6 +9,7 @@ Prints a few readable lines, then (last line) the same JSON keys as `tapelora be
   full / lora : {"ms_per_step", "tokens_per_sec", "peak_rss_mib", "mfu"}
   generate    : {"tokens_per_sec", "peak_rss_mib"}
   infer       : {"base_ms", "unmerged_ms", "merged_ms", "unmerged_overhead", "merged_overhead"}
+  gemm        : {"threads", "shapes": [{"m", "k", "n", "median_gflops", "best_gflops"}, …]}
 
 The models: a GPT-2 block stack written the way nanoGPT writes it (pre-LN, fused c_attn,
 tanh-GELU, F.scaled_dot_product_attention with is_causal, lm_head tied to wte), with biases for
@@ -251,10 +252,35 @@ def infer(args):
                       "merged_overhead": round(rg - 1, 4)}))
 
 
+GPT2_LINEAR_SHAPES = "1024x768x2304,1024x768x768,1024x768x3072,1024x3072x768"
+
+
+def gemm(args):
+    """torch.mm alone on each M×K×N shape (row-major operands, C written into a preallocated
+    tensor): the median and best of --reps calls after a warm-up, as `tapelora bench --mode gemm`."""
+    rows = []
+    for shape in args.shapes.split(","):
+        m, k, n = (int(d) for d in shape.replace("×", "x").split("x"))
+        gen = torch.Generator().manual_seed(0)
+        a, b, c = torch.rand(m, k, generator=gen) - 0.5, torch.rand(k, n, generator=gen) - 0.5, torch.empty(m, n)
+        torch.mm(a, b, out=c)
+        times = []
+        for _ in range(args.reps):
+            start = time.perf_counter()
+            torch.mm(a, b, out=c)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        flops = 2.0 * m * k * n
+        rows.append({"m": m, "k": k, "n": n, "median_gflops": round(flops / times[len(times) // 2] / 1e9, 2),
+                     "best_gflops": round(flops / times[0] / 1e9, 2)})
+        print(f"torch.mm {m}×{k}×{n}: median {rows[-1]['median_gflops']} GFLOP/s, best {rows[-1]['best_gflops']}")
+    print(json.dumps({"threads": torch.get_num_threads(), "shapes": rows}))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=sorted(PRESETS), default="nanogpt-cpu")
-    p.add_argument("--mode", choices=["full", "lora", "generate", "infer"], default="full")
+    p.add_argument("--mode", choices=["full", "lora", "generate", "infer", "gemm"], default="full")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batch", type=int)
     p.add_argument("--block", type=int)
@@ -262,10 +288,13 @@ def main():
     p.add_argument("--embd", type=int, help="override the width (heads = width / 64)")
     p.add_argument("--layers", type=int)
     p.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "2")))
+    p.add_argument("--shapes", default=GPT2_LINEAR_SHAPES, help="M×K×N,… for --mode gemm")
+    p.add_argument("--reps", type=int, default=7, help="timed calls per shape for --mode gemm")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     {"full": lambda: train(args, False), "lora": lambda: train(args, True),
-     "generate": lambda: generate(args), "infer": lambda: infer(args)}[args.mode]()
+     "generate": lambda: generate(args), "infer": lambda: infer(args),
+     "gemm": lambda: gemm(args)}[args.mode]()
 
 
 if __name__ == "__main__":

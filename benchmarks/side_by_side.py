@@ -108,6 +108,35 @@ def training_rows(specs):
     return rows, results
 
 
+def gemm_rows(rounds=None):
+    """Our GEMM and torch.mm alone on GPT-2's linear shapes, the two sides alternated `rounds`
+    times (each run: 20 calls per shape after a warm-up, its median kept): where the training
+    rows' GEMM time goes, side by side."""
+    rounds = rounds or max(REPEAT, NANOGPT_ROUNDS)
+    args = ["--mode", "gemm", "--reps", "20"]
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(last_json([TAPELORA, "bench", "--json", *args], {"RAYON_NUM_THREADS": "2"})["shapes"])
+        theirs.append(last_json([PYTHON, str(ROOT / "benchmarks/pytorch_reference.py"), *args,
+                                 "--threads", "2"])["shapes"])
+    rows = ["### GEMM alone (two threads): GPT-2 B4×T256's linears", "",
+            f"`C = A·B`, row-major operands; {rounds} alternated rounds of 20 calls per shape on "
+            "each side (GFLOP/s: the median over rounds of each run's median call, and the best "
+            "call of all).", "",
+            "| M×K×N | tapelora GFLOP/s | torch.mm GFLOP/s | ratio: median of rounds (range) (↑) | "
+            "best call, tapelora / torch.mm |",
+            "|---|---:|---:|---:|---:|"]
+    for i, shape in enumerate(ours[0]):
+        o = [run[i]["median_gflops"] for run in ours]
+        t = [run[i]["median_gflops"] for run in theirs]
+        r = [a / b for a, b in zip(o, t)]
+        rows.append(f"| {shape['m']}×{shape['k']}×{shape['n']} | {median(o):.0f} | {median(t):.0f} | "
+                    f"**{median(r):.2f}×** ({min(r):.2f}–{max(r):.2f}) | "
+                    f"{max(run[i]['best_gflops'] for run in ours):.0f} / "
+                    f"{max(run[i]['best_gflops'] for run in theirs):.0f} |")
+    return rows + [""]
+
+
 def main():
     sections = []
     train_specs = [
@@ -126,6 +155,9 @@ def main():
         sections += [f"tapelora's GPT-2 LoRA step takes {lora['ms_per_step'] / full['ms_per_step']:.2f}× "
                      f"its full step; its peak RSS is {lora['peak_rss_mib'] / full['peak_rss_mib']:.2f}× "
                      "the full step's.", ""]
+
+    print("gemm", flush=True)
+    sections += gemm_rows()
 
     print("generation", flush=True)
     gen_cfg = "nanogpt-cpu" if QUICK else "gpt2"

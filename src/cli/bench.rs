@@ -66,6 +66,95 @@ fn raw_sgemm(a: &Array2<f32>, b: &Array2<f32>, c: &mut Array2<f32>) {
     }
 }
 
+/// GPT-2 124M's linears at B4×T256 as M×K×N: c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+/// forward (`x·W`, 1024 tokens).
+pub const GPT2_LINEAR_SHAPES: [&str; 4] = [
+    "1024x768x2304",
+    "1024x768x768",
+    "1024x768x3072",
+    "1024x3072x768",
+];
+
+/// Most floats `--mode gemm` allocates for one shape's A, B and C (4 GiB).
+const GEMM_MAX_FLOATS: usize = 1 << 30;
+
+/// `M×K×N` strings (`x` or `×` between three positive integers) as (m, k, n).
+pub fn parse_shapes(shapes: &[String]) -> Result<Vec<(usize, usize, usize)>, String> {
+    shapes
+        .iter()
+        .map(|shape| {
+            let dims: Vec<usize> = shape
+                .split(['x', '×'])
+                .map(|d| d.trim().parse::<usize>().unwrap_or(0))
+                .collect();
+            let not_a_shape = || {
+                format!(
+                    "bench: --shapes: `{shape}` is not M×K×N (three positive integers joined by x)"
+                )
+            };
+            let &[m, k, n] = &dims[..] else {
+                return Err(not_a_shape());
+            };
+            if m == 0 || k == 0 || n == 0 {
+                return Err(not_a_shape());
+            }
+            // A, B and C in f32 must fit in memory (a typo of a few digits would not).
+            let floats = [m.checked_mul(k), k.checked_mul(n), m.checked_mul(n)]
+                .into_iter()
+                .try_fold(0usize, |sum, f| f.and_then(|f| sum.checked_add(f)));
+            match floats {
+                Some(floats) if floats <= GEMM_MAX_FLOATS => Ok((m, k, n)),
+                _ => Err(format!(
+                    "bench: --shapes: `{shape}` needs more than {} GiB for its three matrices",
+                    (GEMM_MAX_FLOATS * 4) >> 30
+                )),
+            }
+        })
+        .collect()
+}
+
+/// Our GEMM alone (`C ← A·B`, row-major A and B, on rayon's pool) on each shape: the median
+/// and the best of `reps` calls after a warm-up, in GFLOP/s. `benchmarks/run.sh` puts these
+/// beside PyTorch's `torch.mm` on the same shapes, alternating the two.
+pub fn gemm(shapes: &[(usize, usize, usize)], reps: usize, json: bool) -> Result<(), String> {
+    let threads = rayon::current_num_threads();
+    if !json {
+        println!("gemm: C = A·B, row-major operands, {threads} threads ({reps} calls after a warm-up; GFLOP/s)");
+        println!("{:>20} {:>10} {:>10}", "M×K×N", "median", "best");
+    }
+    let mut rows = Vec::new();
+    for &(m, k, n) in shapes {
+        let (a, b) = (filled(m, k), filled(k, n));
+        let mut c = Array2::<f32>::zeros((m, n));
+        let mut call = || tapelora_autograd::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut());
+        call();
+        let mut times: Vec<f64> = (0..reps)
+            .map(|_| {
+                let start = Instant::now();
+                call();
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let flops = 2.0 * (m * k * n) as f64;
+        let (median, best) = (flops / times[reps / 2] / 1e9, flops / times[0] / 1e9);
+        if json {
+            rows.push(format!(
+                "{{\"m\": {m}, \"k\": {k}, \"n\": {n}, \"median_gflops\": {median:.2}, \"best_gflops\": {best:.2}}}"
+            ));
+        } else {
+            println!("{:>20} {median:>10.1} {best:>10.1}", format!("{m}×{k}×{n}"));
+        }
+    }
+    if json {
+        println!(
+            "{{\"threads\": {threads}, \"shapes\": [{}]}}",
+            rows.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Throughput of the tape's matmul against raw `matrixmultiply::sgemm` on the same sizes.
 pub fn matmul(sizes: &[usize], reps: usize, json: bool) -> Result<(), String> {
     let threads = rayon::current_num_threads();

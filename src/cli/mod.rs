@@ -79,6 +79,9 @@ pub enum Command {
         /// Square matrix sizes for `--mode matmul`.
         #[arg(long, value_delimiter = ',', default_values_t = vec![512, 768, 1024])]
         sizes: Vec<usize>,
+        /// Product shapes M×K×N for `--mode gemm` (default: GPT-2 B4×T256's four linears).
+        #[arg(long, value_delimiter = ',', default_values_t = bench::GPT2_LINEAR_SHAPES.map(String::from).to_vec())]
+        shapes: Vec<String>,
         /// Timed repetitions (the median is reported).
         #[arg(long, default_value_t = 7)]
         reps: usize,
@@ -101,6 +104,8 @@ pub enum Command {
 pub enum BenchMode {
     /// The tape's matmul against raw matrixmultiply sgemm.
     Matmul,
+    /// Our GEMM alone on --shapes (row-major operands, all threads): GFLOP/s per shape.
+    Gemm,
     /// Training steps updating every weight (forward + backward + AdamW).
     Full,
     /// Training steps with LoRA on c_attn.q and c_attn.v.
@@ -176,6 +181,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             block,
             steps,
             sizes,
+            shapes,
             reps,
             json,
             profile,
@@ -201,6 +207,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             };
             match mode {
                 BenchMode::Matmul => bench::matmul(&sizes, reps, json),
+                BenchMode::Gemm => bench::gemm(&bench::parse_shapes(&shapes)?, reps, json),
                 BenchMode::Full => model.train(false),
                 BenchMode::Lora => model.train(true),
                 BenchMode::Generate => model.generate(),
