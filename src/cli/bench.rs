@@ -6,8 +6,8 @@ use std::time::Instant;
 use ndarray::{Array2, ArrayD};
 use tapelora_autograd::Tape;
 
-/// Median of `reps` timings of `f`, in seconds, after one warm-up call.
-fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+/// `reps` timings of `f`, in seconds, after one warm-up call, quickest first.
+fn sorted_seconds(reps: usize, mut f: impl FnMut()) -> Vec<f64> {
     f();
     let mut times: Vec<f64> = (0..reps)
         .map(|_| {
@@ -17,6 +17,12 @@ fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
         })
         .collect();
     times.sort_by(f64::total_cmp);
+    times
+}
+
+/// Median of `reps` timings of `f`, in seconds, after one warm-up call.
+fn median_seconds(reps: usize, f: impl FnMut()) -> f64 {
+    let times = sorted_seconds(reps, f);
     times[times.len() / 2]
 }
 
@@ -126,16 +132,9 @@ pub fn gemm(shapes: &[(usize, usize, usize)], reps: usize, json: bool) -> Result
     for &(m, k, n) in shapes {
         let (a, b) = (filled(m, k), filled(k, n));
         let mut c = Array2::<f32>::zeros((m, n));
-        let mut call = || tapelora_autograd::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut());
-        call();
-        let mut times: Vec<f64> = (0..reps)
-            .map(|_| {
-                let start = Instant::now();
-                call();
-                start.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.sort_by(f64::total_cmp);
+        let times = sorted_seconds(reps, || {
+            tapelora_autograd::gemm::gemm(1.0, a.view(), b.view(), 0.0, c.view_mut())
+        });
         let flops = 2.0 * (m * k * n) as f64;
         let (median, best) = (flops / times[reps / 2] / 1e9, flops / times[0] / 1e9);
         if json {
