@@ -119,6 +119,9 @@ def gemm_rows(rounds=None):
         ours.append(last_json([TAPELORA, "bench", "--json", *args], {"RAYON_NUM_THREADS": "2"})["shapes"])
         theirs.append(last_json([PYTHON, str(ROOT / "benchmarks/pytorch_reference.py"), *args,
                                  "--threads", "2"])["shapes"])
+    dims = lambda runs: [(x["m"], x["k"], x["n"]) for x in runs[0]]
+    if dims(ours) != dims(theirs):
+        raise SystemExit(f"gemm: the two sides timed different shapes: {dims(ours)} vs {dims(theirs)}")
     rows = ["### GEMM alone (two threads): GPT-2 B4×T256's linears", "",
             f"`C = A·B`, row-major operands; {rounds} alternated rounds of 20 calls per shape on "
             "each side (GFLOP/s: the median over rounds of each run's median call, and the best "

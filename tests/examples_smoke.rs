@@ -8,47 +8,60 @@ fn gradcheck_all_passes_for_every_op() {
     assert_eq!(gradcheck_all::run(), 0);
 }
 
-/// The bench command's matmul and gemm modes and their argument checks (the demo has its own test,
-/// tests/demo_quick.rs).
-#[test]
-fn cli_bench_runs() {
-    let exe = env!("CARGO_BIN_EXE_tapelora");
-    let out = std::process::Command::new(exe)
-        .args([
-            "bench", "--mode", "matmul", "--sizes", "64", "--reps", "1", "--json",
-        ])
+/// Runs the tapelora binary with `args`.
+fn tapelora(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tapelora"))
+        .args(args)
         .output()
-        .expect("runs");
+        .expect("runs")
+}
+
+/// The stdout of a run that must succeed, and its last line as JSON.
+fn json_run(args: &[&str]) -> (String, serde_json::Value) {
+    let out = tapelora(args);
     assert!(
         out.status.success(),
-        "{}",
+        "{args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{args:?}: last line is not JSON ({e}): {stdout}"));
+    (stdout, last)
+}
+
+/// A run that must fail with a one-line error naming every one of `names`.
+fn assert_one_line_error(args: &[&str], names: &[&str]) {
+    let out = tapelora(args);
+    assert!(!out.status.success(), "{args:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
+    for name in names {
+        assert!(stderr.contains(name), "{args:?}: {stderr}");
+    }
+}
+
+/// The bench command's matmul and gemm modes and their argument checks (the demo has its own
+/// test, tests/demo_quick.rs).
+#[test]
+fn cli_bench_runs() {
+    let (stdout, _) = json_run(&[
+        "bench", "--mode", "matmul", "--sizes", "64", "--reps", "1", "--json",
+    ]);
     assert!(
         stdout.trim_start().starts_with('[') && stdout.contains("\"ratio\""),
         "{stdout}"
     );
-    let gemm = std::process::Command::new(exe)
-        .args([
-            "bench",
-            "--mode",
-            "gemm",
-            "--shapes",
-            "24x16x40,3×5×7",
-            "--reps",
-            "2",
-            "--json",
-        ])
-        .output()
-        .expect("runs");
-    assert!(
-        gemm.status.success(),
-        "{}",
-        String::from_utf8_lossy(&gemm.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&gemm.stdout);
-    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let (stdout, last) = json_run(&[
+        "bench",
+        "--mode",
+        "gemm",
+        "--shapes",
+        "24x16x40,3×5×7",
+        "--reps",
+        "2",
+        "--json",
+    ]);
     let shapes = last["shapes"].as_array().expect("a list of shapes");
     assert_eq!(shapes.len(), 2, "{stdout}");
     assert_eq!(
@@ -63,26 +76,12 @@ fn cli_bench_runs() {
         assert!(median > 0.0 && best >= median, "{stdout}");
     }
     for bad_shape in ["2x0x3", "1024x768", "axbxc", "100000x100000x100000"] {
-        let bad = std::process::Command::new(exe)
-            .args(["bench", "--mode", "gemm", "--shapes", bad_shape])
-            .output()
-            .expect("runs");
-        assert!(!bad.status.success(), "{bad_shape}");
-        let stderr = String::from_utf8_lossy(&bad.stderr);
-        assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
-        assert!(
-            stderr.contains("--shapes") && stderr.contains(bad_shape),
-            "{stderr}"
+        assert_one_line_error(
+            &["bench", "--mode", "gemm", "--shapes", bad_shape],
+            &["--shapes", bad_shape],
         );
     }
-    let bad = std::process::Command::new(exe)
-        .args(["bench", "--reps", "0"])
-        .output()
-        .expect("runs");
-    assert!(!bad.status.success());
-    let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert_eq!(stderr.lines().count(), 1, "one-line error: {stderr}");
-    assert!(stderr.contains("--reps"), "{stderr}");
+    assert_one_line_error(&["bench", "--reps", "0"], &["--reps"]);
 }
 
 #[path = "../examples/lora_by_hand.rs"]
@@ -99,7 +98,6 @@ fn lora_by_hand_lesson_checks_pass() {
 
 #[test]
 fn model_benchmarks_print_their_json_line() {
-    let exe = env!("CARGO_BIN_EXE_tapelora");
     for (mode, key) in [
         ("full", "\"mfu\""),
         ("lora", "\"peak_rss_mib\""),
@@ -107,30 +105,20 @@ fn model_benchmarks_print_their_json_line() {
         ("infer", "\"merged_ms\""),
         ("lora-vs-full", "\"gemm_flop_share\""),
     ] {
-        let out = std::process::Command::new(exe)
-            .args([
-                "bench",
-                "--mode",
-                mode,
-                "--config",
-                "nanogpt-cpu",
-                "--batch",
-                "2",
-                "--block",
-                "16",
-                "--steps",
-                "1",
-                "--json",
-            ])
-            .output()
-            .expect("runs");
-        assert!(
-            out.status.success(),
-            "{mode}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let (stdout, last) = json_run(&[
+            "bench",
+            "--mode",
+            mode,
+            "--config",
+            "nanogpt-cpu",
+            "--batch",
+            "2",
+            "--block",
+            "16",
+            "--steps",
+            "1",
+            "--json",
+        ]);
         assert!(stdout.contains(key) && last.is_object(), "{mode}: {stdout}");
     }
 }
