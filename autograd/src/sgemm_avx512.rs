@@ -18,6 +18,9 @@
 //!         jr: 32-column panel    micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C, B streamed
 //!                                from L2 with a software prefetch 8 steps of k ahead
 //! ```
+//! A full 12-row tile's k loop is a few lines of assembly ([`steps_12x32`]: FMAs with
+//! broadcast memory operands, fewer instructions per step than the compiler makes of the
+//! intrinsics); edge tiles and the in-place row kernel stay in intrinsics.
 //! A row-major A (activations, incoming gradients: the A of every forward product and every
 //! ∂x = G·Wᵀ) is read in place by `kernel_rows` in small products, as BLIS's "sup" kernels
 //! do, and packed through 16×16 in-register transposes in large ones (from 2^26
@@ -1154,23 +1157,161 @@ unsafe fn kernel<const ROWS: usize>(
     tile: Tile,
 ) {
     prefetch_c(tile);
-    let mut left = [_mm512_setzero_ps(); MR];
-    let mut right = [_mm512_setzero_ps(); MR];
-    let (mut a, mut b) = (a, b);
-    for _ in 0..kc {
-        prefetch_b(b);
-        let b0 = _mm512_load_ps(b);
-        let b1 = _mm512_load_ps(b.add(16));
-        for i in 0..ROWS {
-            let ai = _mm512_set1_ps(*a.add(i));
-            left[i] = _mm512_fmadd_ps(ai, b0, left[i]);
-            right[i] = _mm512_fmadd_ps(ai, b1, right[i]);
+    let (mut left, mut right) = if ROWS == MR && kc > 0 {
+        steps_12x32(kc, a, a_step, b)
+    } else {
+        let mut left = [_mm512_setzero_ps(); MR];
+        let mut right = [_mm512_setzero_ps(); MR];
+        let (mut a, mut b) = (a, b);
+        for _ in 0..kc {
+            prefetch_b(b);
+            let b0 = _mm512_load_ps(b);
+            let b1 = _mm512_load_ps(b.add(16));
+            for i in 0..ROWS {
+                let ai = _mm512_set1_ps(*a.add(i));
+                left[i] = _mm512_fmadd_ps(ai, b0, left[i]);
+                right[i] = _mm512_fmadd_ps(ai, b1, right[i]);
+            }
+            a = a.offset(a_step);
+            b = b.add(NR);
         }
-        a = a.offset(a_step);
-        b = b.add(NR);
-    }
+        (left, right)
+    };
     tail.accumulate::<ROWS>(&mut left, &mut right);
     store(left, right, tile);
+}
+
+/// [`kernel`]'s k loop for a full 12-row tile: `kc ≥ 1` steps, each two 16-lane vectors of
+/// the packed B panel against 12 values of A (`a_step` floats apart from one step to the
+/// next), returning the accumulators (each row's left and right half). The same FMAs in the
+/// same order as the generic loop, so the same bits.
+///
+/// Written in assembly for what each step costs the core's front end: the generic loop
+/// compiles to one broadcast and two register FMAs per value of A (43 instructions per step
+/// of 24 FMAs), while here each FMA reads its value straight from memory as a broadcast
+/// operand (`{1to16}`; 31 per step). Both keep the FMA units busy on an idle core, but when
+/// the other hardware thread of the physical core is busy (another tenant of this VM's host:
+/// the "slow phases" in docs/BENCHMARKS.md, where the register-only FMA probe keeps its rate
+/// and every kernel that loads from memory loses ≈ 25 %) the instructions the two threads can
+/// issue per cycle are shared, and the shorter step loses less: 1.07–1.09× in a standalone
+/// copy in such minutes, 1.016× on average (alternated call by call, 200 shape × run medians,
+/// 91 % of them above 1) on GPT-2's linears in this library otherwise.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn steps_12x32(
+    kc: usize,
+    a: *const f32,
+    a_step: isize,
+    b: *const f32,
+) -> ([__m512; MR], [__m512; MR]) {
+    let (l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11): (
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+    );
+    let (r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11): (
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+        __m512,
+    );
+    // SAFETY: reads kc steps of A (12 floats each, a_step floats apart) and kc × 32 floats of
+    // B (64-byte aligned, as the packing buffers are), the caller's contract; prefetches past
+    // the panel never fault.
+    std::arch::asm!(
+        "vpxord zmm0, zmm0, zmm0",
+        "vpxord zmm1, zmm1, zmm1",
+        "vpxord zmm2, zmm2, zmm2",
+        "vpxord zmm3, zmm3, zmm3",
+        "vpxord zmm4, zmm4, zmm4",
+        "vpxord zmm5, zmm5, zmm5",
+        "vpxord zmm6, zmm6, zmm6",
+        "vpxord zmm7, zmm7, zmm7",
+        "vpxord zmm8, zmm8, zmm8",
+        "vpxord zmm9, zmm9, zmm9",
+        "vpxord zmm10, zmm10, zmm10",
+        "vpxord zmm11, zmm11, zmm11",
+        "vpxord zmm12, zmm12, zmm12",
+        "vpxord zmm13, zmm13, zmm13",
+        "vpxord zmm14, zmm14, zmm14",
+        "vpxord zmm15, zmm15, zmm15",
+        "vpxord zmm16, zmm16, zmm16",
+        "vpxord zmm17, zmm17, zmm17",
+        "vpxord zmm18, zmm18, zmm18",
+        "vpxord zmm19, zmm19, zmm19",
+        "vpxord zmm20, zmm20, zmm20",
+        "vpxord zmm21, zmm21, zmm21",
+        "vpxord zmm22, zmm22, zmm22",
+        "vpxord zmm23, zmm23, zmm23",
+        "2:",
+        "prefetcht0 [{b} + {ahead}]",
+        "prefetcht0 [{b} + {ahead} + 64]",
+        "vmovaps zmm24, [{b}]",
+        "vmovaps zmm25, [{b} + 64]",
+        "vfmadd231ps zmm0, zmm24, dword ptr [{a}]{{1to16}}",
+        "vfmadd231ps zmm1, zmm25, dword ptr [{a}]{{1to16}}",
+        "vfmadd231ps zmm2, zmm24, dword ptr [{a} + 4]{{1to16}}",
+        "vfmadd231ps zmm3, zmm25, dword ptr [{a} + 4]{{1to16}}",
+        "vfmadd231ps zmm4, zmm24, dword ptr [{a} + 8]{{1to16}}",
+        "vfmadd231ps zmm5, zmm25, dword ptr [{a} + 8]{{1to16}}",
+        "vfmadd231ps zmm6, zmm24, dword ptr [{a} + 12]{{1to16}}",
+        "vfmadd231ps zmm7, zmm25, dword ptr [{a} + 12]{{1to16}}",
+        "vfmadd231ps zmm8, zmm24, dword ptr [{a} + 16]{{1to16}}",
+        "vfmadd231ps zmm9, zmm25, dword ptr [{a} + 16]{{1to16}}",
+        "vfmadd231ps zmm10, zmm24, dword ptr [{a} + 20]{{1to16}}",
+        "vfmadd231ps zmm11, zmm25, dword ptr [{a} + 20]{{1to16}}",
+        "vfmadd231ps zmm12, zmm24, dword ptr [{a} + 24]{{1to16}}",
+        "vfmadd231ps zmm13, zmm25, dword ptr [{a} + 24]{{1to16}}",
+        "vfmadd231ps zmm14, zmm24, dword ptr [{a} + 28]{{1to16}}",
+        "vfmadd231ps zmm15, zmm25, dword ptr [{a} + 28]{{1to16}}",
+        "vfmadd231ps zmm16, zmm24, dword ptr [{a} + 32]{{1to16}}",
+        "vfmadd231ps zmm17, zmm25, dword ptr [{a} + 32]{{1to16}}",
+        "vfmadd231ps zmm18, zmm24, dword ptr [{a} + 36]{{1to16}}",
+        "vfmadd231ps zmm19, zmm25, dword ptr [{a} + 36]{{1to16}}",
+        "vfmadd231ps zmm20, zmm24, dword ptr [{a} + 40]{{1to16}}",
+        "vfmadd231ps zmm21, zmm25, dword ptr [{a} + 40]{{1to16}}",
+        "vfmadd231ps zmm22, zmm24, dword ptr [{a} + 44]{{1to16}}",
+        "vfmadd231ps zmm23, zmm25, dword ptr [{a} + 44]{{1to16}}",
+        "add {a}, {a_bytes}",
+        "sub {b}, -128",
+        "dec {k}",
+        "jnz 2b",
+        a = inout(reg) a => _,
+        b = inout(reg) b => _,
+        k = inout(reg) kc => _,
+        a_bytes = in(reg) a_step * 4,
+        ahead = const PREFETCH_B_STEPS * NR * 4,
+        out("zmm0") l0, out("zmm1") r0, out("zmm2") l1, out("zmm3") r1,
+        out("zmm4") l2, out("zmm5") r2, out("zmm6") l3, out("zmm7") r3,
+        out("zmm8") l4, out("zmm9") r4, out("zmm10") l5, out("zmm11") r5,
+        out("zmm12") l6, out("zmm13") r6, out("zmm14") l7, out("zmm15") r7,
+        out("zmm16") l8, out("zmm17") r8, out("zmm18") l9, out("zmm19") r9,
+        out("zmm20") l10, out("zmm21") r10, out("zmm22") l11, out("zmm23") r11,
+        out("zmm24") _, out("zmm25") _,
+        options(nostack, readonly),
+    );
+    (
+        [l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11],
+        [r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11],
+    )
 }
 
 /// [`kernel`]'s instance for a tile of `rows` rows (12 for anything larger).
