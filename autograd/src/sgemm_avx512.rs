@@ -1157,11 +1157,11 @@ unsafe fn kernel<const ROWS: usize>(
     tile: Tile,
 ) {
     prefetch_c(tile);
-    let (mut left, mut right) = if ROWS == MR && kc > 0 {
-        steps_12x32(kc, a, a_step, b)
+    let mut left = [_mm512_setzero_ps(); MR];
+    let mut right = [_mm512_setzero_ps(); MR];
+    if ROWS == MR && kc > 0 {
+        steps_12x32(kc, a, a_step, b, &mut left, &mut right);
     } else {
-        let mut left = [_mm512_setzero_ps(); MR];
-        let mut right = [_mm512_setzero_ps(); MR];
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
             prefetch_b(b);
@@ -1175,15 +1175,14 @@ unsafe fn kernel<const ROWS: usize>(
             a = a.offset(a_step);
             b = b.add(NR);
         }
-        (left, right)
-    };
+    }
     tail.accumulate::<ROWS>(&mut left, &mut right);
     store(left, right, tile);
 }
 
 /// [`kernel`]'s k loop for a full 12-row tile: `kc ≥ 1` steps, each two 16-lane vectors of
 /// the packed B panel against 12 values of A (`a_step` floats apart from one step to the
-/// next), returning the accumulators (each row's left and right half). The same FMAs in the
+/// next), added to the accumulators (each row's left and right half). The same FMAs in the
 /// same order as the generic loop, so the same bits.
 ///
 /// Written in assembly for what each step costs the core's front end: the generic loop
@@ -1204,63 +1203,13 @@ unsafe fn steps_12x32(
     a: *const f32,
     a_step: isize,
     b: *const f32,
-) -> ([__m512; MR], [__m512; MR]) {
-    let (l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11): (
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-    );
-    let (r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11): (
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-        __m512,
-    );
+    left: &mut [__m512; MR],
+    right: &mut [__m512; MR],
+) {
     // SAFETY: reads kc steps of A (12 floats each, a_step floats apart) and kc × 32 floats of
     // B (64-byte aligned, as the packing buffers are), the caller's contract; prefetches past
     // the panel never fault.
     std::arch::asm!(
-        "vpxord zmm0, zmm0, zmm0",
-        "vpxord zmm1, zmm1, zmm1",
-        "vpxord zmm2, zmm2, zmm2",
-        "vpxord zmm3, zmm3, zmm3",
-        "vpxord zmm4, zmm4, zmm4",
-        "vpxord zmm5, zmm5, zmm5",
-        "vpxord zmm6, zmm6, zmm6",
-        "vpxord zmm7, zmm7, zmm7",
-        "vpxord zmm8, zmm8, zmm8",
-        "vpxord zmm9, zmm9, zmm9",
-        "vpxord zmm10, zmm10, zmm10",
-        "vpxord zmm11, zmm11, zmm11",
-        "vpxord zmm12, zmm12, zmm12",
-        "vpxord zmm13, zmm13, zmm13",
-        "vpxord zmm14, zmm14, zmm14",
-        "vpxord zmm15, zmm15, zmm15",
-        "vpxord zmm16, zmm16, zmm16",
-        "vpxord zmm17, zmm17, zmm17",
-        "vpxord zmm18, zmm18, zmm18",
-        "vpxord zmm19, zmm19, zmm19",
-        "vpxord zmm20, zmm20, zmm20",
-        "vpxord zmm21, zmm21, zmm21",
-        "vpxord zmm22, zmm22, zmm22",
-        "vpxord zmm23, zmm23, zmm23",
         "2:",
         "prefetcht0 [{b} + {ahead}]",
         "prefetcht0 [{b} + {ahead} + 64]",
@@ -1299,19 +1248,22 @@ unsafe fn steps_12x32(
         k = inout(reg) kc => _,
         a_bytes = in(reg) a_step * 4,
         ahead = const PREFETCH_B_STEPS * NR * 4,
-        out("zmm0") l0, out("zmm1") r0, out("zmm2") l1, out("zmm3") r1,
-        out("zmm4") l2, out("zmm5") r2, out("zmm6") l3, out("zmm7") r3,
-        out("zmm8") l4, out("zmm9") r4, out("zmm10") l5, out("zmm11") r5,
-        out("zmm12") l6, out("zmm13") r6, out("zmm14") l7, out("zmm15") r7,
-        out("zmm16") l8, out("zmm17") r8, out("zmm18") l9, out("zmm19") r9,
-        out("zmm20") l10, out("zmm21") r10, out("zmm22") l11, out("zmm23") r11,
-        out("zmm24") _, out("zmm25") _,
+        inout("zmm0") left[0], inout("zmm1") right[0],
+        inout("zmm2") left[1], inout("zmm3") right[1],
+        inout("zmm4") left[2], inout("zmm5") right[2],
+        inout("zmm6") left[3], inout("zmm7") right[3],
+        inout("zmm8") left[4], inout("zmm9") right[4],
+        inout("zmm10") left[5], inout("zmm11") right[5],
+        inout("zmm12") left[6], inout("zmm13") right[6],
+        inout("zmm14") left[7], inout("zmm15") right[7],
+        inout("zmm16") left[8], inout("zmm17") right[8],
+        inout("zmm18") left[9], inout("zmm19") right[9],
+        inout("zmm20") left[10], inout("zmm21") right[10],
+        inout("zmm22") left[11], inout("zmm23") right[11],
+        out("zmm24") _,
+        out("zmm25") _,
         options(nostack, readonly),
     );
-    (
-        [l0, l1, l2, l3, l4, l5, l6, l7, l8, l9, l10, l11],
-        [r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11],
-    )
 }
 
 /// [`kernel`]'s instance for a tile of `rows` rows (12 for anything larger).
