@@ -18,7 +18,7 @@
 //!         jr: 32-column panel    micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C, B streamed
 //!                                from L2 with a software prefetch 8 steps of k ahead
 //! ```
-//! A full 12-row tile's k loop is a few lines of assembly ([`steps_12x32`]: FMAs with
+//! A full 12-row tile's k loop is a few lines of assembly (`steps_12x32`: FMAs with
 //! broadcast memory operands, fewer instructions per step than the compiler makes of the
 //! intrinsics); edge tiles and the in-place row kernel stay in intrinsics.
 //! A row-major A (activations, incoming gradients: the A of every forward product and every
