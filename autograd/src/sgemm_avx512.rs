@@ -1188,13 +1188,13 @@ unsafe fn kernel<const ROWS: usize>(
 /// Written in assembly for what each step costs the core's front end: the generic loop
 /// compiles to one broadcast and two register FMAs per value of A (43 instructions per step
 /// of 24 FMAs), while here each FMA reads its value straight from memory as a broadcast
-/// operand (`{1to16}`; 31 per step). Both keep the FMA units busy on an idle core, but when
-/// the other hardware thread of the physical core is busy (another tenant of this VM's host:
-/// the "slow phases" in docs/BENCHMARKS.md, where the register-only FMA probe keeps its rate
-/// and every kernel that loads from memory loses ≈ 25 %) the instructions the two threads can
-/// issue per cycle are shared, and the shorter step loses less: 1.07–1.09× in a standalone
-/// copy in such minutes, 1.016× on average (alternated call by call, 200 shape × run medians,
-/// 91 % of them above 1) on GPT-2's linears in this library otherwise.
+/// operand (`{1to16}`; 31 per step). Both keep the FMA units busy on a core of their own. In
+/// this machine's "slow phases" (docs/BENCHMARKS.md: the register-only FMA probe keeps its
+/// rate while every kernel that loads from memory loses ≈ 25 %, as when the physical core's
+/// other hardware thread runs another tenant's program and the two share the issue slots)
+/// the shorter step loses less: 1.07–1.09× in a standalone copy in such minutes; 1.016× on
+/// average on GPT-2's linears in this library (alternated call by call, 200 shape × run
+/// medians, 91 % of them above 1).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
