@@ -108,21 +108,24 @@ def training_rows(specs):
     return rows, results
 
 
-def gemm_rows(rounds=None):
-    """Our GEMM and torch.mm alone on GPT-2's linear shapes, the two sides alternated `rounds`
-    times (each run: 20 calls per shape after a warm-up, its median kept): where the training
-    rows' GEMM time goes, side by side."""
+def gemm_rows(threads, rounds=None):
+    """Our GEMM and torch.mm alone on GPT-2's linear shapes on `threads` threads, the two sides
+    alternated `rounds` times (each run: 20 calls per shape after a warm-up, its median kept):
+    where the training rows' GEMM time goes, side by side; one thread against two separates the
+    kernel's rate from how it scales."""
     rounds = rounds or max(REPEAT, NANOGPT_ROUNDS)
     args = ["--mode", "gemm", "--reps", "20"]
     ours, theirs = [], []
     for _ in range(rounds):
-        ours.append(last_json([TAPELORA, "bench", "--json", *args], {"RAYON_NUM_THREADS": "2"})["shapes"])
+        ours.append(last_json([TAPELORA, "bench", "--json", *args],
+                              {"RAYON_NUM_THREADS": str(threads)})["shapes"])
         theirs.append(last_json([PYTHON, str(ROOT / "benchmarks/pytorch_reference.py"), *args,
-                                 "--threads", "2"])["shapes"])
+                                 "--threads", str(threads)])["shapes"])
     dims = lambda runs: [(x["m"], x["k"], x["n"]) for x in runs[0]]
     if dims(ours) != dims(theirs):
         raise SystemExit(f"gemm: the two sides timed different shapes: {dims(ours)} vs {dims(theirs)}")
-    rows = ["### GEMM alone (two threads): GPT-2 B4×T256's linears", "",
+    rows = [f"### GEMM alone ({'one thread' if threads == 1 else f'{threads} threads'}): "
+            "GPT-2 B4×T256's linears", "",
             f"`C = A·B`, row-major operands; {rounds} alternated rounds of 20 calls per shape on "
             "each side (GFLOP/s: the median over rounds of each run's median call, and the best "
             "call of all).", "",
@@ -159,8 +162,9 @@ def main():
                      f"its full step; its peak RSS is {lora['peak_rss_mib'] / full['peak_rss_mib']:.2f}× "
                      "the full step's.", ""]
 
-    print("gemm", flush=True)
-    sections += gemm_rows()
+    for threads in [1, 2]:
+        print("gemm", threads, flush=True)
+        sections += gemm_rows(threads)
 
     print("generation", flush=True)
     gen_cfg = "nanogpt-cpu" if QUICK else "gpt2"
