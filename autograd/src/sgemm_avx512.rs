@@ -1206,6 +1206,11 @@ unsafe fn steps_12x32(
     left: &mut [__m512; MR],
     right: &mut [__m512; MR],
 ) {
+    // The offsets below (A at 0, 4, …, 44 bytes; B at 0 and 64, 128 per step) are this tile's.
+    const _: () = assert!(
+        MR == 12 && NR == 32,
+        "steps_12x32 is written for a 12 × 32 tile"
+    );
     // SAFETY: reads kc steps of A (12 floats each, a_step floats apart) and kc × 32 floats of
     // B (64-byte aligned, as the packing buffers are), the caller's contract; prefetches past
     // the panel never fault.
