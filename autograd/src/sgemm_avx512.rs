@@ -20,7 +20,9 @@
 //! ```
 //! A full 12-row tile's k loop is a few lines of assembly (`steps_12x32`: FMAs with
 //! broadcast memory operands, fewer instructions per step than the compiler makes of the
-//! intrinsics); edge tiles and the in-place row kernel stay in intrinsics.
+//! intrinsics); over a packed A panel (`steps_12x32_packed`) four steps per turn, and the C
+//! tile's lines are asked for (`prefetchw`) in the loop's last turns rather than at its start.
+//! Edge tiles and the in-place row kernel stay in intrinsics.
 //! A row-major A (activations, incoming gradients: the A of every forward product and every
 //! ∂x = G·Wᵀ) is read in place by `kernel_rows` in small products, as BLIS's "sup" kernels
 //! do, and packed through 16×16 in-register transposes in large ones (from 2^26
@@ -1156,12 +1158,21 @@ unsafe fn kernel<const ROWS: usize>(
     tail: TailSteps,
     tile: Tile,
 ) {
-    prefetch_c(tile);
     let mut left = [_mm512_setzero_ps(); MR];
     let mut right = [_mm512_setzero_ps(); MR];
-    if ROWS == MR && kc > 0 {
+    if ROWS == MR && a_step == MR as isize && kc > 0 {
+        // A packed panel: the unrolled loop, which also asks for C's lines near its end.
+        let late_c = (tile.csc == 1 && tile.rows == MR && kc >= LATE_C_MIN_STEPS)
+            .then_some((tile.c, tile.rsc));
+        if late_c.is_none() {
+            prefetch_c(tile);
+        }
+        steps_12x32_packed(kc, a, b, late_c, &mut left, &mut right);
+    } else if ROWS == MR && kc > 0 {
+        prefetch_c(tile);
         steps_12x32(kc, a, a_step, b, &mut left, &mut right);
     } else {
+        prefetch_c(tile);
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
             prefetch_b(b);
@@ -1252,6 +1263,164 @@ unsafe fn steps_12x32(
         b = inout(reg) b => _,
         k = inout(reg) kc => _,
         a_bytes = in(reg) a_step * 4,
+        ahead = const PREFETCH_B_STEPS * NR * 4,
+        inout("zmm0") left[0], inout("zmm1") right[0],
+        inout("zmm2") left[1], inout("zmm3") right[1],
+        inout("zmm4") left[2], inout("zmm5") right[2],
+        inout("zmm6") left[3], inout("zmm7") right[3],
+        inout("zmm8") left[4], inout("zmm9") right[4],
+        inout("zmm10") left[5], inout("zmm11") right[5],
+        inout("zmm12") left[6], inout("zmm13") right[6],
+        inout("zmm14") left[7], inout("zmm15") right[7],
+        inout("zmm16") left[8], inout("zmm17") right[8],
+        inout("zmm18") left[9], inout("zmm19") right[9],
+        inout("zmm20") left[10], inout("zmm21") right[10],
+        inout("zmm22") left[11], inout("zmm23") right[11],
+        out("zmm24") _,
+        out("zmm25") _,
+        options(nostack, readonly),
+    );
+}
+
+/// One step of [`steps_12x32_packed`]'s unrolled loop: step `$s` (0–3) of the iteration, its
+/// A values at `48·s + 4·i` bytes and its B vectors at `128·s` and `128·s + 64`.
+#[rustfmt::skip]
+macro_rules! step_12x32 {
+    ($s:literal) => {
+        concat!(
+            "prefetcht0 [{b} + {ahead} + 128*", $s, "]\n",
+            "prefetcht0 [{b} + {ahead} + 128*", $s, " + 64]\n",
+            "vmovaps zmm24, [{b} + 128*", $s, "]\n",
+            "vmovaps zmm25, [{b} + 128*", $s, " + 64]\n",
+            "vfmadd231ps zmm0, zmm24, dword ptr [{a} + 48*", $s, "]{{1to16}}\n",
+            "vfmadd231ps zmm1, zmm25, dword ptr [{a} + 48*", $s, "]{{1to16}}\n",
+            "vfmadd231ps zmm2, zmm24, dword ptr [{a} + 48*", $s, " + 4]{{1to16}}\n",
+            "vfmadd231ps zmm3, zmm25, dword ptr [{a} + 48*", $s, " + 4]{{1to16}}\n",
+            "vfmadd231ps zmm4, zmm24, dword ptr [{a} + 48*", $s, " + 8]{{1to16}}\n",
+            "vfmadd231ps zmm5, zmm25, dword ptr [{a} + 48*", $s, " + 8]{{1to16}}\n",
+            "vfmadd231ps zmm6, zmm24, dword ptr [{a} + 48*", $s, " + 12]{{1to16}}\n",
+            "vfmadd231ps zmm7, zmm25, dword ptr [{a} + 48*", $s, " + 12]{{1to16}}\n",
+            "vfmadd231ps zmm8, zmm24, dword ptr [{a} + 48*", $s, " + 16]{{1to16}}\n",
+            "vfmadd231ps zmm9, zmm25, dword ptr [{a} + 48*", $s, " + 16]{{1to16}}\n",
+            "vfmadd231ps zmm10, zmm24, dword ptr [{a} + 48*", $s, " + 20]{{1to16}}\n",
+            "vfmadd231ps zmm11, zmm25, dword ptr [{a} + 48*", $s, " + 20]{{1to16}}\n",
+            "vfmadd231ps zmm12, zmm24, dword ptr [{a} + 48*", $s, " + 24]{{1to16}}\n",
+            "vfmadd231ps zmm13, zmm25, dword ptr [{a} + 48*", $s, " + 24]{{1to16}}\n",
+            "vfmadd231ps zmm14, zmm24, dword ptr [{a} + 48*", $s, " + 28]{{1to16}}\n",
+            "vfmadd231ps zmm15, zmm25, dword ptr [{a} + 48*", $s, " + 28]{{1to16}}\n",
+            "vfmadd231ps zmm16, zmm24, dword ptr [{a} + 48*", $s, " + 32]{{1to16}}\n",
+            "vfmadd231ps zmm17, zmm25, dword ptr [{a} + 48*", $s, " + 32]{{1to16}}\n",
+            "vfmadd231ps zmm18, zmm24, dword ptr [{a} + 48*", $s, " + 36]{{1to16}}\n",
+            "vfmadd231ps zmm19, zmm25, dword ptr [{a} + 48*", $s, " + 36]{{1to16}}\n",
+            "vfmadd231ps zmm20, zmm24, dword ptr [{a} + 48*", $s, " + 40]{{1to16}}\n",
+            "vfmadd231ps zmm21, zmm25, dword ptr [{a} + 48*", $s, " + 40]{{1to16}}\n",
+            "vfmadd231ps zmm22, zmm24, dword ptr [{a} + 48*", $s, " + 44]{{1to16}}\n",
+            "vfmadd231ps zmm23, zmm25, dword ptr [{a} + 48*", $s, " + 44]{{1to16}}\n",
+        )
+    };
+}
+
+/// Steps of k after the last of the C tile's lines is asked for in [`steps_12x32_packed`]
+/// (four turns of its loop).
+const LATE_C_TAIL_STEPS: usize = 16;
+
+/// Fewest steps of k for which [`steps_12x32_packed`] asks for C's lines near the end of the
+/// loop (12 turns of four steps, one row of C each, then [`LATE_C_TAIL_STEPS`]); shorter
+/// loops ask at their start.
+const LATE_C_MIN_STEPS: usize = 4 * MR + LATE_C_TAIL_STEPS;
+
+/// [`steps_12x32`] for a packed A panel (12 floats per step), four steps per turn of the
+/// loop, so the loop's own instructions (three per turn) are spread over 96 FMAs instead of
+/// 24. With `late_c = Some((c, rsc))` (a full tile whose rows are contiguous, `kc ≥`
+/// [`LATE_C_MIN_STEPS`]) the last 12 turns but four each ask for one row of the C tile with
+/// `prefetchw`: the lines arrive, writable, shortly before the tile is stored, whereas lines
+/// asked for at the start of a 384-step loop have usually been pushed out of L1 by the 48 KiB
+/// of B that streamed through it since. Same FMAs in the same order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn steps_12x32_packed(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    late_c: Option<(*mut f32, isize)>,
+    left: &mut [__m512; MR],
+    right: &mut [__m512; MR],
+) {
+    const _: () = assert!(
+        MR == 12 && NR == 32,
+        "steps_12x32_packed is written for a 12 × 32 tile"
+    );
+    let turns = kc / 4;
+    let (c, c_row_bytes, c_turns, tail_turns) = match late_c {
+        Some((c, rsc)) => (c, rsc * 4, MR, LATE_C_TAIL_STEPS / 4),
+        None => (std::ptr::null_mut(), 0, 0, 0),
+    };
+    debug_assert!(turns >= c_turns + tail_turns);
+    // SAFETY: reads kc steps of the packed A panel (12 floats each) and kc × 32 floats of B
+    // (64-byte aligned, as the packing buffers are), the caller's contract; prefetches past
+    // the panels or outside C never fault and change nothing.
+    std::arch::asm!(
+        // Turns before the C lines are asked for.
+        "test {k}, {k}",
+        "jz 3f",
+        "2:",
+        step_12x32!(0),
+        step_12x32!(1),
+        step_12x32!(2),
+        step_12x32!(3),
+        "add {a}, 192",
+        "add {b}, 512",
+        "dec {k}",
+        "jnz 2b",
+        // One row of C per turn.
+        "3:",
+        "test {ck}, {ck}",
+        "jz 5f",
+        "4:",
+        step_12x32!(0),
+        "prefetchw [{c}]",
+        step_12x32!(1),
+        "prefetchw [{c} + 64]",
+        step_12x32!(2),
+        step_12x32!(3),
+        "add {c}, {c_row_bytes}",
+        "add {a}, 192",
+        "add {b}, 512",
+        "dec {ck}",
+        "jnz 4b",
+        // The last turns.
+        "5:",
+        "test {tk}, {tk}",
+        "jz 7f",
+        "6:",
+        step_12x32!(0),
+        step_12x32!(1),
+        step_12x32!(2),
+        step_12x32!(3),
+        "add {a}, 192",
+        "add {b}, 512",
+        "dec {tk}",
+        "jnz 6b",
+        // Single steps left over (kc mod 4).
+        "7:",
+        "test {rest}, {rest}",
+        "jz 9f",
+        "8:",
+        step_12x32!(0),
+        "add {a}, 48",
+        "add {b}, 128",
+        "dec {rest}",
+        "jnz 8b",
+        "9:",
+        a = inout(reg) a => _,
+        b = inout(reg) b => _,
+        k = inout(reg) turns - c_turns - tail_turns => _,
+        ck = inout(reg) c_turns => _,
+        tk = inout(reg) tail_turns => _,
+        rest = inout(reg) kc % 4 => _,
+        c = inout(reg) c => _,
+        c_row_bytes = in(reg) c_row_bytes,
         ahead = const PREFETCH_B_STEPS * NR * 4,
         inout("zmm0") left[0], inout("zmm1") right[0],
         inout("zmm2") left[1], inout("zmm3") right[1],
@@ -1927,6 +2096,12 @@ mod tests {
             // Large enough that a row-major A is packed (PACK_A_MIN_MACS, PACK_A_MIN_COLS),
             // with a partial last panel and a k block that is not a multiple of 16.
             (301, 801, 280),
+            // Packed A panels in the four-step loop: last k blocks of 182 and 183 steps (two and
+            // three single steps after the turns, C's lines asked for in the last turns), and
+            // a 50-step block (too short for that: C asked for at the start).
+            (182, 390, 960),
+            (180, 391, 960),
+            (1400, 50, 960),
             // Thin products (LoRA's rank side), for both kernels.
             (768, 128, 8),
             (30, 50, 16),
