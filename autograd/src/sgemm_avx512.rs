@@ -14,10 +14,18 @@
 //!     ic: MC rows of A/C         pack A[ic.., pc..] into 12-row panels (kc × 12 each);
 //!                                a row-major A of a small product: only a partial last
 //!                                panel is packed
-//!       ir: 12-row panel         stays in L1 (18 KiB at kc = 384) for the whole jr loop
-//!         jr: 32-column panel    micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C, B streamed
-//!                                from L2 with a software prefetch 8 steps of k ahead
+//!       jr: 32-column panel      one B panel (48 KiB at kc = 384) for all the block's A panels
+//!         ir: 12-row panel       micro-kernel: C[12×32] ← α·Apanel·Bpanel + β·C, A streamed
+//!                                from L2 (prefetched 16 steps ahead); each tile also asks a
+//!                                slice of the next B panel into L2
 //! ```
+//! That is MKL's order (its sgemm, read off `perf` and a debugger: 384-row blocks of A, one
+//! B panel against all of them, the next panel prefetched into L2). BLIS's order, the jr and
+//! ir loops swapped (one A panel in L1, every B panel streaming past it, prefetched into L1),
+//! is kept where A is read in place, whose rows are no panel to stream. In a standalone copy
+//! on prepacked operands MKL's order ran at 0.96 of the FMA probe against 0.90 for BLIS's;
+//! in this library, GPT-2's linear products got 1.02–1.03× quicker on one thread and
+//! 1.05× on two (alternated call by call).
 //! A full 12-row tile's k loop is a few lines of assembly (`steps_12x32`: FMAs with
 //! broadcast memory operands, fewer instructions per step than the compiler makes of the
 //! intrinsics); over a packed A panel (`steps_12x32_packed`) four steps per turn, and the C
@@ -53,9 +61,12 @@ const NR: usize = 32;
 /// 384 (a 48 KiB B panel, partly streamed from L2) beats 256 by 2–5 % on GPT-2's k = 768
 /// products, because C is loaded and stored once per block; 192 is slower, 512 no better.
 const KC: usize = 384;
-/// Rows of A per packed block (a multiple of MR; 120 × 384 × 4 B = 180 KiB stays in L2).
-const MC: usize = 120;
-/// Columns of B per packed block (a multiple of NR; 384 × 1024 × 4 B = 1.5 MiB in L2).
+/// Rows of A per packed block (a multiple of MR; 336 × 384 × 4 B = 504 KiB stays in L2): 28
+/// tiles per B panel, enough for them to bring the next panel into L2 (MKL uses 384; 264
+/// measured level with 336, 120 slower in this loop order).
+const MC: usize = 336;
+/// Columns of B per packed block (a multiple of NR; 384 × 1024 × 4 B = 1.5 MiB; 4096 measured
+/// level).
 const NC: usize = 1024;
 
 /// Whether this kernel can run here (AVX-512F present, and not switched off with
@@ -510,6 +521,10 @@ struct Product {
     n: usize,
     /// Steps of k per packed block ([`k_block`] of `k`).
     kc_max: usize,
+    /// Rows per packed block of A: at most [`MC`], the blocks of equal size (in whole panels),
+    /// so that 1024 rows are four blocks of 264 rather than three of 336 and a last one of 16
+    /// (whose two tiles per B panel could not bring the next panel into L2).
+    mc_max: usize,
     /// A row-major A read by the micro-kernel in place (see [`Product::run`]).
     a_in_place: bool,
     /// A column-major A (a transposed view) read in place: each step of k is 12 consecutive
@@ -552,6 +567,10 @@ impl Product {
         csc: isize,
     ) -> Self {
         let kc_max = k_block(k);
+        let mc_max = m
+            .div_ceil(m.div_ceil(MC).max(1))
+            .next_multiple_of(MR)
+            .min(MC);
         let small = m * n * k < PACK_A_MIN_MACS || n < PACK_A_MIN_COLS;
         let a_in_place = csa == 1 && small;
         let a_columns_in_place = rsa == 1 && csa != 1 && small && k <= COLUMNS_IN_PLACE_MAX_K;
@@ -560,6 +579,7 @@ impl Product {
             k,
             n,
             kc_max,
+            mc_max,
             a_in_place,
             a_columns_in_place,
             bias: std::ptr::null(),
@@ -610,6 +630,7 @@ impl Product {
         let Product {
             k,
             kc_max,
+            mc_max,
             alpha,
             a,
             rsa,
@@ -646,8 +667,8 @@ impl Product {
                             b_pack
                         }
                     };
-                    for ic in rows.clone().step_by(MC) {
-                        let mc = MC.min(rows.end - ic);
+                    for ic in rows.clone().step_by(mc_max) {
+                        let mc = mc_max.min(rows.end - ic);
                         let a_block = a.offset(ic as isize * rsa + pc as isize * csa);
                         let full_rows = if a_in_place { mc - mc % MR } else { 0 };
                         let a_panels = match shared_a {
@@ -665,58 +686,79 @@ impl Product {
                                 a_pack
                             }
                         };
-                        // One A panel (12 × kc, 18 KiB) stays in L1 while every B panel of
-                        // the block streams past it from L2, as in BLIS's loop order.
-                        for ir in (0..mc).step_by(MR) {
-                            let tile_rows = MR.min(mc - ir);
+                        let tile_at = |ir: usize, jr: usize, l2_next: *const f32| {
+                            let tile = Tile {
+                                c: c.offset((ic + ir) as isize * rsc + (jc + jr) as isize * csc),
+                                rsc,
+                                csc,
+                                rows: MR.min(mc - ir),
+                                cols: NR.min(nc - jr),
+                                alpha,
+                                beta: beta_block,
+                                bias: if pc == 0 && !bias.is_null() {
+                                    bias.add(jc + jr)
+                                } else {
+                                    std::ptr::null()
+                                },
+                            };
+                            let b_panel = b_panels.add(jr * kc);
+                            let tail = if self.tail.is_null() || pc + kc < k {
+                                TailSteps::NONE
+                            } else {
+                                (*self.tail).at(ic + ir, jc + jr)
+                            };
+                            if ir < full_rows {
+                                kernel_rows(
+                                    kc,
+                                    a_block.offset(ir as isize * rsa),
+                                    rsa,
+                                    b_panel,
+                                    tail,
+                                    tile,
+                                );
+                            } else {
+                                // A packed panel: 12 values per step of k; a column-major A
+                                // read in place: its column stride.
+                                let (a_panel, a_step) = if a_columns_in_place {
+                                    (a_block.add(ir), csa)
+                                } else {
+                                    (a_panels.add((ir - full_rows) * kc), MR as isize)
+                                };
+                                // Exactly the tile's rows: an edge panel (T = 64 is five
+                                // panels and 4 rows) does no FMAs on padding (attention's
+                                // per-head products 1.07–1.11×, medians of 20 000 alternated
+                                // calls), and a column-major A read in place has no padding
+                                // rows to read.
+                                kernel_for_rows(tile.rows)(
+                                    kc, a_panel, a_step, b_panel, tail, tile, l2_next,
+                                );
+                            }
+                        };
+                        if a_in_place || a_columns_in_place {
+                            // A read in place: one A panel stays in L1 while every B panel
+                            // of the block streams past it from L2 (BLIS's order).
+                            for ir in (0..mc).step_by(MR) {
+                                for jr in (0..nc).step_by(NR) {
+                                    tile_at(ir, jr, std::ptr::null());
+                                }
+                            }
+                        } else {
+                            // Packed A (MKL's order): one B panel (32 × kc) is used by every
+                            // A panel of the block in turn, the A panels streaming from L2
+                            // (prefetched by the kernel), and each tile asks for its slice
+                            // of the next B panel into L2, so that panel is there when its
+                            // turn comes. See `L2_SLICE_FLOATS`.
                             for jr in (0..nc).step_by(NR) {
-                                let tile = Tile {
-                                    c: c.offset(
-                                        (ic + ir) as isize * rsc + (jc + jr) as isize * csc,
-                                    ),
-                                    rsc,
-                                    csc,
-                                    rows: tile_rows,
-                                    cols: NR.min(nc - jr),
-                                    alpha,
-                                    beta: beta_block,
-                                    bias: if pc == 0 && !bias.is_null() {
-                                        bias.add(jc + jr)
+                                let (this, next) =
+                                    (b_panels.add(jr * kc), b_panels.add((jr + NR) * kc));
+                                for (t, ir) in (0..mc).step_by(MR).enumerate() {
+                                    let slice = t * L2_SLICE_FLOATS_PER_STEP * kc;
+                                    let l2_next = if jr + NR < nc && slice < NR * kc {
+                                        next.add(slice)
                                     } else {
-                                        std::ptr::null()
-                                    },
-                                };
-                                let b_panel = b_panels.add(jr * kc);
-                                let tail = if self.tail.is_null() || pc + kc < k {
-                                    TailSteps::NONE
-                                } else {
-                                    (*self.tail).at(ic + ir, jc + jr)
-                                };
-                                if ir < full_rows {
-                                    kernel_rows(
-                                        kc,
-                                        a_block.offset(ir as isize * rsa),
-                                        rsa,
-                                        b_panel,
-                                        tail,
-                                        tile,
-                                    );
-                                } else {
-                                    // A packed panel: 12 values per step of k; a
-                                    // column-major A read in place: its column stride.
-                                    let (a_panel, a_step) = if a_columns_in_place {
-                                        (a_block.add(ir), csa)
-                                    } else {
-                                        (a_panels.add((ir - full_rows) * kc), MR as isize)
+                                        this
                                     };
-                                    // Exactly the tile's rows: an edge panel (T = 64 is
-                                    // five panels and 4 rows) does no FMAs on padding
-                                    // (attention's per-head products 1.07–1.11×, medians
-                                    // of 20 000 alternated calls), and a column-major A
-                                    // read in place has no padding rows to read.
-                                    kernel_for_rows(tile_rows)(
-                                        kc, a_panel, a_step, b_panel, tail, tile,
-                                    );
+                                    tile_at(ir, jr, l2_next);
                                 }
                             }
                         }
@@ -742,7 +784,11 @@ impl Product {
         let split_rows = m >= n;
         // The operand read whole by every chunk, as (start, width) blocks × k blocks.
         let pack_a_whole = !split_rows && !self.a_in_place;
-        let (shared_len, block, panel) = if split_rows { (n, NC, NR) } else { (m, MC, MR) };
+        let (shared_len, block, panel) = if split_rows {
+            (n, NC, NR)
+        } else {
+            (m, self.mc_max, MR)
+        };
         let pack_whole = split_rows || pack_a_whole;
         if pack_whole && k * shared_len.next_multiple_of(panel) > SHARED_PACK_MAX_FLOATS {
             return false;
@@ -940,7 +986,15 @@ impl PackedB {
                         continue;
                     }
                 };
-                kernel_for_rows(rows)(kc, a_start, a_step, b_panel, TailSteps::NONE, tile);
+                kernel_for_rows(rows)(
+                    kc,
+                    a_start,
+                    a_step,
+                    b_panel,
+                    TailSteps::NONE,
+                    tile,
+                    std::ptr::null(),
+                );
             }
         }
     }
@@ -1157,17 +1211,18 @@ unsafe fn kernel<const ROWS: usize>(
     b: *const f32,
     tail: TailSteps,
     tile: Tile,
+    l2_next: *const f32,
 ) {
     let mut left = [_mm512_setzero_ps(); MR];
     let mut right = [_mm512_setzero_ps(); MR];
-    if ROWS == MR && a_step == MR as isize && kc > 0 {
-        // A packed panel: the unrolled loop, which also asks for C's lines near its end.
+    if ROWS == MR && a_step == MR as isize && kc > 0 && !l2_next.is_null() {
+        // A packed panel streamed past a B panel (the packed-A loop order of `Product::run`).
         let late_c = (tile.csc == 1 && tile.rows == MR && kc >= LATE_C_MIN_STEPS)
             .then_some((tile.c, tile.rsc));
         if late_c.is_none() {
             prefetch_c(tile);
         }
-        steps_12x32_packed(kc, a, b, late_c, &mut left, &mut right);
+        steps_12x32_packed(kc, a, b, late_c, l2_next, &mut left, &mut right);
     } else if ROWS == MR && kc > 0 {
         prefetch_c(tile);
         steps_12x32(kc, a, a_step, b, &mut left, &mut right);
@@ -1288,8 +1343,6 @@ unsafe fn steps_12x32(
 macro_rules! step_12x32 {
     ($s:literal) => {
         concat!(
-            "prefetcht0 [{b} + {ahead} + 128*", $s, "]\n",
-            "prefetcht0 [{b} + {ahead} + 128*", $s, " + 64]\n",
             "vmovaps zmm24, [{b} + 128*", $s, "]\n",
             "vmovaps zmm25, [{b} + 128*", $s, " + 64]\n",
             "vfmadd231ps zmm0, zmm24, dword ptr [{a} + 48*", $s, "]{{1to16}}\n",
@@ -1320,6 +1373,16 @@ macro_rules! step_12x32 {
     };
 }
 
+/// Steps of k ahead that [`steps_12x32_packed`] asks L1 for its A panel (streamed from L2 in
+/// the packed-A loop order): 16 steps, 768 bytes.
+const PREFETCH_A_STEPS: usize = 16;
+
+/// Floats of the next B panel that a packed-A tile asks into L2 per step of k (32 bytes per
+/// turn of four steps, MKL's rate): with kc = 384, 3 KiB per tile, so the 48 KiB panel is in
+/// L2 after 16 of a block's 28 tiles, before its turn comes. Without it each new panel came
+/// from L3 while the kernel waited (0.92 against 0.96 of the FMA probe in a standalone copy).
+const L2_SLICE_FLOATS_PER_STEP: usize = 2;
+
 /// Steps of k after the last of the C tile's lines is asked for in [`steps_12x32_packed`]
 /// (four turns of its loop).
 const LATE_C_TAIL_STEPS: usize = 16;
@@ -1329,8 +1392,12 @@ const LATE_C_TAIL_STEPS: usize = 16;
 /// loops ask at their start.
 const LATE_C_MIN_STEPS: usize = 4 * MR + LATE_C_TAIL_STEPS;
 
-/// [`steps_12x32`] for a packed A panel (12 floats per step), four steps per turn of the
-/// loop, so the loop's own instructions (three per turn) are spread over 96 FMAs instead of
+/// [`steps_12x32`] for a packed A panel (12 floats per step) in the packed-A loop order of
+/// `Product::run`, where one B panel serves every A panel of the block in turn, so A is the
+/// operand streamed from L2 (asked into L1 [`PREFETCH_A_STEPS`] ahead) and B is left to the
+/// hardware prefetchers. Each turn of the loop also asks for 32 bytes of `l2_next` into L2
+/// (the caller's slice of the next B panel; see [`L2_SLICE_FLOATS_PER_STEP`]). Four steps per
+/// turn, so the loop's own instructions (three per turn) are spread over 96 FMAs instead of
 /// 24. With `late_c = Some((c, rsc))` (a full tile whose rows are contiguous, `kc ≥`
 /// [`LATE_C_MIN_STEPS`]) the last 12 turns but four each ask for one row of the C tile with
 /// `prefetchw`: the lines arrive, writable, shortly before the tile is stored, whereas lines
@@ -1344,12 +1411,13 @@ unsafe fn steps_12x32_packed(
     a: *const f32,
     b: *const f32,
     late_c: Option<(*mut f32, isize)>,
+    l2_next: *const f32,
     left: &mut [__m512; MR],
     right: &mut [__m512; MR],
 ) {
     const _: () = assert!(
-        MR == 12 && NR == 32,
-        "steps_12x32_packed is written for a 12 × 32 tile"
+        MR == 12 && NR == 32 && L2_SLICE_FLOATS_PER_STEP == 2,
+        "steps_12x32_packed is written for a 12 × 32 tile and 32 bytes of L2 prefetch a turn"
     );
     let turns = kc / 4;
     let (c, c_row_bytes, c_turns, tail_turns) = match late_c {
@@ -1366,9 +1434,14 @@ unsafe fn steps_12x32_packed(
         "jz 3f",
         "2:",
         step_12x32!(0),
+        "prefetcht0 [{a} + {a_ahead}]",
         step_12x32!(1),
+        "prefetcht0 [{a} + {a_ahead} + 64]",
         step_12x32!(2),
+        "prefetcht0 [{a} + {a_ahead} + 128]",
+        "prefetcht2 [{l2}]",
         step_12x32!(3),
+        "add {l2}, 32",
         "add {a}, 192",
         "add {b}, 512",
         "dec {k}",
@@ -1379,11 +1452,16 @@ unsafe fn steps_12x32_packed(
         "jz 5f",
         "4:",
         step_12x32!(0),
+        "prefetcht0 [{a} + {a_ahead}]",
         "prefetchw [{c}]",
         step_12x32!(1),
+        "prefetcht0 [{a} + {a_ahead} + 64]",
         "prefetchw [{c} + 64]",
         step_12x32!(2),
+        "prefetcht0 [{a} + {a_ahead} + 128]",
+        "prefetcht2 [{l2}]",
         step_12x32!(3),
+        "add {l2}, 32",
         "add {c}, {c_row_bytes}",
         "add {a}, 192",
         "add {b}, 512",
@@ -1395,9 +1473,14 @@ unsafe fn steps_12x32_packed(
         "jz 7f",
         "6:",
         step_12x32!(0),
+        "prefetcht0 [{a} + {a_ahead}]",
         step_12x32!(1),
+        "prefetcht0 [{a} + {a_ahead} + 64]",
         step_12x32!(2),
+        "prefetcht0 [{a} + {a_ahead} + 128]",
+        "prefetcht2 [{l2}]",
         step_12x32!(3),
+        "add {l2}, 32",
         "add {a}, 192",
         "add {b}, 512",
         "dec {tk}",
@@ -1421,7 +1504,8 @@ unsafe fn steps_12x32_packed(
         rest = inout(reg) kc % 4 => _,
         c = inout(reg) c => _,
         c_row_bytes = in(reg) c_row_bytes,
-        ahead = const PREFETCH_B_STEPS * NR * 4,
+        l2 = inout(reg) l2_next => _,
+        a_ahead = const PREFETCH_A_STEPS * MR * 4,
         inout("zmm0") left[0], inout("zmm1") right[0],
         inout("zmm2") left[1], inout("zmm3") right[1],
         inout("zmm4") left[2], inout("zmm5") right[2],
@@ -1444,7 +1528,7 @@ unsafe fn steps_12x32_packed(
 #[cfg(target_arch = "x86_64")]
 fn kernel_for_rows(
     rows: usize,
-) -> unsafe fn(usize, *const f32, isize, *const f32, TailSteps, Tile) {
+) -> unsafe fn(usize, *const f32, isize, *const f32, TailSteps, Tile, *const f32) {
     match rows {
         1 => kernel::<1>,
         2 => kernel::<2>,
