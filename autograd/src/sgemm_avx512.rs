@@ -62,8 +62,8 @@ const NR: usize = 32;
 /// products, because C is loaded and stored once per block; 192 is slower, 512 no better.
 const KC: usize = 384;
 /// Rows of A per packed block (a multiple of MR; 336 × 384 × 4 B = 504 KiB stays in L2): 28
-/// tiles per B panel, enough for them to bring the next panel into L2 (MKL uses 384; 264
-/// measured level with 336, 120 slower in this loop order).
+/// tiles per B panel, enough for them to bring the next panel into L2 (MKL uses 384; 240
+/// and 264 measured level with 336).
 const MC: usize = 336;
 /// Columns of B per packed block (a multiple of NR; 384 × 1024 × 4 B = 1.5 MiB; 4096 measured
 /// level).
@@ -747,7 +747,7 @@ impl Product {
                             // A panel of the block in turn, the A panels streaming from L2
                             // (prefetched by the kernel), and each tile asks for its slice
                             // of the next B panel into L2, so that panel is there when its
-                            // turn comes. See `L2_SLICE_FLOATS`.
+                            // turn comes. See [`L2_SLICE_FLOATS_PER_STEP`].
                             for jr in (0..nc).step_by(NR) {
                                 let (this, next) =
                                     (b_panels.add(jr * kc), b_panels.add((jr + NR) * kc));
