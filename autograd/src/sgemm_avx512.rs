@@ -1379,7 +1379,7 @@ const PREFETCH_A_STEPS: usize = 16;
 
 /// Floats of the next B panel that a packed-A tile asks into L2 per step of k (32 bytes per
 /// turn of four steps, MKL's rate): with kc = 384, 3 KiB per tile, so the 48 KiB panel is in
-/// L2 after 16 of a block's 28 tiles, before its turn comes. Without it each new panel came
+/// L2 after 16 of a block's 22–28 tiles, before its turn comes. Without it each new panel came
 /// from L3 while the kernel waited (0.92 against 0.96 of the FMA probe in a standalone copy).
 const L2_SLICE_FLOATS_PER_STEP: usize = 2;
 
