@@ -1232,19 +1232,19 @@ unsafe fn kernel<const ROWS: usize>(
 ) {
     let mut left = [_mm512_setzero_ps(); MR];
     let mut right = [_mm512_setzero_ps(); MR];
-    if ROWS == MR && a_step == MR as isize && kc > 0 && !l2_next.is_null() {
-        // A packed panel streamed past a B panel (the packed-A loop order of `Product::run`).
-        let late_c = (tile.csc == 1 && tile.rows == MR && kc >= LATE_C_MIN_STEPS)
-            .then_some((tile.c, tile.rsc));
-        if late_c.is_none() {
-            prefetch_c(tile);
-        }
+    // A packed panel streamed past a B panel (the packed-A loop order of `Product::run`).
+    let streamed = ROWS == MR && a_step == MR as isize && kc > 0 && !l2_next.is_null();
+    // Such a loop asks for C's lines near its end; every other loop at its start.
+    let late_c = (streamed && tile.csc == 1 && tile.rows == MR && kc >= LATE_C_MIN_STEPS)
+        .then_some((tile.c, tile.rsc));
+    if late_c.is_none() {
+        prefetch_c(tile);
+    }
+    if streamed {
         steps_12x32_packed(kc, a, b, late_c, l2_next, &mut left, &mut right);
     } else if ROWS == MR && kc > 0 {
-        prefetch_c(tile);
         steps_12x32(kc, a, a_step, b, &mut left, &mut right);
     } else {
-        prefetch_c(tile);
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
             prefetch_b(b);
