@@ -82,6 +82,26 @@ fn cases() -> Vec<Case> {
                 )
             },
         ),
+        case(
+            "linear_lora",
+            vec![
+                rand(&[2, 3, 4], 113),
+                rand(&[4, 6], 114),
+                rand(&[6], 115),
+                rand(&[3, 4], 116),
+                rand(&[2, 2], 117),
+                rand(&[2, 1], 118),
+            ],
+            |x| {
+                let vt = x[5].transpose(0, 1)?;
+                x[0].linear_lora(
+                    &x[1],
+                    Some(&x[2]),
+                    &x[3],
+                    &[(&x[4], 0, 0.5), (&vt, 4, -2.0)],
+                )
+            },
+        ),
         case("add", vec![rand(&[2, 3, 4], 5), rand(&[3, 1], 6)], |x| {
             x[0].add(&x[1])
         }),

@@ -8,8 +8,9 @@
 //! computed as two thin matmuls (`[..., in]·[in, r]` then `[..., r]·[r, out_part]`); the
 //! d×k product B·A is never formed during training. A *part* covers the whole output, or one
 //! third of c_attn's fused q|k|v output; each part's product lands in its own columns of the
-//! output, summed inside the base's GEMM for the first active adapter
-//! (`Var::linear_low_rank`) and added by one GEMM per part for any other (`Var::add_low_rank_columns`).
+//! output, summed inside the base's GEMM for the first active adapter (`Var::linear_lora`,
+//! which also computes u; `Var::linear_low_rank` when dropout gives the adapter its own x) and
+//! added by one GEMM per part for any other (`Var::add_low_rank_columns`).
 
 use std::collections::BTreeMap;
 
@@ -106,11 +107,15 @@ impl LinearAdapter for LoraLinear {
         // Per adapter: u = x·[A₁; A₂; …]ᵀ, one thin matmul (one pass over x) for all its parts
         // (q and v of c_attn), then each part's s·u[.., block]·Bᵀ in its columns of the
         // output — no delta tensor at all. The first adapter's terms are summed inside the
-        // base's own GEMM (`linear_low_rank`); any further active adapter is added to that
-        // output by one accumulating GEMM per part (`add_low_rank_columns`).
+        // base's own GEMM (`linear_lora`, or `linear_low_rank` given u when dropout makes the
+        // adapter's x another tensor); any further active adapter is added to that output by
+        // one accumulating GEMM per part (`add_low_rank_columns`).
         let mut base = Some(base);
         let mut out: Option<Var<'t, f32>> = None;
         for (adapter, weight) in self.acting().filter(|(a, _)| !a.parts.is_empty()) {
+            // Without dropout the adapter reads the base's own x, and the first adapter's
+            // whole product is one op whose backward gives x one gradient (`linear_lora`).
+            let reads_base_x = adapter.dropout == 0.0 || !ctx.train;
             let x = ctx.dropout(x, adapter.dropout)?;
             let a_parts: Vec<Var<'t, f32>> =
                 adapter.parts.iter().map(|p| p.a.on(ctx.tape)).collect();
@@ -118,7 +123,6 @@ impl LinearAdapter for LoraLinear {
                 [a] => a.clone(),
                 parts => tapelora_autograd::concat(&parts.iter().collect::<Vec<_>>(), 0)?,
             };
-            let u = x.matmul(&a_all.transpose(0, 1)?)?;
             let b_parts: Vec<Var<'t, f32>> = adapter
                 .parts
                 .iter()
@@ -131,8 +135,13 @@ impl LinearAdapter for LoraLinear {
                 .map(|(p, bt)| (bt, p.slice.start, p.scaling() * weight))
                 .collect();
             out = Some(match (base.take(), out) {
-                (Some(base), _) => base.with_low_rank(&u, &parts)?,
-                (None, Some(out)) => out.add_low_rank_columns(&u, &parts)?,
+                (Some(base), _) if reads_base_x => base.with_lora(&a_all, &parts)?,
+                (Some(base), _) => {
+                    base.with_low_rank(&x.matmul(&a_all.transpose(0, 1)?)?, &parts)?
+                }
+                (None, Some(out)) => {
+                    out.add_low_rank_columns(&x.matmul(&a_all.transpose(0, 1)?)?, &parts)?
+                }
                 (None, None) => unreachable!("the base is taken only to make an output"),
             });
         }

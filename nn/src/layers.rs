@@ -111,6 +111,17 @@ impl<'t> BaseLinear<'_, 't> {
             .x
             .linear_low_rank(&self.w, self.bias.as_ref(), u, parts)?)
     }
+
+    /// The same with `u = x·aᵀ` computed by the op itself (`a` is every part's A stacked,
+    /// `[Σ r, in]`), so that backward sums both paths into x in one GEMM (see
+    /// [`Var::linear_lora`]). For an adapter that reads x itself, without dropout.
+    pub fn with_lora(
+        self,
+        a: &Var<'t, f32>,
+        parts: &[(&Var<'t, f32>, usize, f64)],
+    ) -> Result<Var<'t, f32>> {
+        Ok(self.x.linear_lora(&self.w, self.bias.as_ref(), a, parts)?)
+    }
 }
 
 impl Module for Linear {

@@ -291,13 +291,12 @@ type LowRankSpan<T> = (usize, usize, usize, usize, T);
 fn low_rank_spans<T: Float>(
     op: &'static str,
     shape: &[usize],
-    u: &Var<'_, T>,
+    us: &[usize],
     parts: &[(&Var<'_, T>, usize, f64)],
 ) -> Result<Vec<LowRankSpan<T>>> {
     let Some((&width, lead)) = shape.split_last() else {
         return crate::error::arg_err(op, "needs at least one axis");
     };
-    let us = u.shape();
     if us.len() != shape.len() || &us[..us.len() - 1] != lead {
         let lead_text = lead
             .iter()
@@ -413,6 +412,69 @@ fn low_rank_grads<T: Float>(
     (gu, gv)
 }
 
+/// `x·w + bias` plus the low-rank parts, summed inside the GEMM's tiles where the fused kernel
+/// takes the shapes, otherwise by one accumulating product per part.
+fn linear_low_rank_value<T: Float>(
+    x2: ArrayView2<T>,
+    w2: ArrayView2<T>,
+    bias: Option<&Var<'_, T>>,
+    u2: ArrayView2<T>,
+    vs: &[Tensor<T>],
+    spans: &[LowRankSpan<T>],
+) -> Array2<T> {
+    let v2: Vec<_> = vs
+        .iter()
+        .zip(spans)
+        .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
+        .collect();
+    let bias_value = bias.map(|b| b.value());
+    let bias_slice = bias_value.map(|b| b.as_slice());
+    let fused = match bias_slice {
+        Some(None) => None,
+        Some(Some(_)) | None => gemm_new_low_rank(
+            x2,
+            w2,
+            bias_slice.flatten(),
+            u2,
+            &low_rank_kernel_parts(&v2, spans),
+        ),
+    };
+    fused.unwrap_or_else(|| {
+        let mut c = linear_value(x2, w2, bias_value);
+        add_low_rank_parts(c.view_mut(), u2, vs, spans);
+        c
+    })
+}
+
+/// A LoRA linear's ∂x = G·wᵀ + ∂u·a (and ∂w = xᵀ·G when `need_w`). Alone, ∂x is one GEMM
+/// with ∂u·a summed inside its tiles as a low-rank term over all of its columns; with ∂w
+/// (both trained) the two big products run side by side and ∂u·a is accumulated after.
+fn lora_input_grad<T: Float>(
+    g2: ArrayView2<T>,
+    w2: ArrayView2<T>,
+    x2: ArrayView2<T>,
+    gu2: ArrayView2<T>,
+    a2: ArrayView2<T>,
+    need_w: bool,
+) -> (Option<Array2<T>>, Option<Array2<T>>) {
+    let term = [LowRankPart {
+        v: a2,
+        start: 0,
+        u_from: 0,
+        scale: T::one(),
+    }];
+    let fused = (!need_w)
+        .then(|| gemm_new_low_rank(g2, w2.t(), None, gu2, &term))
+        .flatten();
+    if let Some(gx) = fused {
+        return (Some(gx), None);
+    }
+    let (gx, gw) = gemm_new_pair(Some((g2, w2.t())), need_w.then(|| (x2.t(), g2)));
+    let mut gx = gx.expect("asked for");
+    gemm(T::one(), gu2, a2, T::one(), gx.view_mut());
+    (Some(gx), gw)
+}
+
 /// Each low-rank part with its place in the output, as the fused kernel takes them.
 fn low_rank_kernel_parts<'a, T: Float>(
     v2: &'a [ndarray::CowArray<'a, T, Ix2>],
@@ -487,35 +549,14 @@ impl<'t, T: Float> Var<'t, T> {
     ) -> Result<Var<'t, T>> {
         const OP: &str = "linear_low_rank";
         let (rows, k, n, out_shape) = linear_shapes(OP, self, w, bias)?;
-        let spans = low_rank_spans(OP, &out_shape, u, parts)?;
+        let spans = low_rank_spans(OP, &out_shape, u.shape(), parts)?;
         let x_shape = self.shape().to_vec();
         let (x, wv, u_value) = (self.value().clone(), w.value().clone(), u.value().clone());
         let vs: Vec<Tensor<T>> = parts.iter().map(|p| p.0.value().clone()).collect();
         let c = {
-            let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
             let u2 = as_matrix(&u_value, rows, u_value.shape()[u_value.ndim() - 1]);
-            let v2: Vec<_> = vs
-                .iter()
-                .zip(&spans)
-                .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
-                .collect();
-            let bias_value = bias.map(|b| b.value());
-            let bias_slice = bias_value.map(|b| b.as_slice());
-            let fused = match bias_slice {
-                Some(None) => None,
-                Some(Some(_)) | None => gemm_new_low_rank(
-                    x2.view(),
-                    w2.view(),
-                    bias_slice.flatten(),
-                    u2.view(),
-                    &low_rank_kernel_parts(&v2, &spans),
-                ),
-            };
-            fused.unwrap_or_else(|| {
-                let mut c = linear_value(x2.view(), w2.view(), bias_value);
-                add_low_rank_parts(c.view_mut(), u2.view(), &vs, &spans);
-                c
-            })
+            let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
+            linear_low_rank_value(x2.view(), w2.view(), bias, u2.view(), &vs, &spans)
         };
         let out = to_shape(c, &out_shape);
         let mut inputs = vec![self, w];
@@ -552,6 +593,120 @@ impl<'t, T: Float> Var<'t, T> {
             })
     }
 
+    /// A LoRA linear whole: `self · w + bias` plus, for each part `(v, start, scale)`,
+    /// `scale · u[..., cols] · v` in the output columns `start .. start + w`, where
+    /// `u = self · aᵀ` and `a` is `[Σ r, k]` — every part's A stacked, in the parts' order.
+    /// The value is [`Var::linear_low_rank`]'s with `u` given as `self.matmul(aᵀ)`; holding both
+    /// uses of x in one op changes backward: ∂x = G·wᵀ + ∂u·a is one GEMM with `∂u·a` as a
+    /// low-rank term of its tiles ([`crate::gemm::gemm_new_low_rank`], r more steps of k)
+    /// instead of a separate `[..., k]` product that the tape then adds to the first.
+    /// ∂w = xᵀ·G, ∂bias = Σ_rows G, ∂a = ∂uᵀ·x and each ∂v as `linear_low_rank`'s, each only
+    /// if needed.
+    pub fn linear_lora(
+        &self,
+        w: &Var<'t, T>,
+        bias: Option<&Var<'t, T>>,
+        a: &Var<'t, T>,
+        parts: &[(&Var<'t, T>, usize, f64)],
+    ) -> Result<Var<'t, T>> {
+        const OP: &str = "linear_lora";
+        let (rows, k, n, out_shape) = linear_shapes(OP, self, w, bias)?;
+        let a_shape = a.shape();
+        if a_shape.len() != 2 || a_shape[1] != k {
+            return shape_err(OP, self.shape(), a_shape, format!("A must be [Σ r, {k}]"));
+        }
+        let rank = a_shape[0];
+        let mut u_shape = out_shape.clone();
+        *u_shape.last_mut().expect("linear_shapes gives an axis") = rank;
+        let spans = low_rank_spans(OP, &out_shape, &u_shape, parts)?;
+        let x_shape = self.shape().to_vec();
+        let (x, wv, av) = (self.value().clone(), w.value().clone(), a.value().clone());
+        let vs: Vec<Tensor<T>> = parts.iter().map(|p| p.0.value().clone()).collect();
+        let (x2, w2, a2) = (
+            as_matrix(&x, rows, k),
+            as_matrix(&wv, k, n),
+            as_matrix(&av, rank, k),
+        );
+        let u: Tensor<T> = gemm_new(T::one(), x2.view(), a2.t())
+            .into_dyn()
+            .into_shared();
+        let c = linear_low_rank_value(
+            x2.view(),
+            w2.view(),
+            bias,
+            as_matrix(&u, rows, rank).view(),
+            &vs,
+            &spans,
+        );
+        let out = to_shape(c, &out_shape);
+        let mut inputs = vec![self, w];
+        inputs.extend(bias);
+        inputs.push(a);
+        inputs.extend(parts.iter().map(|p| p.0));
+        let has_bias = bias.is_some();
+        OpRecord::new(OP, &inputs)
+            .attrs(format!(
+                "[{rows}×{k}]·[{k}×{n}]{} + u·v, u = x·[{rank}×{k}]ᵀ: {}",
+                if has_bias { "+b" } else { "" },
+                low_rank_attrs(&spans)
+            ))
+            .saves("x", &x)
+            .saves("w", &wv)
+            .saves("a", &av)
+            .saves("u", &u)
+            .finish(out, move |g, needs| {
+                let g2 = g
+                    .to_shape((rows, n))
+                    .expect("gradient has the output's size");
+                let a_at = if has_bias { 3 } else { 2 };
+                let (need_x, need_a) = (needs[0], needs[a_at]);
+                let (gu, gv) = low_rank_grads(
+                    g2.view(),
+                    &u,
+                    &vs,
+                    &spans,
+                    need_x || need_a,
+                    &needs[a_at + 1..],
+                );
+                let (x2, w2, a2) = (
+                    as_matrix(&x, rows, k),
+                    as_matrix(&wv, k, n),
+                    as_matrix(&av, rank, k),
+                );
+                let gu2 = gu
+                    .as_ref()
+                    .map(|gu| gu.to_shape((rows, rank)).expect("∂u has u's size"));
+                let (gx, gw) = match (need_x, &gu2) {
+                    (true, Some(gu2)) => lora_input_grad(
+                        g2.view(),
+                        w2.view(),
+                        x2.view(),
+                        gu2.view(),
+                        a2.view(),
+                        needs[1],
+                    ),
+                    _ => (
+                        None,
+                        needs[1].then(|| gemm_new(T::one(), x2.t(), g2.view())),
+                    ),
+                };
+                let mut grads = vec![
+                    gx.map(|gx| to_shape(gx, &x_shape)),
+                    gw.map(|gw| gw.into_dyn()),
+                ];
+                if has_bias {
+                    grads.push(needs[2].then(|| g2.sum_axis(ndarray::Axis(0)).into_dyn()));
+                }
+                let ga = match (need_a, &gu2) {
+                    (true, Some(gu2)) => Some(gemm_new(T::one(), gu2.t(), x2.view()).into_dyn()),
+                    _ => None,
+                };
+                grads.push(ga);
+                grads.extend(gv);
+                grads
+            })
+    }
+
     /// `self` plus, for each part `(v, start, scale)`, `scale · u[..., cols] · v` added into
     /// the last-axis columns `start .. start + w` (`v` is `[r, w]`; `cols` is the part's block
     /// of `u`'s columns: the parts take `u`'s `[..., r₁ + r₂ + …]` columns in order). This is
@@ -573,7 +728,7 @@ impl<'t, T: Float> Var<'t, T> {
     ) -> Result<Var<'t, T>> {
         const OP: &str = "add_low_rank_columns";
         let shape = self.shape().to_vec();
-        let spans = low_rank_spans(OP, &shape, u, parts)?;
+        let spans = low_rank_spans(OP, &shape, u.shape(), parts)?;
         let (width, rows) = (
             shape[shape.len() - 1],
             shape[..shape.len() - 1].iter().product(),
@@ -919,6 +1074,114 @@ mod tests {
         ] {
             let message = result.unwrap_err().to_string();
             assert!(message.contains("linear_low_rank"), "{message}");
+        }
+    }
+
+    #[test]
+    fn linear_lora_is_linear_low_rank_of_x_times_a_transposed_and_passes_gradcheck() {
+        // f32 at shapes the fused kernel takes (∂x with ∂u·A inside its tiles when the weight
+        // is frozen; ∂x and ∂w side by side, then ∂u·A added, when it is trained) against
+        // linear_low_rank fed u = x·Aᵀ by a matmul: the same value to the bit, ∂x and ∂A
+        // within rounding (summed in another order), every other gradient to the bit.
+        for frozen_w in [true, false] {
+            let mut results = Vec::new();
+            for whole in [true, false] {
+                let tape = Tape::<f32>::new();
+                let f32_value = |shape: &[usize], seed| rand_array(shape, seed).mapv(|v| v as f32);
+                let x = tape.param("x", f32_value(&[2, 20, 64], 1));
+                let w = if frozen_w {
+                    tape.frozen("w", f32_value(&[64, 96], 2))
+                } else {
+                    tape.param("w", f32_value(&[64, 96], 2))
+                };
+                let bias = tape.param("bias", f32_value(&[96], 3));
+                let a = tape.param("a", f32_value(&[10, 64], 4));
+                let vq = tape.param("vq", f32_value(&[4, 32], 5));
+                let b_v = tape.param("b_v", f32_value(&[32, 6], 6));
+                let weights = tape.constant(f32_value(&[2, 20, 96], 7));
+                let vv = b_v.transpose(0, 1).unwrap();
+                let parts = [(&vq, 0, 0.5), (&vv, 64, -2.0)];
+                let y = if whole {
+                    x.linear_lora(&w, Some(&bias), &a, &parts).unwrap()
+                } else {
+                    let u = x.matmul(&a.transpose(0, 1).unwrap()).unwrap();
+                    x.linear_low_rank(&w, Some(&bias), &u, &parts).unwrap()
+                };
+                let grads = tape
+                    .backward(&y.mul(&weights).unwrap().sum_all().unwrap())
+                    .unwrap();
+                let grads: Vec<_> = [&x, &w, &bias, &a, &vq, &b_v]
+                    .iter()
+                    .map(|v| grads.get(v).cloned())
+                    .collect();
+                results.push((y.value().to_owned(), grads));
+            }
+            let ((whole, whole_grads), (separate, separate_grads)) = (&results[0], &results[1]);
+            assert_eq!(whole, separate);
+            for (i, (got, want)) in whole_grads.iter().zip(separate_grads).enumerate() {
+                let (Some(got), Some(want)) = (got, want) else {
+                    assert!(got.is_none() && want.is_none() && i == 1 && frozen_w);
+                    continue;
+                };
+                if i == 0 || i == 3 {
+                    let worst = (got - want)
+                        .iter()
+                        .zip(want)
+                        .map(|(d, s)| d.abs() / (1.0 + s.abs()))
+                        .fold(0.0f32, f32::max);
+                    assert!(worst < 1e-5, "gradient {i}: {worst}");
+                } else {
+                    assert_eq!(got, want, "gradient {i}");
+                }
+            }
+        }
+        // In f64 (the separate products' path), against central differences: with and without
+        // a bias, a Bᵀ view, and overlapping parts.
+        assert_gradcheck(
+            |x| {
+                let vt = x[5].transpose(0, 1)?;
+                x[0].linear_lora(
+                    &x[1],
+                    Some(&x[2]),
+                    &x[3],
+                    &[(&x[4], 0, 0.5), (&vt, 3, -1.5)],
+                )
+            },
+            &[
+                rand_array(&[2, 3, 4], 8),
+                rand_array(&[4, 6], 9),
+                rand_array(&[6], 10),
+                rand_array(&[3, 4], 11),
+                rand_array(&[2, 3], 12),
+                rand_array(&[3, 1], 13),
+            ],
+        );
+        assert_gradcheck(
+            |x| x[0].linear_lora(&x[1], None, &x[2], &[(&x[3], 1, 0.5), (&x[4], 2, 2.0)]),
+            &[
+                rand_array(&[3, 4], 14),
+                rand_array(&[4, 5], 15),
+                rand_array(&[3, 4], 16),
+                rand_array(&[2, 3], 17),
+                rand_array(&[1, 3], 18),
+            ],
+        );
+        // Shape errors name the op.
+        let t = Tape::<f64>::new();
+        let c = |shape: &[usize]| t.constant(rand_array(shape, 19));
+        let (x, w, a, v) = (c(&[3, 4]), c(&[4, 5]), c(&[2, 4]), c(&[2, 3]));
+        let y = c(&[0, 4])
+            .linear_lora(&w, None, &a, &[(&v, 0, 1.0)])
+            .unwrap();
+        assert_eq!(y.shape(), &[0, 5]);
+        for result in [
+            x.linear_lora(&c(&[5, 4]), None, &a, &[(&v, 0, 1.0)]),
+            x.linear_lora(&w, None, &c(&[2, 3]), &[(&v, 0, 1.0)]),
+            x.linear_lora(&w, None, &c(&[3, 4]), &[(&v, 0, 1.0)]),
+            x.linear_lora(&w, None, &a, &[(&v, 3, 1.0)]),
+        ] {
+            let message = result.unwrap_err().to_string();
+            assert!(message.contains("linear_lora"), "{message}");
         }
     }
 
