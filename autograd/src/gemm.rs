@@ -182,16 +182,19 @@ pub struct LowRankPart<'a, T> {
     pub scale: T,
 }
 
-/// `a·b + bias + Σ parts` as a new row-major matrix, the low-rank parts summed inside the
-/// kernel's tiles ([`Float::gemm_low_rank`]): a LoRA linear's forward writing its output once.
-/// `None` where that kernel does not apply (not f32 with AVX-512, a product under 32 wide,
-/// parts off 32-column boundaries, a single row): the caller adds the parts itself then.
+/// `a·b + bias + Σ parts (+ residual)` as a new row-major matrix, the low-rank parts summed
+/// inside the kernel's tiles and the residual added as they are stored
+/// ([`Float::gemm_low_rank`]): a LoRA linear's forward, or a layer's output projection onto
+/// the residual stream, writing its output once. `None` where that kernel does not apply (not
+/// f32 with AVX-512, a product under 32 wide, parts off 32-column boundaries, a residual with
+/// strided rows, a single row): the caller adds the parts and the residual itself then.
 pub fn gemm_new_low_rank<T: Float>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     bias: Option<&[T]>,
     u: ArrayView2<T>,
     parts: &[LowRankPart<T>],
+    residual: Option<ArrayView2<T>>,
 ) -> Option<Array2<T>> {
     let ((m, k), n) = (a.dim(), b.ncols());
     if m < 2 {
@@ -210,6 +213,7 @@ pub fn gemm_new_low_rank<T: Float>(
             bias,
             u,
             parts,
+            residual,
             c.as_mut_ptr().cast::<T>(),
             parts_of,
             dynamic,
@@ -932,7 +936,7 @@ pub(crate) mod tests {
                 },
             ];
             let fused = on_threads(2, || {
-                gemm_new_low_rank(x.view(), w.view(), Some(&bias), u.view(), &parts)
+                gemm_new_low_rank(x.view(), w.view(), Some(&bias), u.view(), &parts, None)
             });
             let Some(fused) = fused else {
                 assert!(!crate::sgemm_avx512::available());
@@ -969,7 +973,7 @@ pub(crate) mod tests {
             u_from: 0,
             scale: 1.0,
         }];
-        assert!(gemm_new_low_rank(x.view(), w.view(), None, u.view(), &part).is_none());
+        assert!(gemm_new_low_rank(x.view(), w.view(), None, u.view(), &part, None).is_none());
         let x32 = Array2::<f32>::ones((1, 8));
         let (w32, u32, v32) = (
             w.mapv(|v| v as f32),
@@ -982,7 +986,7 @@ pub(crate) mod tests {
             u_from: 0,
             scale: 1.0,
         }];
-        assert!(gemm_new_low_rank(x32.view(), w32.view(), None, u32.view(), &part).is_none());
+        assert!(gemm_new_low_rank(x32.view(), w32.view(), None, u32.view(), &part, None).is_none());
     }
 
     fn naive(a: &Array2<f64>, b: &Array2<f64>) -> Array2<f64> {

@@ -309,17 +309,19 @@ pub unsafe fn sgemm_parallel_bias(
     }
 }
 
-/// `C ← A·B + bias + Σ scale·u[:, from .. from + rank]·v`, each low-rank part landing in its
-/// own block of C's columns: a LoRA linear's forward (c_attn with adapters on q and v). Each
-/// part's columns take `rank` more steps of k in the last k block of their tiles, from `u`
-/// read in place and `scale·v` packed into 32-column panels, so the terms are summed in the
-/// accumulator registers: C is written once, and no pass over it adds them afterwards.
+/// `C ← A·B + bias + Σ scale·u[:, from .. from + rank]·v (+ residual)`, each low-rank part
+/// landing in its own block of C's columns: a LoRA linear's forward (c_attn with adapters on q
+/// and v). Each part's columns take `rank` more steps of k in the last k block of their tiles,
+/// from `u` read in place and `scale·v` packed into 32-column panels, so the terms are summed
+/// in the accumulator registers: C is written once, and no pass over it adds them afterwards.
+/// A residual (`m × n`, contiguous rows) is added as the last k block's tiles are stored,
+/// after everything else: the bits of adding it to the finished output, without that pass.
 ///
 /// Runs in `threads` fixed parts (rows when m ≥ n, else columns on whole panels), or, with
 /// `dynamic`, as [`sgemm_parallel`] does when its shared operand fits. Returns `false`, doing
 /// nothing, where the fused kernel does not apply: some part does not start and end on a
-/// multiple of 32 columns (a tile would straddle its edge), parts overlap, `u`'s rows are not
-/// contiguous, or k = 0. The caller then adds the parts one product at a time.
+/// multiple of 32 columns (a tile would straddle its edge), parts overlap, `u`'s or the
+/// residual's rows are not contiguous, or k = 0. The caller then adds the parts one product at a time.
 ///
 /// # Safety
 /// [`available`] returned true; `c` is an `m × n` output with the given strides that aliases
@@ -331,6 +333,7 @@ pub unsafe fn sgemm_low_rank(
     bias: Option<&[f32]>,
     u: ndarray::ArrayView2<f32>,
     parts: &[crate::gemm::LowRankPart<f32>],
+    residual: Option<ndarray::ArrayView2<f32>>,
     c: *mut f32,
     (rsc, csc): (isize, isize),
     threads: usize,
@@ -338,9 +341,15 @@ pub unsafe fn sgemm_low_rank(
 ) -> bool {
     let ((m, k), n) = (a.dim(), b.ncols());
     assert!(
-        b.nrows() == k && u.nrows() == m && bias.is_none_or(|bias| bias.len() == n),
+        b.nrows() == k
+            && u.nrows() == m
+            && bias.is_none_or(|bias| bias.len() == n)
+            && residual.is_none_or(|r| r.dim() == (m, n)),
         "sgemm_low_rank: internal shape bug"
     );
+    if residual.is_some_and(|r| r.strides()[1] != 1 && n > 1) {
+        return false;
+    }
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(parts.len());
     for part in parts {
         let (rank, width) = part.v.dim();
@@ -365,6 +374,8 @@ pub unsafe fn sgemm_low_rank(
         u: u.as_ptr(),
         rsu: u.strides()[0],
         parts: Vec::with_capacity(parts.len()),
+        residual: residual.map_or(std::ptr::null(), |r| r.as_ptr()),
+        rsr: residual.map_or(0, |r| r.strides()[0]),
     };
     let mut offset = 0;
     for part in parts {
@@ -442,6 +453,9 @@ struct Tail {
     u: *const f32,
     rsu: isize,
     parts: Vec<TailPart>,
+    /// An `m × n` matrix with rows `rsr` apart added to the finished product, or null.
+    residual: *const f32,
+    rsr: isize,
 }
 
 /// One part: C's columns `start .. end` get `u[:, u_from .. u_from + rank]` times the packed
@@ -456,9 +470,14 @@ struct TailPart {
 
 impl Tail {
     /// The extra steps of the tile whose first element is C[row, col] (`col` a whole number of
-    /// panels from its part's start: parts and the drivers' column blocks are panel-aligned).
-    unsafe fn at(&self, row: usize, col: usize) -> TailSteps {
-        match self.parts.iter().find(|p| (p.start..p.end).contains(&col)) {
+    /// panels from its part's start: parts and the drivers' column blocks are panel-aligned),
+    /// and the tile with its block of the residual.
+    unsafe fn at(&self, row: usize, col: usize, mut tile: Tile) -> (TailSteps, Tile) {
+        if !self.residual.is_null() {
+            tile.residual = self.residual.offset(row as isize * self.rsr + col as isize);
+            tile.rsr = self.rsr;
+        }
+        let steps = match self.parts.iter().find(|p| (p.start..p.end).contains(&col)) {
             Some(part) => TailSteps {
                 steps: part.rank,
                 a: self
@@ -468,7 +487,8 @@ impl Tail {
                 b: part.panels.add((col - part.start) / NR * part.rank * NR),
             },
             None => TailSteps::NONE,
-        }
+        };
+        (steps, tile)
     }
 }
 
@@ -707,12 +727,14 @@ impl Product {
                                 } else {
                                     std::ptr::null()
                                 },
+                                residual: std::ptr::null(),
+                                rsr: 0,
                             };
                             let b_panel = b_panels.add(jr * kc);
-                            let tail = if self.tail.is_null() || pc + kc < k {
-                                TailSteps::NONE
+                            let (tail, tile) = if self.tail.is_null() || pc + kc < k {
+                                (TailSteps::NONE, tile)
                             } else {
-                                (*self.tail).at(ic + ir, jc + jr)
+                                (*self.tail).at(ic + ir, jc + jr, tile)
                             };
                             if ir < full_rows {
                                 kernel_rows(
@@ -989,6 +1011,8 @@ impl PackedB {
                     alpha,
                     beta: 0.0,
                     bias: std::ptr::null(),
+                    residual: std::ptr::null(),
+                    rsr: 0,
                 };
                 let b_panel = self
                     .lines
@@ -1213,6 +1237,11 @@ struct Tile {
     /// The tile's columns of a row vector added to every row (a linear's bias, on the first
     /// k block only), or null.
     bias: *const f32,
+    /// The tile's block of a matrix added after everything else (a residual stream, on the
+    /// last k block only: the bits of adding it to the finished product), rows `rsr` apart;
+    /// or null.
+    residual: *const f32,
+    rsr: isize,
 }
 
 /// The 12×32 micro-kernel over `kc` steps of A and a packed B panel, computing its first
@@ -1657,6 +1686,8 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
         alpha,
         beta,
         bias,
+        residual,
+        rsr,
     } = tile;
     let alpha_v = _mm512_set1_ps(alpha);
     if csc == 1 {
@@ -1677,6 +1708,11 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
             if !bias.is_null() {
                 l = _mm512_add_ps(l, _mm512_maskz_loadu_ps(mask_l, bias));
                 r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask_r, bias.add(16)));
+            }
+            if !residual.is_null() {
+                let from = residual.offset(i as isize * rsr);
+                l = _mm512_add_ps(l, _mm512_maskz_loadu_ps(mask_l, from));
+                r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask_r, from.add(16)));
             }
             _mm512_mask_storeu_ps(row, mask_l, l);
             _mm512_mask_storeu_ps(row.add(16), mask_r, r);
@@ -1701,6 +1737,9 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
             write_scaled(dst, value, beta);
             if !bias.is_null() {
                 *dst += *bias.add(j);
+            }
+            if !residual.is_null() {
+                *dst += *residual.offset(i as isize * rsr + j as isize);
             }
         }
     }
@@ -1779,6 +1818,8 @@ pub unsafe fn sgemm_thin(
                 alpha,
                 beta,
                 bias: std::ptr::null(),
+                residual: std::ptr::null(),
+                rsr: 0,
             };
             if csa == 1 {
                 thin_rows(k, a.offset(i as isize * rsa), rsa, b_lines, tile);
@@ -1800,6 +1841,8 @@ pub unsafe fn sgemm_thin(
                 alpha,
                 beta,
                 bias: std::ptr::null(),
+                residual: std::ptr::null(),
+                rsr: 0,
             };
             thin_kernel(k, panel, b_lines, tile);
         }
@@ -2332,6 +2375,8 @@ mod tests {
                 Array2::from_shape_vec((k, n), b).unwrap(),
             );
             let bias: Vec<f32> = (0..n).map(|j| (j % 5) as f32 * 0.25 - 0.5).collect();
+            let residual =
+                Array2::from_shape_fn((m, n + 3), |(i, j)| ((i * 7 + j) % 13) as f32 * 0.3 - 1.7);
             // u with rows 9 apart (8 columns used), v₁ row-major, v₂ column-major (Bᵀ).
             let u_store =
                 Array2::from_shape_fn((m, 9), |(i, j)| ((i * 3 + j * 5) % 7) as f32 * 0.2 - 0.6);
@@ -2380,21 +2425,33 @@ mod tests {
                 .flat_map(|s| [(s, a.view()), (s, a_t.t())])
             {
                 for with_bias in [true, false] {
-                    let mut c = vec![f32::NAN; m * n];
-                    let done = crate::gemm::tests::on_threads(threads, || unsafe {
-                        sgemm_low_rank(
-                            a,
-                            b.view(),
-                            with_bias.then_some(&bias[..]),
-                            u,
-                            &parts,
-                            c.as_mut_ptr(),
-                            (n as isize, 1),
-                            threads,
-                            dynamic,
-                        )
-                    });
-                    assert!(done, "{m}×{k}×{n}");
+                    let run = |residual: Option<ndarray::ArrayView2<f32>>| {
+                        let mut c = vec![f32::NAN; m * n];
+                        let done = crate::gemm::tests::on_threads(threads, || unsafe {
+                            sgemm_low_rank(
+                                a,
+                                b.view(),
+                                with_bias.then_some(&bias[..]),
+                                u,
+                                &parts,
+                                residual,
+                                c.as_mut_ptr(),
+                                (n as isize, 1),
+                                threads,
+                                dynamic,
+                            )
+                        });
+                        assert!(done, "{m}×{k}×{n}");
+                        c
+                    };
+                    let c = run(None);
+                    // A residual (rows 3 floats longer than n) gives the bits of adding it to
+                    // the finished output.
+                    let onto = run(Some(residual.slice(ndarray::s![.., ..n])));
+                    for (i, (&got, &plain)) in onto.iter().zip(&c).enumerate() {
+                        let want = plain + residual[[i / n, i % n]];
+                        assert_eq!(got.to_bits(), want.to_bits(), "{m}×{k}×{n} at {i}");
+                    }
                     let worst = c
                         .iter()
                         .zip(&want)
@@ -2413,7 +2470,7 @@ mod tests {
             }
         }
         // Where the kernel does not apply it does nothing: a part off a panel boundary,
-        // overlapping parts, k = 0.
+        // overlapping parts, k = 0 ...
         let (a, b) = (Array2::<f32>::ones((40, 8)), Array2::<f32>::ones((8, 96)));
         let (u, v) = (Array2::<f32>::ones((40, 2)), Array2::<f32>::ones((1, 32)));
         let part = |start, u_from| LowRankPart {
@@ -2423,7 +2480,13 @@ mod tests {
             scale: 1.0,
         };
         let mut c = vec![0.0f32; 40 * 96];
-        for parts in [vec![part(16, 0)], vec![part(32, 0), part(32, 1)]] {
+        // ... and a residual whose rows are not contiguous.
+        let strided = Array2::<f32>::ones((96, 40));
+        for (parts, residual) in [
+            (vec![part(16, 0)], None),
+            (vec![part(32, 0), part(32, 1)], None),
+            (vec![part(32, 0)], Some(strided.t())),
+        ] {
             let done = unsafe {
                 sgemm_low_rank(
                     a.view(),
@@ -2431,6 +2494,7 @@ mod tests {
                     None,
                     u.view(),
                     &parts,
+                    residual,
                     c.as_mut_ptr(),
                     (96, 1),
                     1,
@@ -2447,6 +2511,7 @@ mod tests {
                 None,
                 u.view(),
                 &[part(0, 0)],
+                None,
                 c.as_mut_ptr(),
                 (96, 1),
                 1,

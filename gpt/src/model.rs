@@ -93,6 +93,7 @@ impl Attention {
         x: &Var<'t, f32>,
         cache: Option<(&mut KvCache, usize)>,
         dropout: f64,
+        residual: &Var<'t, f32>,
     ) -> Result<Var<'t, f32>> {
         let c = x.shape()[2];
         let qkv = self.c_attn.forward(ctx, x)?; // [B, T, 3C]
@@ -118,16 +119,36 @@ impl Attention {
                 attention(&q, &past_k, &past_v, self.n_head, true)?
             }
         };
-        let y = self.c_proj.forward(ctx, &y)?;
-        ctx.dropout(&y, dropout).map_err(Into::into)
+        project_onto(ctx, &self.c_proj, &y, dropout, residual)
     }
 }
 
+/// `residual + dropout(c_proj(y))`. Without dropout the projection adds the residual itself
+/// ([`Linear::forward_onto`]: no separate add pass, no gradient copy).
+fn project_onto<'t>(
+    ctx: &Ctx<'t>,
+    c_proj: &Linear,
+    y: &Var<'t, f32>,
+    dropout: f64,
+    residual: &Var<'t, f32>,
+) -> Result<Var<'t, f32>> {
+    if dropout == 0.0 || !ctx.train {
+        return Ok(c_proj.forward_onto(ctx, y, residual)?);
+    }
+    let y = ctx.dropout(&c_proj.forward(ctx, y)?, dropout)?;
+    Ok(residual.add(&y)?)
+}
+
 impl Mlp {
-    fn forward<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>, dropout: f64) -> Result<Var<'t, f32>> {
+    fn forward<'t>(
+        &self,
+        ctx: &Ctx<'t>,
+        x: &Var<'t, f32>,
+        dropout: f64,
+        residual: &Var<'t, f32>,
+    ) -> Result<Var<'t, f32>> {
         let h = self.c_fc.forward(ctx, x)?.gelu()?;
-        let y = self.c_proj.forward(ctx, &h)?;
-        ctx.dropout(&y, dropout).map_err(Into::into)
+        project_onto(ctx, &self.c_proj, &h, dropout, residual)
     }
 }
 
@@ -300,17 +321,19 @@ impl Gpt {
         let mut x = ctx.dropout(&tok.add(&pos)?, self.config.dropout)?;
         for (layer, block) in self.h.iter().enumerate() {
             let cache_slot = cache.as_deref_mut().map(|c| (c, layer));
-            let a = block.attn.forward(
+            x = block.attn.forward(
                 ctx,
                 &block.ln_1.forward(ctx, &x)?,
                 cache_slot,
                 self.config.dropout,
+                &x,
             )?;
-            x = x.add(&a)?;
-            let m = block
-                .mlp
-                .forward(ctx, &block.ln_2.forward(ctx, &x)?, self.config.dropout)?;
-            x = x.add(&m)?;
+            x = block.mlp.forward(
+                ctx,
+                &block.ln_2.forward(ctx, &x)?,
+                self.config.dropout,
+                &x,
+            )?;
         }
         if let Some(c) = cache {
             c.len += t;

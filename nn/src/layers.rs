@@ -65,6 +65,22 @@ impl Linear {
         }
     }
 
+    /// `residual + forward(x)`: a projection onto the residual stream. Without an adapter
+    /// one op adds the residual as the GEMM stores its output and hands the upstream
+    /// gradient to the residual uncopied ([`Var::linear_residual`]); with one, an add.
+    pub fn forward_onto<'t>(
+        &self,
+        ctx: &Ctx<'t>,
+        x: &Var<'t, f32>,
+        residual: &Var<'t, f32>,
+    ) -> Result<Var<'t, f32>> {
+        if self.adapter.is_some() {
+            return Ok(residual.add(&self.forward(ctx, x)?)?);
+        }
+        let base = self.base(ctx, x)?;
+        Ok(x.linear_residual(&base.w, base.bias.as_ref(), residual)?)
+    }
+
     /// The layer without its adapter.
     pub fn forward_base<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
         self.base(ctx, x)?.output()

@@ -437,6 +437,7 @@ fn linear_low_rank_value<T: Float>(
             bias_slice.flatten(),
             u2,
             &low_rank_kernel_parts(&v2, spans),
+            None,
         ),
     };
     fused.unwrap_or_else(|| {
@@ -464,7 +465,7 @@ fn lora_input_grad<T: Float>(
         scale: T::one(),
     }];
     let fused = (!need_w)
-        .then(|| gemm_new_low_rank(g2, w2.t(), None, gu2, &term))
+        .then(|| gemm_new_low_rank(g2, w2.t(), None, gu2, &term, None))
         .flatten();
     if let Some(gx) = fused {
         return (Some(gx), None);
@@ -527,6 +528,78 @@ impl<'t, T: Float> Var<'t, T> {
                     .to_shape((rows, n))
                     .expect("gradient has the output's size");
                 linear_grads(g2.view(), &x, &wv, &x_shape, needs.len() == 3, needs)
+            })
+    }
+
+    /// `residual + self · w + bias`: a layer's output projection added to the residual stream
+    /// it feeds (GPT-2's attention and MLP `c_proj`). The value has the bits of
+    /// `residual.add(&self.linear(w, bias))`; with f32 on AVX-512 the residual is added as the
+    /// GEMM's last k block stores its tiles, so no separate pass reads the output back. In
+    /// backward the upstream gradient *is* ∂residual: it is handed on after ∂x, ∂w and ∂bias
+    /// are computed from it (as [`Var::linear`]'s), where an add would have copied it.
+    pub fn linear_residual(
+        &self,
+        w: &Var<'t, T>,
+        bias: Option<&Var<'t, T>>,
+        residual: &Var<'t, T>,
+    ) -> Result<Var<'t, T>> {
+        const OP: &str = "linear_residual";
+        let (rows, k, n, out_shape) = linear_shapes(OP, self, w, bias)?;
+        if residual.shape() != out_shape.as_slice() {
+            return shape_err(
+                OP,
+                residual.shape(),
+                &out_shape,
+                "the residual must have the output's shape",
+            );
+        }
+        let x_shape = self.shape().to_vec();
+        let (x, wv) = (self.value().clone(), w.value().clone());
+        let c = {
+            let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
+            let r2 = as_matrix(residual.value(), rows, n);
+            let bias_value = bias.map(|b| b.value());
+            let bias_slice = bias_value.map(|b| b.as_slice());
+            let no_u = ArrayView2::from_shape((rows, 0), &[]).expect("an empty matrix");
+            let fused = match bias_slice {
+                Some(None) => None,
+                Some(Some(_)) | None => gemm_new_low_rank(
+                    x2.view(),
+                    w2.view(),
+                    bias_slice.flatten(),
+                    no_u,
+                    &[],
+                    Some(r2.view()),
+                ),
+            };
+            fused.unwrap_or_else(|| {
+                let mut c = linear_value(x2.view(), w2.view(), bias_value);
+                c += &r2;
+                c
+            })
+        };
+        let out = to_shape(c, &out_shape);
+        let mut inputs = vec![self, w];
+        inputs.extend(bias);
+        inputs.push(residual);
+        let has_bias = bias.is_some();
+        OpRecord::new(OP, &inputs)
+            .attrs(format!(
+                "r + [{rows}×{k}]·[{k}×{n}]{}",
+                if has_bias { "+b" } else { "" }
+            ))
+            .saves("x", &x)
+            .saves("w", &wv)
+            .finish(out, move |g, needs| {
+                let (linear_needs, need_residual) = needs.split_at(needs.len() - 1);
+                let mut grads = {
+                    let g2 = g
+                        .to_shape((rows, n))
+                        .expect("gradient has the output's size");
+                    linear_grads(g2.view(), &x, &wv, &x_shape, has_bias, linear_needs)
+                };
+                grads.push(need_residual[0].then_some(g));
+                grads
             })
     }
 
@@ -1075,6 +1148,66 @@ mod tests {
             let message = result.unwrap_err().to_string();
             assert!(message.contains("linear_low_rank"), "{message}");
         }
+    }
+
+    #[test]
+    fn linear_residual_has_the_bits_of_a_linear_then_an_add_and_passes_gradcheck() {
+        // f32 where the kernel adds the residual as it stores (40 rows, 64 columns) and where
+        // it does not (3 × 5), with and without a bias: value and every gradient to the bit.
+        for (rows, k, n) in [(40, 24, 64), (3, 4, 5)] {
+            for with_bias in [true, false] {
+                let mut results = Vec::new();
+                for fused in [true, false] {
+                    let tape = Tape::<f32>::new();
+                    let value = |shape: &[usize], seed| rand_array(shape, seed).mapv(|v| v as f32);
+                    let x = tape.param("x", value(&[2, rows, k], 1));
+                    let w = tape.param("w", value(&[k, n], 2));
+                    let bias = with_bias.then(|| tape.param("bias", value(&[n], 3)));
+                    let r = tape.param("r", value(&[2, rows, n], 4));
+                    let weights = tape.constant(value(&[2, rows, n], 5));
+                    let y = if fused {
+                        x.linear_residual(&w, bias.as_ref(), &r).unwrap()
+                    } else {
+                        r.add(&x.linear(&w, bias.as_ref()).unwrap()).unwrap()
+                    };
+                    let grads = tape
+                        .backward(&y.mul(&weights).unwrap().sum_all().unwrap())
+                        .unwrap();
+                    let mut leaves = vec![&x, &w, &r];
+                    leaves.extend(&bias);
+                    let grads: Vec<_> = leaves
+                        .iter()
+                        .map(|v| grads.get(v).unwrap().clone())
+                        .collect();
+                    results.push((y.value().to_owned(), grads));
+                }
+                assert_eq!(results[0], results[1], "{rows}×{k}×{n}, bias {with_bias}");
+            }
+        }
+        assert_gradcheck(
+            |x| x[0].linear_residual(&x[1], Some(&x[2]), &x[3]),
+            &[
+                rand_array(&[2, 3, 4], 6),
+                rand_array(&[4, 5], 7),
+                rand_array(&[5], 8),
+                rand_array(&[2, 3, 5], 9),
+            ],
+        );
+        assert_gradcheck(
+            |x| x[0].linear_residual(&x[1], None, &x[2]),
+            &[
+                rand_array(&[3, 4], 10),
+                rand_array(&[4, 2], 11),
+                rand_array(&[3, 2], 12),
+            ],
+        );
+        let t = Tape::<f64>::new();
+        let c = |shape: &[usize]| t.constant(rand_array(shape, 13));
+        let message = c(&[3, 4])
+            .linear_residual(&c(&[4, 5]), None, &c(&[3, 4]))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("linear_residual"), "{message}");
     }
 
     #[test]
