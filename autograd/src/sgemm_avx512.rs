@@ -61,6 +61,14 @@ const NR: usize = 32;
 /// 384 (a 48 KiB B panel, partly streamed from L2) beats 256 by 2–5 % on GPT-2's k = 768
 /// products, because C is loaded and stored once per block; 192 is slower, 512 no better.
 const KC: usize = 384;
+/// Most steps of k per block for products of at least [`KC_TALL_MIN_ROWS`] rows. In MKL's
+/// loop order (one B panel against all of a block's A panels) a k = 768 product in one
+/// block of 768 instead of two of 384 loads and stores its C once: GPT-2's lm_head forward
+/// 1.16×, c_fc 1.07×, c_attn 1.04× and its ∂x 1.03× on two threads, c_fc and c_attn on one
+/// 1.03–1.08× (medians of 4–20 alternated calls), the 768-wide products level. With 128
+/// rows (nanogpt-cpu's ∂W on one tape) it was 0.94–0.98×: there C stays in L2 anyway.
+const KC_TALL: usize = 768;
+const KC_TALL_MIN_ROWS: usize = 256;
 /// Rows of A per packed block (a multiple of MR; 336 × 384 × 4 B = 504 KiB stays in L2): 28
 /// tiles per B panel, enough for them to bring the next panel into L2 (MKL uses 384; 240
 /// and 264 measured level with 336).
@@ -586,7 +594,7 @@ impl Product {
         rsc: isize,
         csc: isize,
     ) -> Self {
-        let kc_max = k_block(k);
+        let kc_max = k_block(k, m);
         let mc_max = m
             .div_ceil(m.div_ceil(MC).max(1))
             .next_multiple_of(MR)
@@ -1049,12 +1057,13 @@ impl Drop for PackedB {
     }
 }
 
-/// Steps of k per block for a product of depth `k`: the fewest blocks of at most [`KC`],
-/// equal in size (a multiple of 16, for the transposing B packer), so that k = 512 is two
-/// blocks of 256 rather than 384 + 128.
-fn k_block(k: usize) -> usize {
-    let blocks = k.div_ceil(KC).max(1);
-    k.div_ceil(blocks).next_multiple_of(16).min(KC)
+/// Steps of k per block for a product of depth `k` and `m` rows: the fewest blocks of at most
+/// [`KC`] ([`KC_TALL`] from [`KC_TALL_MIN_ROWS`] rows), equal in size (a multiple of 16, for
+/// the transposing B packer), so that k = 512 is two blocks of 256 rather than 384 + 128.
+fn k_block(k: usize, m: usize) -> usize {
+    let most = if m >= KC_TALL_MIN_ROWS { KC_TALL } else { KC };
+    let blocks = k.div_ceil(most).max(1);
+    k.div_ceil(blocks).next_multiple_of(16).min(most)
 }
 
 /// Packs `mc × kc` of A into 12-row panels: panel `p` holds, for each step of k, its 12 row
@@ -2188,14 +2197,27 @@ mod tests {
 
     #[test]
     fn k_blocks_are_balanced_multiples_of_16_within_kc() {
-        for k in 1..3000 {
-            let kc = k_block(k);
-            assert!(
-                kc.is_multiple_of(16) && kc <= KC && kc * k.div_ceil(KC).max(1) >= k,
-                "k = {k}"
-            );
+        for (m, most) in [
+            (1, KC),
+            (KC_TALL_MIN_ROWS - 1, KC),
+            (KC_TALL_MIN_ROWS, KC_TALL),
+        ] {
+            for k in 1..3000 {
+                let kc = k_block(k, m);
+                assert!(
+                    kc.is_multiple_of(16) && kc <= most && kc * k.div_ceil(most).max(1) >= k,
+                    "k = {k}, m = {m}"
+                );
+            }
         }
-        assert_eq!((k_block(512), k_block(768), k_block(128)), (256, 384, 128));
+        assert_eq!(
+            (k_block(512, 128), k_block(768, 128), k_block(128, 128)),
+            (256, 384, 128)
+        );
+        assert_eq!(
+            (k_block(768, 1024), k_block(1024, 1024), k_block(3072, 1024)),
+            (768, 512, 768)
+        );
     }
 
     #[test]

@@ -328,12 +328,9 @@ impl Gpt {
                 self.config.dropout,
                 &x,
             )?;
-            x = block.mlp.forward(
-                ctx,
-                &block.ln_2.forward(ctx, &x)?,
-                self.config.dropout,
-                &x,
-            )?;
+            x = block
+                .mlp
+                .forward(ctx, &block.ln_2.forward(ctx, &x)?, self.config.dropout, &x)?;
         }
         if let Some(c) = cache {
             c.len += t;
