@@ -102,6 +102,21 @@ fn cases() -> Vec<Case> {
                 )
             },
         ),
+        case(
+            "linear_residual",
+            vec![
+                rand(&[2, 3, 4], 119),
+                rand(&[4, 5], 120),
+                rand(&[5], 121),
+                rand(&[2, 3, 5], 122),
+            ],
+            |x| x[0].linear_residual(&x[1], Some(&x[2]), &x[3]),
+        ),
+        case(
+            "linear_gelu",
+            vec![rand(&[2, 3, 4], 123), rand(&[4, 5], 124), rand(&[5], 125)],
+            |x| x[0].linear_gelu(&x[1], Some(&x[2])),
+        ),
         case("add", vec![rand(&[2, 3, 4], 5), rand(&[3, 1], 6)], |x| {
             x[0].add(&x[1])
         }),

@@ -168,8 +168,9 @@ pub trait Float:
         false
     }
 
-    /// [`crate::gemm::gemm_new_low_rank`]'s kernel: `C ← A·B + bias + Σ parts (+ residual)`
-    /// with the low-rank parts summed inside the tiles and the residual added as they are stored (f32 with AVX-512:
+    /// [`crate::gemm::gemm_new_low_rank`]'s kernel: `C ← A·B + bias + Σ parts`, then the
+    /// epilogue, with the low-rank parts summed inside the tiles and the epilogue (a residual
+    /// added, or GELU) applied as they are stored (f32 with AVX-512:
     /// [`crate::sgemm_avx512::sgemm_low_rank`]), in `threads` fixed parts or, with `dynamic`,
     /// in shrinking chunks; `false` (nothing done) where it does not apply.
     ///
@@ -182,7 +183,7 @@ pub trait Float:
         _bias: Option<&[Self]>,
         _u: ndarray::ArrayView2<Self>,
         _parts: &[crate::gemm::LowRankPart<Self>],
-        _residual: Option<ndarray::ArrayView2<Self>>,
+        _epilogue: crate::gemm::Epilogue<Self>,
         _c: *mut Self,
         _threads: usize,
         _dynamic: bool,
@@ -314,7 +315,7 @@ impl Float for f32 {
         bias: Option<&[Self]>,
         u: ndarray::ArrayView2<Self>,
         parts: &[crate::gemm::LowRankPart<Self>],
-        residual: Option<ndarray::ArrayView2<Self>>,
+        epilogue: crate::gemm::Epilogue<Self>,
         c: *mut Self,
         threads: usize,
         dynamic: bool,
@@ -325,7 +326,7 @@ impl Float for f32 {
             return false;
         }
         let n = b.ncols() as isize;
-        fast::sgemm_low_rank(a, b, bias, u, parts, residual, c, (n, 1), threads, dynamic)
+        fast::sgemm_low_rank(a, b, bias, u, parts, epilogue, c, (n, 1), threads, dynamic)
     }
     unsafe fn gemm_bias(
         m: usize,

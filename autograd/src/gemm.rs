@@ -182,6 +182,23 @@ pub struct LowRankPart<'a, T> {
     pub scale: T,
 }
 
+/// What [`Float::gemm_low_rank`] does to the finished product (after the bias and the
+/// low-rank terms) as its last k block stores each tile: the bits of that pass over the
+/// output, without the pass.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a, T> {
+    None,
+    /// Adds an `m × n` matrix whose rows are contiguous (the residual stream).
+    Residual(ArrayView2<'a, T>),
+    /// Applies GPT-2's GELU; with a pointer, also writes GELU's derivative at each
+    /// pre-activation to that row-major `m × n` output (rows `n` apart).
+    Gelu(Option<*mut T>),
+}
+
+// SAFETY: the derivative output is written by the product's threads in disjoint tiles, as C is.
+unsafe impl<T: Sync> Send for Epilogue<'_, T> {}
+unsafe impl<T: Sync> Sync for Epilogue<'_, T> {}
+
 /// `a·b + bias + Σ parts (+ residual)` as a new row-major matrix, the low-rank parts summed
 /// inside the kernel's tiles and the residual added as they are stored
 /// ([`Float::gemm_low_rank`]): a LoRA linear's forward, or a layer's output projection onto
@@ -196,30 +213,14 @@ pub fn gemm_new_low_rank<T: Float>(
     parts: &[LowRankPart<T>],
     residual: Option<ArrayView2<T>>,
 ) -> Option<Array2<T>> {
-    let ((m, k), n) = (a.dim(), b.ncols());
+    let (m, n) = (a.nrows(), b.ncols());
     if m < 2 {
         return None;
     }
     let mut c = uninit_aligned::<T>(m, n);
-    let threads = rayon::current_num_threads();
-    let macs = m * n * k;
-    let dynamic = macs >= DYNAMIC_MIN_MACS && threads > 1 && !halves_only();
-    let parts_of = if macs < PARALLEL_MIN_MACS { 1 } else { threads };
+    let epilogue = residual.map_or(Epilogue::None, Epilogue::Residual);
     // SAFETY: c is a fresh m × n row-major output that aliases no input.
-    let done = unsafe {
-        T::gemm_low_rank(
-            a,
-            b,
-            bias,
-            u,
-            parts,
-            residual,
-            c.as_mut_ptr().cast::<T>(),
-            parts_of,
-            dynamic,
-        )
-    };
-    if !done {
+    if !unsafe { run_low_rank(a, b, bias, u, parts, epilogue, c.as_mut_ptr().cast::<T>()) } {
         return None;
     }
     check_and_count(&a, &b, (m, n));
@@ -232,6 +233,55 @@ pub fn gemm_new_low_rank<T: Float>(
     }
     // SAFETY: every tile of c was stored.
     Some(unsafe { c.assume_init() })
+}
+
+/// `gelu(a·b + bias)` as a new row-major matrix, GELU applied as the kernel stores each
+/// finished tile; with `derivative`, also GELU's derivative at each pre-activation (what its
+/// backward multiplies by) as a second matrix: an MLP's first projection and activation in
+/// one pass over the output, with the bits of [`linear_value`]-then-GELU. `None` where the
+/// fused kernel does not apply (as for [`gemm_new_low_rank`]).
+pub fn gemm_new_gelu<T: Float>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    bias: Option<&[T]>,
+    derivative: bool,
+) -> Option<(Array2<T>, Option<Array2<T>>)> {
+    let ((m, _), n) = (a.dim(), b.ncols());
+    if m < 2 {
+        return None;
+    }
+    let mut c = uninit_aligned::<T>(m, n);
+    let mut d = derivative.then(|| uninit_aligned::<T>(m, n));
+    let epilogue = Epilogue::Gelu(d.as_mut().map(|d| d.as_mut_ptr().cast::<T>()));
+    let no_u = ArrayView2::from_shape((m, 0), &[]).expect("an empty matrix");
+    // SAFETY: c and d are fresh m × n row-major outputs that alias no input.
+    if !unsafe { run_low_rank(a, b, bias, no_u, &[], epilogue, c.as_mut_ptr().cast::<T>()) } {
+        return None;
+    }
+    check_and_count(&a, &b, (m, n));
+    // SAFETY: every tile of c, and of d when asked for, was stored.
+    Some(unsafe { (c.assume_init(), d.map(|d| d.assume_init())) })
+}
+
+/// [`Float::gemm_low_rank`] into a fresh row-major output, threaded as the other products.
+///
+/// # Safety
+/// `c` (and the epilogue's derivative output) are row-major `m × n` and alias no input.
+unsafe fn run_low_rank<T: Float>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    bias: Option<&[T]>,
+    u: ArrayView2<T>,
+    parts: &[LowRankPart<T>],
+    epilogue: Epilogue<T>,
+    c: *mut T,
+) -> bool {
+    let macs = a.nrows() * a.ncols() * b.ncols();
+    let threads = rayon::current_num_threads();
+    let dynamic = macs >= DYNAMIC_MIN_MACS && threads > 1 && !halves_only();
+    let parts_of = if macs < PARALLEL_MIN_MACS { 1 } else { threads };
+    // SAFETY: as this function's.
+    unsafe { T::gemm_low_rank(a, b, bias, u, parts, epilogue, c, parts_of, dynamic) }
 }
 
 /// A new row-major `rows × cols` output, uninitialised, whose first element starts a 64-byte

@@ -322,8 +322,10 @@ pub unsafe fn sgemm_parallel_bias(
 /// and v). Each part's columns take `rank` more steps of k in the last k block of their tiles,
 /// from `u` read in place and `scale·v` packed into 32-column panels, so the terms are summed
 /// in the accumulator registers: C is written once, and no pass over it adds them afterwards.
-/// A residual (`m × n`, contiguous rows) is added as the last k block's tiles are stored,
-/// after everything else: the bits of adding it to the finished output, without that pass.
+/// The epilogue runs as the last k block's tiles are stored, after everything else: a
+/// residual (`m × n`, contiguous rows) added, or GELU applied with its derivative written to
+/// a second row-major `m × n` output — the bits of that pass over the finished output,
+/// without the pass.
 ///
 /// Runs in `threads` fixed parts (rows when m ≥ n, else columns on whole panels), or, with
 /// `dynamic`, as [`sgemm_parallel`] does when its shared operand fits. Returns `false`, doing
@@ -341,13 +343,18 @@ pub unsafe fn sgemm_low_rank(
     bias: Option<&[f32]>,
     u: ndarray::ArrayView2<f32>,
     parts: &[crate::gemm::LowRankPart<f32>],
-    residual: Option<ndarray::ArrayView2<f32>>,
+    epilogue: crate::gemm::Epilogue<f32>,
     c: *mut f32,
     (rsc, csc): (isize, isize),
     threads: usize,
     dynamic: bool,
 ) -> bool {
+    use crate::gemm::Epilogue;
     let ((m, k), n) = (a.dim(), b.ncols());
+    let residual = match epilogue {
+        Epilogue::Residual(r) => Some(r),
+        _ => None,
+    };
     assert!(
         b.nrows() == k
             && u.nrows() == m
@@ -382,8 +389,16 @@ pub unsafe fn sgemm_low_rank(
         u: u.as_ptr(),
         rsu: u.strides()[0],
         parts: Vec::with_capacity(parts.len()),
-        residual: residual.map_or(std::ptr::null(), |r| r.as_ptr()),
-        rsr: residual.map_or(0, |r| r.strides()[0]),
+        finish: TileFinish {
+            residual: residual.map_or(std::ptr::null(), |r| r.as_ptr()),
+            rsr: residual.map_or(0, |r| r.strides()[0]),
+            gelu: matches!(epilogue, Epilogue::Gelu(_)),
+            derivative: match epilogue {
+                Epilogue::Gelu(Some(d)) => d,
+                _ => std::ptr::null_mut(),
+            },
+            rsd: n as isize,
+        },
     };
     let mut offset = 0;
     for part in parts {
@@ -461,9 +476,8 @@ struct Tail {
     u: *const f32,
     rsu: isize,
     parts: Vec<TailPart>,
-    /// An `m × n` matrix with rows `rsr` apart added to the finished product, or null.
-    residual: *const f32,
-    rsr: isize,
+    /// The epilogue of the tile at C[0, 0] (a residual added, GELU applied).
+    finish: TileFinish,
 }
 
 /// One part: C's columns `start .. end` get `u[:, u_from .. u_from + rank]` times the packed
@@ -479,12 +493,9 @@ struct TailPart {
 impl Tail {
     /// The extra steps of the tile whose first element is C[row, col] (`col` a whole number of
     /// panels from its part's start: parts and the drivers' column blocks are panel-aligned),
-    /// and the tile with its block of the residual.
+    /// and the tile with its block of the epilogue.
     unsafe fn at(&self, row: usize, col: usize, mut tile: Tile) -> (TailSteps, Tile) {
-        if !self.residual.is_null() {
-            tile.residual = self.residual.offset(row as isize * self.rsr + col as isize);
-            tile.rsr = self.rsr;
-        }
+        tile.finish = self.finish.offset(row, col);
         let steps = match self.parts.iter().find(|p| (p.start..p.end).contains(&col)) {
             Some(part) => TailSteps {
                 steps: part.rank,
@@ -735,8 +746,7 @@ impl Product {
                                 } else {
                                     std::ptr::null()
                                 },
-                                residual: std::ptr::null(),
-                                rsr: 0,
+                                finish: TileFinish::NONE,
                             };
                             let b_panel = b_panels.add(jr * kc);
                             let (tail, tile) = if self.tail.is_null() || pc + kc < k {
@@ -1019,8 +1029,7 @@ impl PackedB {
                     alpha,
                     beta: 0.0,
                     bias: std::ptr::null(),
-                    residual: std::ptr::null(),
-                    rsr: 0,
+                    finish: TileFinish::NONE,
                 };
                 let b_panel = self
                     .lines
@@ -1246,11 +1255,62 @@ struct Tile {
     /// The tile's columns of a row vector added to every row (a linear's bias, on the first
     /// k block only), or null.
     bias: *const f32,
-    /// The tile's block of a matrix added after everything else (a residual stream, on the
-    /// last k block only: the bits of adding it to the finished product), rows `rsr` apart;
-    /// or null.
+    /// What happens to the finished values as the last k block stores them.
+    finish: TileFinish,
+}
+
+/// A tile's epilogue, on the last k block only, after the bias and the low-rank terms: each
+/// gives the bits of the separate pass it replaces over the finished product.
+#[derive(Clone, Copy)]
+struct TileFinish {
+    /// The tile's block of a matrix added (a residual stream), rows `rsr` apart; or null.
     residual: *const f32,
     rsr: isize,
+    /// GELU applied (GPT-2's tanh form, [`crate::ops::gelu_and_derivative`]) ...
+    gelu: bool,
+    /// ... and, unless null, its derivative at each pre-activation written here, rows `rsd`
+    /// apart (what GELU's backward multiplies by).
+    derivative: *mut f32,
+    rsd: isize,
+}
+
+impl TileFinish {
+    const NONE: TileFinish = TileFinish {
+        residual: std::ptr::null(),
+        rsr: 0,
+        gelu: false,
+        derivative: std::ptr::null_mut(),
+        rsd: 0,
+    };
+
+    /// The same epilogue for the block starting `row` rows and `col` columns further on.
+    unsafe fn offset(self, row: usize, col: usize) -> TileFinish {
+        let mut moved = self;
+        if !self.residual.is_null() {
+            moved.residual = self.residual.offset(row as isize * self.rsr + col as isize);
+        }
+        if !self.derivative.is_null() {
+            moved.derivative = self
+                .derivative
+                .offset(row as isize * self.rsd + col as isize);
+        }
+        moved
+    }
+}
+
+/// GELU and its derivative at 16 pre-activations, through the scalar function the `gelu` op
+/// maps over its input (LLVM turns the loop into vector code inside the AVX-512 kernels), so
+/// the fused store has that op's bits.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn gelu_lanes(v: __m512) -> (__m512, __m512) {
+    let mut x = [0.0f32; 16];
+    _mm512_storeu_ps(x.as_mut_ptr(), v);
+    let (mut y, mut d) = ([0.0f32; 16], [0.0f32; 16]);
+    for i in 0..16 {
+        (y[i], d[i]) = crate::ops::gelu_and_derivative(x[i]);
+    }
+    (_mm512_loadu_ps(y.as_ptr()), _mm512_loadu_ps(d.as_ptr()))
 }
 
 /// The 12×32 micro-kernel over `kc` steps of A and a packed B panel, computing its first
@@ -1695,8 +1755,7 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
         alpha,
         beta,
         bias,
-        residual,
-        rsr,
+        finish,
     } = tile;
     let alpha_v = _mm512_set1_ps(alpha);
     if csc == 1 {
@@ -1718,10 +1777,19 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
                 l = _mm512_add_ps(l, _mm512_maskz_loadu_ps(mask_l, bias));
                 r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask_r, bias.add(16)));
             }
-            if !residual.is_null() {
-                let from = residual.offset(i as isize * rsr);
+            if !finish.residual.is_null() {
+                let from = finish.residual.offset(i as isize * finish.rsr);
                 l = _mm512_add_ps(l, _mm512_maskz_loadu_ps(mask_l, from));
                 r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mask_r, from.add(16)));
+            }
+            if finish.gelu {
+                let ((gl, dl), (gr, dr)) = (gelu_lanes(l), gelu_lanes(r));
+                (l, r) = (gl, gr);
+                if !finish.derivative.is_null() {
+                    let to = finish.derivative.offset(i as isize * finish.rsd);
+                    _mm512_mask_storeu_ps(to, mask_l, dl);
+                    _mm512_mask_storeu_ps(to.add(16), mask_r, dr);
+                }
             }
             _mm512_mask_storeu_ps(row, mask_l, l);
             _mm512_mask_storeu_ps(row.add(16), mask_r, r);
@@ -1747,8 +1815,17 @@ unsafe fn store(left: [__m512; MR], right: [__m512; MR], tile: Tile) {
             if !bias.is_null() {
                 *dst += *bias.add(j);
             }
-            if !residual.is_null() {
-                *dst += *residual.offset(i as isize * rsr + j as isize);
+            if !finish.residual.is_null() {
+                *dst += *finish.residual.offset(i as isize * finish.rsr + j as isize);
+            }
+            if finish.gelu {
+                let (y, d) = crate::ops::gelu_and_derivative(*dst);
+                *dst = y;
+                if !finish.derivative.is_null() {
+                    *finish
+                        .derivative
+                        .offset(i as isize * finish.rsd + j as isize) = d;
+                }
             }
         }
     }
@@ -1827,8 +1904,7 @@ pub unsafe fn sgemm_thin(
                 alpha,
                 beta,
                 bias: std::ptr::null(),
-                residual: std::ptr::null(),
-                rsr: 0,
+                finish: TileFinish::NONE,
             };
             if csa == 1 {
                 thin_rows(k, a.offset(i as isize * rsa), rsa, b_lines, tile);
@@ -1850,8 +1926,7 @@ pub unsafe fn sgemm_thin(
                 alpha,
                 beta,
                 bias: std::ptr::null(),
-                residual: std::ptr::null(),
-                rsr: 0,
+                finish: TileFinish::NONE,
             };
             thin_kernel(k, panel, b_lines, tile);
         }
@@ -2006,6 +2081,7 @@ unsafe fn thin_store(acc: [__m512; MR], tile: Tile) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gemm::Epilogue;
 
     /// Row-major `m × k` and `k × n` test operands with values in about ±0.6.
     fn operands(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
@@ -2447,7 +2523,7 @@ mod tests {
                 .flat_map(|s| [(s, a.view()), (s, a_t.t())])
             {
                 for with_bias in [true, false] {
-                    let run = |residual: Option<ndarray::ArrayView2<f32>>| {
+                    let run = |epilogue: Epilogue<f32>| {
                         let mut c = vec![f32::NAN; m * n];
                         let done = crate::gemm::tests::on_threads(threads, || unsafe {
                             sgemm_low_rank(
@@ -2456,7 +2532,7 @@ mod tests {
                                 with_bias.then_some(&bias[..]),
                                 u,
                                 &parts,
-                                residual,
+                                epilogue,
                                 c.as_mut_ptr(),
                                 (n as isize, 1),
                                 threads,
@@ -2466,13 +2542,27 @@ mod tests {
                         assert!(done, "{m}×{k}×{n}");
                         c
                     };
-                    let c = run(None);
+                    let c = run(Epilogue::None);
                     // A residual (rows 3 floats longer than n) gives the bits of adding it to
-                    // the finished output.
-                    let onto = run(Some(residual.slice(ndarray::s![.., ..n])));
+                    // the finished output ...
+                    let onto = run(Epilogue::Residual(residual.slice(ndarray::s![.., ..n])));
                     for (i, (&got, &plain)) in onto.iter().zip(&c).enumerate() {
                         let want = plain + residual[[i / n, i % n]];
                         assert_eq!(got.to_bits(), want.to_bits(), "{m}×{k}×{n} at {i}");
+                    }
+                    // ... and GELU the bits of the gelu op's pass over it, with and without
+                    // its derivative.
+                    let mut derivative = vec![f32::NAN; m * n];
+                    let activated = run(Epilogue::Gelu(Some(derivative.as_mut_ptr())));
+                    let activated_only = run(Epilogue::Gelu(None));
+                    for (i, &plain) in c.iter().enumerate() {
+                        let (y, d) = crate::ops::gelu_and_derivative(plain);
+                        let got = [activated[i], activated_only[i], derivative[i]];
+                        assert_eq!(
+                            got.map(f32::to_bits),
+                            [y, y, d].map(f32::to_bits),
+                            "{m}×{k}×{n} at {i}"
+                        );
                     }
                     let worst = c
                         .iter()
@@ -2504,10 +2594,10 @@ mod tests {
         let mut c = vec![0.0f32; 40 * 96];
         // ... and a residual whose rows are not contiguous.
         let strided = Array2::<f32>::ones((96, 40));
-        for (parts, residual) in [
-            (vec![part(16, 0)], None),
-            (vec![part(32, 0), part(32, 1)], None),
-            (vec![part(32, 0)], Some(strided.t())),
+        for (parts, epilogue) in [
+            (vec![part(16, 0)], Epilogue::None),
+            (vec![part(32, 0), part(32, 1)], Epilogue::None),
+            (vec![part(32, 0)], Epilogue::Residual(strided.t())),
         ] {
             let done = unsafe {
                 sgemm_low_rank(
@@ -2516,7 +2606,7 @@ mod tests {
                     None,
                     u.view(),
                     &parts,
-                    residual,
+                    epilogue,
                     c.as_mut_ptr(),
                     (96, 1),
                     1,
@@ -2533,7 +2623,7 @@ mod tests {
                 None,
                 u.view(),
                 &[part(0, 0)],
-                None,
+                Epilogue::None,
                 c.as_mut_ptr(),
                 (96, 1),
                 1,

@@ -147,7 +147,7 @@ impl Mlp {
         dropout: f64,
         residual: &Var<'t, f32>,
     ) -> Result<Var<'t, f32>> {
-        let h = self.c_fc.forward(ctx, x)?.gelu()?;
+        let h = self.c_fc.forward_gelu(ctx, x)?;
         project_onto(ctx, &self.c_proj, &h, dropout, residual)
     }
 }

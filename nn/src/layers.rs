@@ -81,6 +81,17 @@ impl Linear {
         Ok(x.linear_residual(&base.w, base.bias.as_ref(), residual)?)
     }
 
+    /// `gelu(forward(x))`: an MLP's first projection and activation. Without an adapter one
+    /// op applies GELU as the GEMM stores its output, saving GELU's derivative instead of
+    /// the pre-activation ([`Var::linear_gelu`]); with one, the adapted output then `gelu`.
+    pub fn forward_gelu<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
+        if self.adapter.is_some() {
+            return Ok(self.forward(ctx, x)?.gelu()?);
+        }
+        let base = self.base(ctx, x)?;
+        Ok(x.linear_gelu(&base.w, base.bias.as_ref())?)
+    }
+
     /// The layer without its adapter.
     pub fn forward_base<'t>(&self, ctx: &Ctx<'t>, x: &Var<'t, f32>) -> Result<Var<'t, f32>> {
         self.base(ctx, x)?.output()
@@ -302,6 +313,33 @@ mod tests {
         assert_eq!(a.value()[[0, 0]], 1.0 - 5.0 + 0.5);
         let names: Vec<_> = conv.parameters().iter().map(|p| p.name.clone()).collect();
         assert_eq!(names, ["c.weight", "c.bias"]);
+    }
+
+    #[test]
+    fn fused_forwards_have_the_bits_of_forward_then_gelu_or_add() {
+        // 40 rows × 64 outputs: the GEMM kernel applies GELU / adds the residual as it stores.
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            let mut lin = Linear::new("l", 48, 64, true, layout);
+            let fill = |shape: &[usize], salt: usize| {
+                let mut i = 0usize;
+                ArrayD::from_shape_fn(IxDyn(shape), |_| {
+                    i += 1;
+                    ((i * 37 + salt) % 23) as f32 / 11.0 - 1.0
+                })
+                .into_shared()
+            };
+            lin.weight.value = fill(lin.weight.value.shape(), 1);
+            lin.bias.as_mut().unwrap().value = fill(&[64], 2);
+            let tape = Tape::new();
+            let ctx = Ctx::train(&tape, 0);
+            let x = tape.param("x", fill(&[2, 20, 48], 3));
+            let residual = tape.param("r", fill(&[2, 20, 64], 4));
+            let plain = lin.forward(&ctx, &x).unwrap();
+            let fused = lin.forward_gelu(&ctx, &x).unwrap();
+            assert_eq!(fused.value(), plain.gelu().unwrap().value(), "{layout:?}");
+            let onto = lin.forward_onto(&ctx, &x, &residual).unwrap();
+            assert_eq!(onto.value(), residual.add(&plain).unwrap().value());
+        }
     }
 
     #[test]

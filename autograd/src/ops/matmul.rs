@@ -10,7 +10,9 @@
 //!
 //! `linear` is the layer form with its bias fused in: the output starts as the bias broadcast
 //! over rows and the GEMM accumulates onto it (β = 1), so no separate add pass is made;
-//! backward adds ∂bias = Σ_rows G.
+//! backward adds ∂bias = Σ_rows G. Its fused variants do one more thing as the GEMM stores its
+//! tiles: `linear_residual` adds the residual stream, `linear_gelu` applies GELU (saving its
+//! derivative), `linear_low_rank` / `linear_lora` add LoRA's terms.
 //!
 //! Backward: ∂A = G·Bᵀ and ∂B = Aᵀ·G, each computed only if that input needs it — this is where
 //! a frozen weight saves a whole GEMM. Bᵀ and Aᵀ are stride-swapped views, never copies.
@@ -20,8 +22,8 @@ use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
 use crate::gemm::{
-    gemm, gemm_new, gemm_new_bias, gemm_new_low_rank, gemm_new_pair, gemm_side_by_side, gemm_write,
-    LowRankPart, Product,
+    gemm, gemm_new, gemm_new_bias, gemm_new_gelu, gemm_new_low_rank, gemm_new_pair,
+    gemm_side_by_side, gemm_write, LowRankPart, Product,
 };
 use crate::tape::{OpRecord, Tensor, Var};
 use crate::Float;
@@ -600,6 +602,66 @@ impl<'t, T: Float> Var<'t, T> {
                 };
                 grads.push(need_residual[0].then_some(g));
                 grads
+            })
+    }
+
+    /// `gelu(self · w + bias)`: an MLP's first projection and its activation (GPT-2's
+    /// `c_fc` then `gelu_new`), with the bits of `self.linear(w, bias)?.gelu()`. With f32 on
+    /// AVX-512 GELU is applied as the GEMM's last k block stores its tiles, and when a
+    /// gradient will be needed its derivative at each pre-activation is written beside it
+    /// (as [`Var::gelu`] saves it): the pre-activation is never written out or read back.
+    /// Backward: G ← G ⊙ gelu′ in place, then [`Var::linear`]'s rule.
+    pub fn linear_gelu(&self, w: &Var<'t, T>, bias: Option<&Var<'t, T>>) -> Result<Var<'t, T>> {
+        const OP: &str = "linear_gelu";
+        let (rows, k, n, out_shape) = linear_shapes(OP, self, w, bias)?;
+        let x_shape = self.shape().to_vec();
+        let (x, wv) = (self.value().clone(), w.value().clone());
+        let mut inputs = vec![self, w];
+        inputs.extend(bias);
+        let record = OpRecord::new(OP, &inputs);
+        let keeps_backward = record.keeps_backward();
+        let (c, derivative) = {
+            let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
+            let bias_value = bias.map(|b| b.value());
+            let bias_slice = bias_value.map(|b| b.as_slice());
+            let fused = match bias_slice {
+                Some(None) => None,
+                Some(Some(_)) | None => {
+                    gemm_new_gelu(x2.view(), w2.view(), bias_slice.flatten(), keeps_backward)
+                        .map(|(y, d)| (y.into_dyn(), d.map(|d| d.into_dyn())))
+                }
+            };
+            fused.unwrap_or_else(|| {
+                let pre = linear_value(x2.view(), w2.view(), bias_value).into_dyn();
+                if keeps_backward {
+                    let (y, d) = super::map_pair(&pre, super::gelu_and_derivative);
+                    (y, Some(d))
+                } else {
+                    (super::map(&pre, super::unary::gelu_scalar), None)
+                }
+            })
+        };
+        let out = to_shape(c, &out_shape);
+        let has_bias = bias.is_some();
+        let record = record.attrs(format!(
+            "gelu([{rows}×{k}]·[{k}×{n}]{})",
+            if has_bias { "+b" } else { "" }
+        ));
+        let Some(derivative) = derivative else {
+            let arity = inputs.len();
+            return record.finish(out, move |_, _| vec![None; arity]);
+        };
+        let saved: Tensor<T> = to_shape(derivative, &out_shape).into_shared();
+        record
+            .saves("x", &x)
+            .saves("w", &wv)
+            .saves("gelu′(x·w+b)", &saved)
+            .finish(out, move |g, needs| {
+                let g = super::zip_inplace(g, &saved, |g, d| g * d);
+                let g2 = g
+                    .to_shape((rows, n))
+                    .expect("gradient has the output's size");
+                linear_grads(g2.view(), &x, &wv, &x_shape, has_bias, needs)
             })
     }
 
@@ -1208,6 +1270,76 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(message.contains("linear_residual"), "{message}");
+    }
+
+    #[test]
+    fn linear_gelu_has_the_bits_of_a_linear_then_gelu_and_passes_gradcheck() {
+        // f32 where the kernel applies GELU as it stores (40 rows, 64 columns; values out to
+        // GELU's flat left tail) and where it does not (3 × 5), with and without a bias, the
+        // weight trained or frozen, and under no_grad: value and every gradient to the bit.
+        for (rows, k, n) in [(40, 24, 64), (3, 4, 5)] {
+            for (with_bias, train_w) in [(true, true), (false, true), (true, false)] {
+                let mut results = Vec::new();
+                for fused in [true, false] {
+                    let tape = Tape::<f32>::new();
+                    let value = |shape: &[usize], seed| rand_array(shape, seed).mapv(|v| v as f32);
+                    let x = tape.param("x", value(&[2, rows, k], 1).mapv(|v| 2.0 * v));
+                    let w = if train_w {
+                        tape.param("w", value(&[k, n], 2))
+                    } else {
+                        tape.frozen("w", value(&[k, n], 2))
+                    };
+                    let bias = with_bias.then(|| tape.param("bias", value(&[n], 3)));
+                    let weights = tape.constant(value(&[2, rows, n], 5));
+                    let forward = || {
+                        if fused {
+                            x.linear_gelu(&w, bias.as_ref()).unwrap()
+                        } else {
+                            x.linear(&w, bias.as_ref()).unwrap().gelu().unwrap()
+                        }
+                    };
+                    let inference = tape.no_grad(forward);
+                    let y = forward();
+                    assert_eq!(y.value(), inference.value());
+                    let grads = tape
+                        .backward(&y.mul(&weights).unwrap().sum_all().unwrap())
+                        .unwrap();
+                    let mut leaves = vec![&x];
+                    leaves.extend(train_w.then_some(&w));
+                    leaves.extend(&bias);
+                    let grads: Vec<_> = leaves
+                        .iter()
+                        .map(|v| grads.get(v).unwrap().clone())
+                        .collect();
+                    results.push((y.value().to_owned(), grads));
+                }
+                let case = format!("{rows}×{k}×{n}, bias {with_bias}, w trained {train_w}");
+                assert!(
+                    results[0].0.iter().any(|&v| v < -0.1),
+                    "{case}: reaches GELU's dip"
+                );
+                assert_eq!(results[0], results[1], "{case}");
+            }
+        }
+        assert_gradcheck(
+            |x| x[0].linear_gelu(&x[1], Some(&x[2])),
+            &[
+                rand_array(&[2, 3, 4], 6),
+                rand_array(&[4, 5], 7),
+                rand_array(&[5], 8),
+            ],
+        );
+        assert_gradcheck(
+            |x| x[0].linear_gelu(&x[1], None),
+            &[rand_array(&[3, 4], 10), rand_array(&[4, 2], 11)],
+        );
+        let t = Tape::<f64>::new();
+        let c = |shape: &[usize]| t.constant(rand_array(shape, 13));
+        let message = c(&[3, 4])
+            .linear_gelu(&c(&[5, 4]), None)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("linear_gelu"), "{message}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! | `unary.rs` | exp, log, sqrt, tanh, relu, gelu (GPT-2's tanh form) |
 //! | `reduce.rs` | sum, mean over axes (keepdim or not), sum_all, mean_all |
 //! | `shape.rs` | reshape, permute, transpose, narrow (slice), concat |
-//! | `matmul.rs` | matmul: 2-D, batched, and activations × shared weight |
+//! | `matmul.rs` | matmul (2-D, batched, activations × shared weight); linear and its fused forms: + residual, + GELU, + LoRA's low-rank terms |
 //! | `embedding.rs` | embedding lookup (scatter-add backward) |
 //! | `softmax.rs` | softmax, log_softmax on the last axis |
 //! | `loss.rs` | fused cross-entropy from logits with integer targets and an ignore index |
@@ -31,6 +31,7 @@ mod softmax;
 pub mod unary;
 
 pub use shape::concat;
+pub(crate) use unary::gelu_and_derivative;
 
 use std::mem::MaybeUninit;
 

@@ -53,9 +53,9 @@ pub fn gelu_derivative<T: Float>(x: T) -> T {
 }
 
 /// [`gelu_scalar`] and [`gelu_derivative`] from one evaluation of the gate (the same bits as
-/// the two calls).
+/// the two calls). The GEMM's fused store calls it too ([`Var::linear_gelu`]).
 #[inline(always)]
-fn gelu_and_derivative<T: Float>(x: T) -> (T, T) {
+pub(crate) fn gelu_and_derivative<T: Float>(x: T) -> (T, T) {
     let (two_c, three_k) = (
         T::from_f64(2.0 * SQRT_2_OVER_PI),
         T::from_f64(3.0 * GELU_CUBIC),
