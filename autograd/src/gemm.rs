@@ -199,6 +199,73 @@ pub enum Epilogue<'a, T> {
 unsafe impl<T: Sync> Send for Epilogue<'_, T> {}
 unsafe impl<T: Sync> Sync for Epilogue<'_, T> {}
 
+/// Where [`Float::gemm_low_rank`]'s low-rank terms find `u`.
+#[derive(Clone, Copy)]
+pub enum LowRankU<'a, T> {
+    /// Given, read in place (its rows contiguous).
+    Given(ArrayView2<'a, T>),
+    /// `u = a·at` (`at`: k × r, r ≤ 16), computed by the product itself into `out` (row-major
+    /// m × r) just before each part of its rows, while those rows of `a` are in cache, and
+    /// without a product of its own. The product declines (does nothing) unless it runs in
+    /// parts of rows on fixed threads.
+    Computed { at: ArrayView2<'a, T>, out: *mut T },
+}
+
+// SAFETY: `out` is written by the product's threads in disjoint rows.
+unsafe impl<T: Sync> Send for LowRankU<'_, T> {}
+unsafe impl<T: Sync> Sync for LowRankU<'_, T> {}
+
+/// `(a·b + bias + Σ parts, u)` with `u = a·at` ([`LowRankU::Computed`]): a LoRA linear's
+/// forward (`at` = Aᵀ, every part's A stacked) with u made inside the same product, each
+/// thread making u for its own rows just before it needs them. `None` where that does not
+/// apply (as for [`gemm_new_low_rank`], and also products split by columns or in shrinking
+/// chunks, and ranks over 16): the caller makes u with its own product then.
+pub fn gemm_new_lora<T: Float>(
+    a: ArrayView2<T>,
+    b: ArrayView2<T>,
+    bias: Option<&[T]>,
+    at: ArrayView2<T>,
+    parts: &[LowRankPart<T>],
+) -> Option<(Array2<T>, Array2<T>)> {
+    let (m, n, r) = (a.nrows(), b.ncols(), at.ncols());
+    if m < 2 {
+        return None;
+    }
+    let mut c = uninit_aligned::<T>(m, n);
+    let mut u = uninit_aligned::<T>(m, r);
+    let source = LowRankU::Computed {
+        at,
+        out: u.as_mut_ptr().cast::<T>(),
+    };
+    // SAFETY: c and u are fresh row-major outputs that alias no input.
+    let done = unsafe {
+        run_low_rank(
+            a,
+            b,
+            bias,
+            source,
+            parts,
+            Epilogue::None,
+            c.as_mut_ptr().cast::<T>(),
+        )
+    };
+    if !done {
+        return None;
+    }
+    check_and_count(&a, &at, (m, r));
+    check_and_count(&a, &b, (m, n));
+    // SAFETY: every row of u and every tile of c was stored.
+    let (c, u) = unsafe { (c.assume_init(), u.assume_init()) };
+    for part in parts {
+        check_and_count(
+            &u.slice(ndarray::s![.., part.u_from..part.u_from + part.v.nrows()]),
+            &part.v,
+            (m, part.v.ncols()),
+        );
+    }
+    Some((c, u))
+}
+
 /// `a·b + bias + Σ parts (+ residual)` as a new row-major matrix, the low-rank parts summed
 /// inside the kernel's tiles and the residual added as they are stored
 /// ([`Float::gemm_low_rank`]): a LoRA linear's forward, or a layer's output projection onto
@@ -219,8 +286,19 @@ pub fn gemm_new_low_rank<T: Float>(
     }
     let mut c = uninit_aligned::<T>(m, n);
     let epilogue = residual.map_or(Epilogue::None, Epilogue::Residual);
+    let given = LowRankU::Given(u);
     // SAFETY: c is a fresh m × n row-major output that aliases no input.
-    if !unsafe { run_low_rank(a, b, bias, u, parts, epilogue, c.as_mut_ptr().cast::<T>()) } {
+    if !unsafe {
+        run_low_rank(
+            a,
+            b,
+            bias,
+            given,
+            parts,
+            epilogue,
+            c.as_mut_ptr().cast::<T>(),
+        )
+    } {
         return None;
     }
     check_and_count(&a, &b, (m, n));
@@ -254,6 +332,7 @@ pub fn gemm_new_gelu<T: Float>(
     let mut d = derivative.then(|| uninit_aligned::<T>(m, n));
     let epilogue = Epilogue::Gelu(d.as_mut().map(|d| d.as_mut_ptr().cast::<T>()));
     let no_u = ArrayView2::from_shape((m, 0), &[]).expect("an empty matrix");
+    let no_u = LowRankU::Given(no_u);
     // SAFETY: c and d are fresh m × n row-major outputs that alias no input.
     if !unsafe { run_low_rank(a, b, bias, no_u, &[], epilogue, c.as_mut_ptr().cast::<T>()) } {
         return None;
@@ -271,7 +350,7 @@ unsafe fn run_low_rank<T: Float>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     bias: Option<&[T]>,
-    u: ArrayView2<T>,
+    u: LowRankU<T>,
     parts: &[LowRankPart<T>],
     epilogue: Epilogue<T>,
     c: *mut T,

@@ -341,7 +341,7 @@ pub unsafe fn sgemm_low_rank(
     a: ndarray::ArrayView2<f32>,
     b: ndarray::ArrayView2<f32>,
     bias: Option<&[f32]>,
-    u: ndarray::ArrayView2<f32>,
+    u: crate::gemm::LowRankU<f32>,
     parts: &[crate::gemm::LowRankPart<f32>],
     epilogue: crate::gemm::Epilogue<f32>,
     c: *mut f32,
@@ -349,15 +349,44 @@ pub unsafe fn sgemm_low_rank(
     threads: usize,
     dynamic: bool,
 ) -> bool {
-    use crate::gemm::Epilogue;
+    use crate::gemm::{Epilogue, LowRankU};
     let ((m, k), n) = (a.dim(), b.ncols());
+    // u's first element, row stride and width; and what makes it, when the product does.
+    let (u_ptr, rsu, u_cols, make_u) = match u {
+        LowRankU::Given(u) => {
+            assert_eq!(u.nrows(), m, "sgemm_low_rank: internal shape bug");
+            if u.strides()[1] != 1 && u.ncols() > 1 {
+                return false;
+            }
+            (u.as_ptr(), u.strides()[0], u.ncols(), None)
+        }
+        LowRankU::Computed { at, out } => {
+            let r = at.ncols();
+            let row_parts = threads <= 1 || m >= n;
+            if at.nrows() != k || r > THIN_MAX || dynamic || !row_parts {
+                return false;
+            }
+            let (sa, st) = (a.strides(), at.strides());
+            let maker = MakeU {
+                a: a.as_ptr(),
+                rsa: sa[0],
+                csa: sa[1],
+                at: at.as_ptr(),
+                rst: st[0],
+                cst: st[1],
+                out,
+                k,
+                r,
+            };
+            (out.cast_const(), r as isize, r, Some(maker))
+        }
+    };
     let residual = match epilogue {
         Epilogue::Residual(r) => Some(r),
         _ => None,
     };
     assert!(
         b.nrows() == k
-            && u.nrows() == m
             && bias.is_none_or(|bias| bias.len() == n)
             && residual.is_none_or(|r| r.dim() == (m, n)),
         "sgemm_low_rank: internal shape bug"
@@ -371,7 +400,7 @@ pub unsafe fn sgemm_low_rank(
         let fits = part.start.is_multiple_of(NR)
             && width.is_multiple_of(NR)
             && part.start + width <= n
-            && part.u_from + rank <= u.ncols();
+            && part.u_from + rank <= u_cols;
         if !fits {
             return false;
         }
@@ -379,15 +408,15 @@ pub unsafe fn sgemm_low_rank(
     }
     spans.sort_unstable();
     let overlap = spans.windows(2).any(|w| w[0].1 > w[1].0);
-    if overlap || k == 0 || m == 0 || (u.strides()[1] != 1 && u.ncols() > 1) {
+    if overlap || k == 0 || m == 0 {
         return false;
     }
     // Each part's scale·v as panels of 32 columns × rank steps, as the kernels read B.
     let floats: usize = parts.iter().map(|p| p.v.len()).sum();
     let mut packed = vec![Line([0.0; 16]); floats.div_ceil(16)];
     let mut tail = Tail {
-        u: u.as_ptr(),
-        rsu: u.strides()[0],
+        u: u_ptr,
+        rsu,
         parts: Vec::with_capacity(parts.len()),
         finish: TileFinish {
             residual: residual.map_or(std::ptr::null(), |r| r.as_ptr()),
@@ -447,12 +476,18 @@ pub unsafe fn sgemm_low_rank(
         if dynamic && product.run_parallel() {
             return true;
         }
+        let run_rows = |rows: std::ops::Range<usize>| {
+            if let Some(maker) = &make_u {
+                maker.rows(rows.clone());
+            }
+            product.run(rows, 0..n, None, None);
+        };
         if threads <= 1 {
-            product.run(0..m, 0..n, None, None);
+            run_rows(0..m);
         } else if m >= n {
             let rows = m.div_ceil(threads);
             (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
-                product.run(i * rows..((i + 1) * rows).min(m), 0..n, None, None);
+                run_rows(i * rows..((i + 1) * rows).min(m));
             });
         } else {
             // Whole panels per part, so that every tile is in or out of each low-rank part.
@@ -465,8 +500,47 @@ pub unsafe fn sgemm_low_rank(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (product, threads, dynamic);
+        let _ = (product, threads, dynamic, make_u);
         false
+    }
+}
+
+/// `u[rows] = a[rows]·at` for a [`crate::gemm::LowRankU::Computed`] u, through the thin kernel:
+/// each row of u depends on that row of `a` only, so parts of rows give the bits of one
+/// product over all of them.
+struct MakeU {
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    at: *const f32,
+    rst: isize,
+    cst: isize,
+    out: *mut f32,
+    k: usize,
+    r: usize,
+}
+
+// SAFETY: threads write u's disjoint rows and only read a and at.
+unsafe impl Sync for MakeU {}
+
+impl MakeU {
+    unsafe fn rows(&self, rows: std::ops::Range<usize>) {
+        sgemm_thin(
+            rows.len(),
+            self.k,
+            self.r,
+            1.0,
+            self.a.offset(rows.start as isize * self.rsa),
+            self.rsa,
+            self.csa,
+            self.at,
+            self.rst,
+            self.cst,
+            0.0,
+            self.out.add(rows.start * self.r),
+            self.r as isize,
+            1,
+        );
     }
 }
 
@@ -2081,7 +2155,7 @@ unsafe fn thin_store(acc: [__m512; MR], tile: Tile) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gemm::Epilogue;
+    use crate::gemm::{Epilogue, LowRankU};
 
     /// Row-major `m × k` and `k × n` test operands with values in about ±0.6.
     fn operands(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
@@ -2530,7 +2604,7 @@ mod tests {
                                 a,
                                 b.view(),
                                 with_bias.then_some(&bias[..]),
-                                u,
+                                LowRankU::Given(u),
                                 &parts,
                                 epilogue,
                                 c.as_mut_ptr(),
@@ -2604,7 +2678,7 @@ mod tests {
                     a.view(),
                     b.view(),
                     None,
-                    u.view(),
+                    LowRankU::Given(u.view()),
                     &parts,
                     epilogue,
                     c.as_mut_ptr(),
@@ -2621,7 +2695,7 @@ mod tests {
                 empty.view(),
                 Array2::<f32>::ones((0, 96)).view(),
                 None,
-                u.view(),
+                LowRankU::Given(u.view()),
                 &[part(0, 0)],
                 Epilogue::None,
                 c.as_mut_ptr(),
@@ -2632,6 +2706,121 @@ mod tests {
         };
         assert!(!done && c.iter().all(|&x| x == 0.0));
         let _ = empty;
+    }
+
+    #[test]
+    fn u_made_inside_the_product_gives_the_bits_of_u_made_first() {
+        use crate::gemm::LowRankPart;
+        use ndarray::Array2;
+        if !available() {
+            return;
+        }
+        // (m, k, n, threads): one thread, two and three row parts (edge panels), k over one
+        // block; rank 16 (q and v of rank 8) and 5.
+        for (m, k, n, threads, rank) in [
+            (40, 64, 96, 1, 16),
+            (301, 70, 128, 2, 16),
+            (100, 800, 64, 3, 5),
+        ] {
+            let (a, b) = operands(m, k, n);
+            let (a, b) = (
+                Array2::from_shape_vec((m, k), a).unwrap(),
+                Array2::from_shape_vec((k, n), b).unwrap(),
+            );
+            let a_rows =
+                Array2::from_shape_fn((rank, k), |(p, j)| ((p * 5 + j) % 11) as f32 * 0.1 - 0.5);
+            let v =
+                Array2::from_shape_fn((rank, 32), |(p, j)| ((p + 3 * j) % 7) as f32 * 0.2 - 0.6);
+            let parts = [LowRankPart {
+                v: v.view(),
+                start: 32,
+                u_from: 0,
+                scale: 0.5,
+            }];
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
+            let mut u_first = vec![f32::NAN; m * rank];
+            unsafe {
+                sgemm_thin(
+                    m,
+                    k,
+                    rank,
+                    1.0,
+                    a.as_ptr(),
+                    k as isize,
+                    1,
+                    a_rows.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    u_first.as_mut_ptr(),
+                    rank as isize,
+                    1,
+                )
+            };
+            let u_first = Array2::from_shape_vec((m, rank), u_first).unwrap();
+            let run = |u: LowRankU<f32>| {
+                let mut c = vec![f32::NAN; m * n];
+                let done = crate::gemm::tests::on_threads(threads, || unsafe {
+                    sgemm_low_rank(
+                        a.view(),
+                        b.view(),
+                        Some(&bias),
+                        u,
+                        &parts,
+                        Epilogue::None,
+                        c.as_mut_ptr(),
+                        (n as isize, 1),
+                        threads,
+                        false,
+                    )
+                });
+                assert!(done, "{m}×{k}×{n}");
+                c
+            };
+            let want = run(LowRankU::Given(u_first.view()));
+            let mut u_made = vec![f32::NAN; m * rank];
+            let got = run(LowRankU::Computed {
+                at: a_rows.t(),
+                out: u_made.as_mut_ptr(),
+            });
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{m}×{k}×{n} on {threads}");
+            assert_eq!(
+                bits(&u_made),
+                bits(u_first.as_slice().unwrap()),
+                "u, {m}×{k}×{n}"
+            );
+        }
+        // It declines (doing nothing) for shrinking chunks, column parts and ranks over 16.
+        let (a, b) = (Array2::<f32>::ones((40, 8)), Array2::<f32>::ones((8, 96)));
+        let wide = Array2::<f32>::ones((17, 8));
+        let mut u = vec![0.0f32; 40 * 17];
+        let mut c = vec![0.0f32; 40 * 96];
+        for (at, threads, dynamic) in [
+            (wide.slice(ndarray::s![..2, ..]), 1, true),
+            (wide.slice(ndarray::s![..2, ..]), 2, false),
+            (wide.view(), 1, false),
+        ] {
+            let done = unsafe {
+                sgemm_low_rank(
+                    a.view(),
+                    b.view(),
+                    None,
+                    LowRankU::Computed {
+                        at: at.t(),
+                        out: u.as_mut_ptr(),
+                    },
+                    &[],
+                    Epilogue::None,
+                    c.as_mut_ptr(),
+                    (96, 1),
+                    threads,
+                    dynamic,
+                )
+            };
+            assert!(!done);
+        }
+        assert!(u.iter().chain(&c).all(|&x| x == 0.0));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::error::{shape_err, Result};
 use crate::gemm::{
-    gemm, gemm_new, gemm_new_bias, gemm_new_gelu, gemm_new_low_rank, gemm_new_pair,
+    gemm, gemm_new, gemm_new_bias, gemm_new_gelu, gemm_new_lora, gemm_new_low_rank, gemm_new_pair,
     gemm_side_by_side, gemm_write, LowRankPart, Product,
 };
 use crate::tape::{OpRecord, Tensor, Var};
@@ -762,17 +762,42 @@ impl<'t, T: Float> Var<'t, T> {
             as_matrix(&wv, k, n),
             as_matrix(&av, rank, k),
         );
-        let u: Tensor<T> = gemm_new(T::one(), x2.view(), a2.t())
-            .into_dyn()
-            .into_shared();
-        let c = linear_low_rank_value(
-            x2.view(),
-            w2.view(),
-            bias,
-            as_matrix(&u, rows, rank).view(),
-            &vs,
-            &spans,
-        );
+        // u made inside the linear's own product where the kernel can (each thread makes its
+        // rows of u just before its tiles need them), else as a thin product of its own.
+        let fused = match bias.map(|b| b.value().as_slice()) {
+            Some(None) => None,
+            bias_slice => {
+                let v2: Vec<_> = vs
+                    .iter()
+                    .zip(&spans)
+                    .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
+                    .collect();
+                gemm_new_lora(
+                    x2.view(),
+                    w2.view(),
+                    bias_slice.flatten(),
+                    a2.t(),
+                    &low_rank_kernel_parts(&v2, &spans),
+                )
+            }
+        };
+        let (c, u) = match fused {
+            Some((c, u)) => (c, u.into_dyn().into_shared()),
+            None => {
+                let u: Tensor<T> = gemm_new(T::one(), x2.view(), a2.t())
+                    .into_dyn()
+                    .into_shared();
+                let c = linear_low_rank_value(
+                    x2.view(),
+                    w2.view(),
+                    bias,
+                    as_matrix(&u, rows, rank).view(),
+                    &vs,
+                    &spans,
+                );
+                (c, u)
+            }
+        };
         let out = to_shape(c, &out_shape);
         let mut inputs = vec![self, w];
         inputs.extend(bias);
