@@ -253,17 +253,27 @@ pub fn gemm_new_lora<T: Float>(
         return None;
     }
     check_and_count(&a, &at, (m, r));
-    check_and_count(&a, &b, (m, n));
     // SAFETY: every row of u and every tile of c was stored.
     let (c, u) = unsafe { (c.assume_init(), u.assume_init()) };
+    count_low_rank(&a, &b, u.view(), parts);
+    Some((c, u))
+}
+
+/// Counts the FLOPs of a fused low-rank product: `a·b` and each part's `u·v`.
+fn count_low_rank<T: Float>(
+    a: &ArrayView2<T>,
+    b: &ArrayView2<T>,
+    u: ArrayView2<T>,
+    parts: &[LowRankPart<T>],
+) {
+    check_and_count(a, b, (a.nrows(), b.ncols()));
     for part in parts {
         check_and_count(
             &u.slice(ndarray::s![.., part.u_from..part.u_from + part.v.nrows()]),
             &part.v,
-            (m, part.v.ncols()),
+            (a.nrows(), part.v.ncols()),
         );
     }
-    Some((c, u))
 }
 
 /// `a·b + bias + Σ parts (+ residual)` as a new row-major matrix, the low-rank parts summed
@@ -301,14 +311,7 @@ pub fn gemm_new_low_rank<T: Float>(
     } {
         return None;
     }
-    check_and_count(&a, &b, (m, n));
-    for part in parts {
-        check_and_count(
-            &u.slice(ndarray::s![.., part.u_from..part.u_from + part.v.nrows()]),
-            &part.v,
-            (m, part.v.ncols()),
-        );
-    }
+    count_low_rank(&a, &b, u, parts);
     // SAFETY: every tile of c was stored.
     Some(unsafe { c.assume_init() })
 }
