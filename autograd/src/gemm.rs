@@ -228,7 +228,8 @@ pub fn gemm_new_lora<T: Float>(
     parts: &[LowRankPart<T>],
 ) -> Option<(Array2<T>, Array2<T>)> {
     let (m, n, r) = (a.nrows(), b.ncols(), at.ncols());
-    if m < 2 {
+    // Shrinking chunks cannot make u row part by row part: decline before allocating.
+    if m < 2 || low_rank_split(&a, &b).1 {
         return None;
     }
     let mut c = uninit_aligned::<T>(m, n);
@@ -345,6 +346,15 @@ pub fn gemm_new_gelu<T: Float>(
     Some(unsafe { (c.assume_init(), d.map(|d| d.assume_init())) })
 }
 
+/// How [`run_low_rank`] splits `a·b`: the number of fixed parts, and whether it runs in
+/// shrinking chunks instead (as the other products of that size do).
+fn low_rank_split<T: Float>(a: &ArrayView2<T>, b: &ArrayView2<T>) -> (usize, bool) {
+    let macs = a.nrows() * a.ncols() * b.ncols();
+    let threads = rayon::current_num_threads();
+    let dynamic = macs >= DYNAMIC_MIN_MACS && threads > 1 && !halves_only();
+    (if macs < PARALLEL_MIN_MACS { 1 } else { threads }, dynamic)
+}
+
 /// [`Float::gemm_low_rank`] into a fresh row-major output, threaded as the other products.
 ///
 /// # Safety
@@ -358,10 +368,7 @@ unsafe fn run_low_rank<T: Float>(
     epilogue: Epilogue<T>,
     c: *mut T,
 ) -> bool {
-    let macs = a.nrows() * a.ncols() * b.ncols();
-    let threads = rayon::current_num_threads();
-    let dynamic = macs >= DYNAMIC_MIN_MACS && threads > 1 && !halves_only();
-    let parts_of = if macs < PARALLEL_MIN_MACS { 1 } else { threads };
+    let (parts_of, dynamic) = low_rank_split(&a, &b);
     // SAFETY: as this function's.
     unsafe { T::gemm_low_rank(a, b, bias, u, parts, epilogue, c, parts_of, dynamic) }
 }

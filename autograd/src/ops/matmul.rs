@@ -383,11 +383,7 @@ fn low_rank_grads<T: Float>(
         .zip(need_v)
         .map(|(&(_, _, r, w, _), &need)| need.then(|| Array2::uninit((r, w))))
         .collect();
-    let v2: Vec<_> = vs
-        .iter()
-        .zip(spans)
-        .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
-        .collect();
+    let v2 = low_rank_matrices(vs, spans);
     // The parts take u's columns in order, so ∂u's blocks are consecutive disjoint views.
     let mut products = Vec::with_capacity(2 * spans.len());
     let mut gu_rest = gu.as_mut().map(|gu| gu.view_mut());
@@ -424,11 +420,7 @@ fn linear_low_rank_value<T: Float>(
     vs: &[Tensor<T>],
     spans: &[LowRankSpan<T>],
 ) -> Array2<T> {
-    let v2: Vec<_> = vs
-        .iter()
-        .zip(spans)
-        .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
-        .collect();
+    let v2 = low_rank_matrices(vs, spans);
     let bias_value = bias.map(|b| b.value());
     let bias_slice = bias_value.map(|b| b.as_slice());
     let fused = match bias_slice {
@@ -476,6 +468,17 @@ fn lora_input_grad<T: Float>(
     let mut gx = gx.expect("asked for");
     gemm(T::one(), gu2, a2, T::one(), gx.view_mut());
     (Some(gx), gw)
+}
+
+/// Each low-rank part's v as an `r × w` matrix (a view when its layout allows).
+fn low_rank_matrices<'a, T: Float>(
+    vs: &'a [Tensor<T>],
+    spans: &[LowRankSpan<T>],
+) -> Vec<ndarray::CowArray<'a, T, Ix2>> {
+    vs.iter()
+        .zip(spans)
+        .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
+        .collect()
 }
 
 /// Each low-rank part with its place in the output, as the fused kernel takes them.
@@ -767,11 +770,7 @@ impl<'t, T: Float> Var<'t, T> {
         let fused = match bias.map(|b| b.value().as_slice()) {
             Some(None) => None,
             bias_slice => {
-                let v2: Vec<_> = vs
-                    .iter()
-                    .zip(&spans)
-                    .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
-                    .collect();
+                let v2 = low_rank_matrices(&vs, &spans);
                 gemm_new_lora(
                     x2.view(),
                     w2.view(),
