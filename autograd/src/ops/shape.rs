@@ -132,8 +132,7 @@ pub fn concat<'t, T: Float>(vars: &[&Var<'t, T>], axis: usize) -> Result<Var<'t,
             );
         }
     }
-    let views: Vec<_> = vars.iter().map(|v| v.value().view()).collect();
-    let out = ndarray::concatenate(Axis(axis), &views).expect("shapes checked");
+    let out = concat_values(vars, axis);
     let sizes: Vec<usize> = vars.iter().map(|v| v.shape()[axis]).collect();
     OpRecord::new("concat", vars)
         .attrs(format!("axis={axis}"))
@@ -152,6 +151,30 @@ pub fn concat<'t, T: Float>(vars: &[&Var<'t, T>], axis: usize) -> Result<Var<'t,
                 })
                 .collect()
         })
+}
+
+/// The inputs' values joined along `axis`. Inputs in row-major layout are copied as whole
+/// blocks (along axis 0, each input is one block): ndarray's element-wise `concatenate` took
+/// 5–9 µs to stack two 8 × 128 LoRA A's, long enough for the pool's idle thread to fall
+/// asleep before the product that follows.
+fn concat_values<T: Float>(vars: &[&Var<'_, T>], axis: usize) -> ArrayD<T> {
+    let mut shape = vars[0].shape().to_vec();
+    shape[axis] = vars.iter().map(|v| v.shape()[axis]).sum();
+    let blocks: Option<Vec<&[T]>> = vars.iter().map(|v| v.value().as_slice()).collect();
+    let Some(blocks) = blocks else {
+        let views: Vec<_> = vars.iter().map(|v| v.value().view()).collect();
+        return ndarray::concatenate(Axis(axis), &views).expect("shapes checked");
+    };
+    // Each input is `outer` runs of `shape[axis..]`-sized blocks; the output interleaves them.
+    let outer: usize = shape[..axis].iter().product();
+    let mut flat = Vec::with_capacity(shape.iter().product());
+    for i in 0..outer {
+        for (v, block) in vars.iter().zip(&blocks) {
+            let run = v.shape()[axis..].iter().product::<usize>();
+            flat.extend_from_slice(&block[i * run..(i + 1) * run]);
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), flat).expect("sizes add up")
 }
 
 #[cfg(test)]
@@ -183,6 +206,30 @@ mod tests {
         assert_gradcheck(|x| x[0].narrow(2, 1, 2), &[x.clone()]);
         let y = rand_array(&[2, 5, 4], 8);
         assert_gradcheck(|x| concat(&[&x[0], &x[1]], 1), &[x, y]);
+    }
+
+    #[test]
+    fn concat_gives_ndarrays_concatenation_on_every_axis_and_layout() {
+        let tape = Tape::<f64>::new();
+        let x = tape.constant(rand_array(&[2, 3, 4], 1));
+        let y = tape.constant(rand_array(&[2, 3, 4], 2));
+        // Transposed back, a view is row-major again (the block path); z is not (element-wise).
+        let yt = y.transpose(0, 2).unwrap().transpose(0, 2).unwrap();
+        let z = tape
+            .constant(rand_array(&[4, 3, 2], 3))
+            .transpose(0, 2)
+            .unwrap();
+        for axis in 0..3 {
+            for other in [&y, &yt, &z] {
+                let got = concat(&[&x, other, &x], axis).unwrap();
+                let want = ndarray::concatenate(
+                    ndarray::Axis(axis),
+                    &[x.value().view(), other.value().view(), x.value().view()],
+                )
+                .unwrap();
+                assert_eq!(got.value().view(), want.view(), "axis {axis}");
+            }
+        }
     }
 
     #[test]
