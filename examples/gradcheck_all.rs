@@ -6,7 +6,7 @@
 
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
-use tapelora::autograd::{attention, concat, gradcheck, GradcheckOptions, Result, Var};
+use tapelora::autograd::{attention, concat, gradcheck, GradcheckOptions, LoraTerm, Result, Var};
 
 fn rand(shape: &[usize], seed: u64) -> ArrayD<f64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -88,18 +88,27 @@ fn cases() -> Vec<Case> {
                 rand(&[2, 3, 4], 113),
                 rand(&[4, 6], 114),
                 rand(&[6], 115),
-                rand(&[3, 4], 116),
-                rand(&[2, 2], 117),
-                rand(&[2, 1], 118),
+                rand(&[2, 4], 116),
+                rand(&[3, 2], 117),
+                rand(&[1, 4], 118),
+                rand(&[2, 1], 126),
             ],
             |x| {
-                let vt = x[5].transpose(0, 1)?;
-                x[0].linear_lora(
-                    &x[1],
-                    Some(&x[2]),
-                    &x[3],
-                    &[(&x[4], 0, 0.5), (&vt, 4, -2.0)],
-                )
+                let terms = [
+                    LoraTerm {
+                        a: &x[3],
+                        b: &x[4],
+                        start: 0,
+                        scale: 0.5,
+                    },
+                    LoraTerm {
+                        a: &x[5],
+                        b: &x[6],
+                        start: 4,
+                        scale: -2.0,
+                    },
+                ];
+                x[0].linear_lora(&x[1], Some(&x[2]), &terms)
             },
         ),
         case(

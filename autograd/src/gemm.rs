@@ -204,30 +204,35 @@ unsafe impl<T: Sync> Sync for Epilogue<'_, T> {}
 pub enum LowRankU<'a, T> {
     /// Given, read in place (its rows contiguous).
     Given(ArrayView2<'a, T>),
-    /// `u = a·at` (`at`: k × r, r ≤ 16), computed by the product itself into `out` (row-major
-    /// m × r) just before each part of its rows, while those rows of `a` are in cache, and
-    /// without a product of its own. The product declines (does nothing) unless it runs in
-    /// parts of rows on fixed threads.
-    Computed { at: ArrayView2<'a, T>, out: *mut T },
+    /// `u = a·[at₁ at₂ …]` (each atᵢ k × rᵢ with rᵢ ≤ 16: a LoRA term's Aᵀ, read in place),
+    /// computed by the product itself into `out` (row-major m × Σ rᵢ, the blocks of columns
+    /// in order) just before each part of its rows, while those rows of `a` are in cache,
+    /// and without a product of its own. The product declines (does nothing) unless it runs
+    /// in parts of rows on fixed threads.
+    Computed {
+        ats: &'a [ArrayView2<'a, T>],
+        out: *mut T,
+    },
 }
 
 // SAFETY: `out` is written by the product's threads in disjoint rows.
 unsafe impl<T: Sync> Send for LowRankU<'_, T> {}
 unsafe impl<T: Sync> Sync for LowRankU<'_, T> {}
 
-/// `(a·b + bias + Σ parts, u)` with `u = a·at` ([`LowRankU::Computed`]): a LoRA linear's
-/// forward (`at` = Aᵀ, every part's A stacked) with u made inside the same product, each
-/// thread making u for its own rows just before it needs them. `None` where that does not
-/// apply (as for [`gemm_new_low_rank`], and also products split by columns or in shrinking
-/// chunks, and ranks over 16): the caller makes u with its own product then.
+/// `(a·b + bias + Σ parts, u)` with `u = a·[at₁ at₂ …]` ([`LowRankU::Computed`]): a LoRA
+/// linear's forward (`atᵢ` = Aᵢᵀ of each term, read in place) with u made inside the same
+/// product, each thread making u for its own rows just before it needs them. `None` where
+/// that does not apply (as for [`gemm_new_low_rank`], and also products split by columns or
+/// in shrinking chunks, and ranks over 16): the caller makes u with its own product then.
 pub fn gemm_new_lora<T: Float>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
     bias: Option<&[T]>,
-    at: ArrayView2<T>,
+    ats: &[ArrayView2<T>],
     parts: &[LowRankPart<T>],
 ) -> Option<(Array2<T>, Array2<T>)> {
-    let (m, n, r) = (a.nrows(), b.ncols(), at.ncols());
+    let (m, n) = (a.nrows(), b.ncols());
+    let r = ats.iter().map(|at| at.ncols()).sum();
     // Shrinking chunks cannot make u row part by row part: decline before allocating.
     if m < 2 || low_rank_split(&a, &b).1 {
         return None;
@@ -235,7 +240,7 @@ pub fn gemm_new_lora<T: Float>(
     let mut c = uninit_aligned::<T>(m, n);
     let mut u = uninit_aligned::<T>(m, r);
     let source = LowRankU::Computed {
-        at,
+        ats,
         out: u.as_mut_ptr().cast::<T>(),
     };
     // SAFETY: c and u are fresh row-major outputs that alias no input.
@@ -253,7 +258,9 @@ pub fn gemm_new_lora<T: Float>(
     if !done {
         return None;
     }
-    check_and_count(&a, &at, (m, r));
+    for at in ats {
+        check_and_count(&a, at, (m, at.ncols()));
+    }
     // SAFETY: every row of u and every tile of c was stored.
     let (c, u) = unsafe { (c.assume_init(), u.assume_init()) };
     count_low_rank(&a, &b, u.view(), parts);

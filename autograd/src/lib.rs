@@ -65,8 +65,8 @@ pub use element::Float;
 pub use error::{AutogradError, Result};
 pub use gradcheck::{gradcheck, GradcheckOptions, GradcheckReport};
 pub use ops::attention::{attention, attention_qkv};
-pub use ops::concat;
 pub use ops::unary::{gelu_derivative, gelu_scalar};
+pub use ops::{concat, LoraTerm};
 pub use tape::{
     GradStatus, Gradients, Node, NodeId, OpProfile, OpTime, SavedInfo, Tape, Tensor, Var,
 };

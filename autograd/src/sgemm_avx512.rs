@@ -360,20 +360,21 @@ pub unsafe fn sgemm_low_rank(
             }
             (u.as_ptr(), u.strides()[0], u.ncols(), None)
         }
-        LowRankU::Computed { at, out } => {
-            let r = at.ncols();
+        LowRankU::Computed { ats, out } => {
+            let r: usize = ats.iter().map(|at| at.ncols()).sum();
             let row_parts = threads <= 1 || m >= n;
-            if at.nrows() != k || r > THIN_MAX || dynamic || !row_parts {
+            let fits = ats.iter().all(|at| at.nrows() == k) && r <= THIN_MAX;
+            if !fits || dynamic || !row_parts {
                 return false;
             }
-            let (sa, st) = (a.strides(), at.strides());
             let maker = MakeU {
                 a: a.as_ptr(),
-                rsa: sa[0],
-                csa: sa[1],
-                at: at.as_ptr(),
-                rst: st[0],
-                cst: st[1],
+                rsa: a.strides()[0],
+                csa: a.strides()[1],
+                ats: ats
+                    .iter()
+                    .map(|at| (at.as_ptr(), at.strides()[0], at.strides()[1], at.ncols()))
+                    .collect(),
                 out,
                 k,
                 r,
@@ -411,13 +412,10 @@ pub unsafe fn sgemm_low_rank(
     if overlap || k == 0 || m == 0 {
         return false;
     }
-    // Each part's scale·v as panels of 32 columns × rank steps, as the kernels read B.
-    let floats: usize = parts.iter().map(|p| p.v.len()).sum();
-    let mut packed = vec![Line([0.0; 16]); floats.div_ceil(16)];
-    let mut tail = Tail {
+    let spec = TailSpec {
         u: u_ptr,
         rsu,
-        parts: Vec::with_capacity(parts.len()),
+        parts,
         finish: TileFinish {
             residual: residual.map_or(std::ptr::null(), |r| r.as_ptr()),
             rsr: residual.map_or(0, |r| r.strides()[0]),
@@ -429,28 +427,6 @@ pub unsafe fn sgemm_low_rank(
             rsd: n as isize,
         },
     };
-    let mut offset = 0;
-    for part in parts {
-        let (rank, width) = part.v.dim();
-        let panels = packed.as_mut_ptr().cast::<f32>().add(offset);
-        let (v, sv) = (part.v.as_ptr(), part.v.strides());
-        for q in 0..width / NR {
-            for p in 0..rank {
-                for j in 0..NR {
-                    let value = *v.offset(p as isize * sv[0] + (q * NR + j) as isize * sv[1]);
-                    *panels.add((q * rank + p) * NR + j) = part.scale * value;
-                }
-            }
-        }
-        tail.parts.push(TailPart {
-            start: part.start,
-            end: part.start + width,
-            u_from: part.u_from,
-            rank,
-            panels,
-        });
-        offset += rank * width;
-    }
     let (sa, sb) = (a.strides(), b.strides());
     let mut product = Product::new(
         m,
@@ -469,62 +445,171 @@ pub unsafe fn sgemm_low_rank(
         csc,
     );
     product.bias = bias.map_or(std::ptr::null(), |bias| bias.as_ptr());
-    product.tail = &tail;
     #[cfg(target_arch = "x86_64")]
     {
         use rayon::prelude::*;
-        if dynamic && product.run_parallel() {
-            return true;
+        if dynamic {
+            let (_panels, tail) = spec.pack();
+            let mut shared = product;
+            shared.tail = &tail;
+            if shared.run_parallel() {
+                return true;
+            }
         }
-        let run_rows = |rows: std::ops::Range<usize>| {
+        // Each part of a fixed split packs the low-rank panels for itself, after the split:
+        // packed once on the calling thread (cold reads of B included) they kept the pool's
+        // other thread idle for 3 µs, often long enough for it to fall asleep (rayon's idle
+        // threads sleep after ≈ 5–8 µs, and take 10–30 µs to wake).
+        let run_part = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+            let (_panels, tail) = spec.pack();
+            let mut product = product;
+            product.tail = &tail;
             if let Some(maker) = &make_u {
                 maker.rows(rows.clone());
             }
-            product.run(rows, 0..n, None, None);
+            product.run(rows, cols, None, None);
         };
         if threads <= 1 {
-            run_rows(0..m);
+            run_part(0..m, 0..n);
         } else if m >= n {
             let rows = m.div_ceil(threads);
             (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
-                run_rows(i * rows..((i + 1) * rows).min(m));
+                run_part(i * rows..((i + 1) * rows).min(m), 0..n);
             });
         } else {
             // Whole panels per part, so that every tile is in or out of each low-rank part.
             let cols = n.div_ceil(threads).next_multiple_of(NR);
             (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
-                product.run(0..m, i * cols..((i + 1) * cols).min(n), None, None);
+                run_part(0..m, i * cols..((i + 1) * cols).min(n));
             });
         }
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (product, threads, dynamic, make_u);
+        let _ = (product, spec, threads, dynamic, make_u);
         false
     }
 }
 
-/// `u[rows] = a[rows]·at` for a [`crate::gemm::LowRankU::Computed`] u, through the thin kernel:
+/// What each part of a [`sgemm_low_rank`] product needs to build its [`Tail`]: the parts
+/// to pack and the epilogue.
+struct TailSpec<'a, 'v> {
+    u: *const f32,
+    rsu: isize,
+    parts: &'a [crate::gemm::LowRankPart<'v, f32>],
+    finish: TileFinish,
+}
+
+// SAFETY: the parts of a product only read through these pointers (u is written by MakeU in
+// the same part's rows before they are read).
+unsafe impl Sync for TailSpec<'_, '_> {}
+
+impl TailSpec<'_, '_> {
+    /// Each part's scale·v as panels of 32 columns × rank steps, as the kernels read B, and
+    /// the tail that reads them (valid while the returned buffer lives).
+    unsafe fn pack(&self) -> (Vec<Line>, Tail) {
+        let floats: usize = self.parts.iter().map(|p| p.v.len()).sum();
+        let mut packed = vec![Line([0.0; 16]); floats.div_ceil(16)];
+        let mut tail = Tail {
+            u: self.u,
+            rsu: self.rsu,
+            parts: Vec::with_capacity(self.parts.len()),
+            finish: self.finish,
+        };
+        let mut offset = 0;
+        for part in self.parts {
+            let (rank, width) = part.v.dim();
+            let panels = packed.as_mut_ptr().cast::<f32>().add(offset);
+            let (v, sv) = (part.v.as_ptr(), part.v.strides());
+            // Row-major v and column-major v (LoRA's Bᵀ as a view of B) each read in their
+            // contiguous order: the general strided loop took 2–3 µs for c_attn's two parts.
+            if sv[1] == 1 {
+                for q in 0..width / NR {
+                    for p in 0..rank {
+                        let src = v.offset(p as isize * sv[0] + (q * NR) as isize);
+                        let dst = panels.add((q * rank + p) * NR);
+                        for j in 0..NR {
+                            *dst.add(j) = part.scale * *src.add(j);
+                        }
+                    }
+                }
+            } else if sv[0] == 1 {
+                for q in 0..width / NR {
+                    for j in 0..NR {
+                        let src = v.offset((q * NR + j) as isize * sv[1]);
+                        let dst = panels.add(q * rank * NR + j);
+                        for p in 0..rank {
+                            *dst.add(p * NR) = part.scale * *src.add(p);
+                        }
+                    }
+                }
+            } else {
+                for q in 0..width / NR {
+                    for p in 0..rank {
+                        for j in 0..NR {
+                            let value =
+                                *v.offset(p as isize * sv[0] + (q * NR + j) as isize * sv[1]);
+                            *panels.add((q * rank + p) * NR + j) = part.scale * value;
+                        }
+                    }
+                }
+            }
+            tail.parts.push(TailPart {
+                start: part.start,
+                end: part.start + width,
+                u_from: part.u_from,
+                rank,
+                panels,
+            });
+            offset += rank * width;
+        }
+        (packed, tail)
+    }
+}
+
+/// `u[rows] = a[rows]·[at₁ at₂ …]` for a [`crate::gemm::LowRankU::Computed`] u, through the thin kernel:
 /// each row of u depends on that row of `a` only, so parts of rows give the bits of one
 /// product over all of them.
 struct MakeU {
     a: *const f32,
     rsa: isize,
     csa: isize,
-    at: *const f32,
-    rst: isize,
-    cst: isize,
+    /// Each block of u's columns: Aᵢᵀ (k × rᵢ) as (pointer, row stride, column stride, rᵢ).
+    ats: Vec<(*const f32, isize, isize, usize)>,
     out: *mut f32,
     k: usize,
     r: usize,
 }
 
-// SAFETY: threads write u's disjoint rows and only read a and at.
+// SAFETY: threads write u's disjoint rows and only read a and the ats.
 unsafe impl Sync for MakeU {}
 
 impl MakeU {
     unsafe fn rows(&self, rows: std::ops::Range<usize>) {
+        // Several blocks are gathered into one k × r matrix first (each thread its own copy,
+        // 2048 floats for c_attn's q and v): the thin kernel's lanes are u's columns, so two
+        // products of 8 columns took twice as long as one of 16. Each lane sums its own
+        // column, so the bits are those of the blocks' products either way.
+        let gathered;
+        let (at, rst, cst) = match self.ats.as_slice() {
+            &[(at, rst, cst, _)] => (at, rst, cst),
+            blocks => {
+                let mut at = vec![0.0f32; self.k * self.r];
+                let mut from = 0;
+                for &(block, rsb, csb, width) in blocks {
+                    for j in 0..width {
+                        for p in 0..self.k {
+                            at[p * self.r + from + j] =
+                                *block.offset(p as isize * rsb + j as isize * csb);
+                        }
+                    }
+                    from += width;
+                }
+                gathered = at;
+                (gathered.as_ptr(), self.r as isize, 1)
+            }
+        };
         sgemm_thin(
             rows.len(),
             self.k,
@@ -533,9 +618,9 @@ impl MakeU {
             self.a.offset(rows.start as isize * self.rsa),
             self.rsa,
             self.csa,
-            self.at,
-            self.rst,
-            self.cst,
+            at,
+            rst,
+            cst,
             0.0,
             self.out.add(rows.start * self.r),
             self.r as isize,
@@ -2758,7 +2843,7 @@ mod tests {
                 )
             };
             let u_first = Array2::from_shape_vec((m, rank), u_first).unwrap();
-            let run = |u: LowRankU<f32>| {
+            let run_with = |u: LowRankU<f32>, parts: &[LowRankPart<f32>]| {
                 let mut c = vec![f32::NAN; m * n];
                 let done = crate::gemm::tests::on_threads(threads, || unsafe {
                     sgemm_low_rank(
@@ -2766,7 +2851,7 @@ mod tests {
                         b.view(),
                         Some(&bias),
                         u,
-                        &parts,
+                        parts,
                         Epilogue::None,
                         c.as_mut_ptr(),
                         (n as isize, 1),
@@ -2777,19 +2862,41 @@ mod tests {
                 assert!(done, "{m}×{k}×{n}");
                 c
             };
+            let run = |u: LowRankU<f32>| run_with(u, &parts);
             let want = run(LowRankU::Given(u_first.view()));
-            let mut u_made = vec![f32::NAN; m * rank];
-            let got = run(LowRankU::Computed {
-                at: a_rows.t(),
-                out: u_made.as_mut_ptr(),
-            });
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{m}×{k}×{n} on {threads}");
-            assert_eq!(
-                bits(&u_made),
-                bits(u_first.as_slice().unwrap()),
-                "u, {m}×{k}×{n}"
-            );
+            // v column-major (LoRA's Bᵀ as a view of B) and with neither stride 1: each layout
+            // is packed by its own loop, into the same panels.
+            let v_columns = v.t().as_standard_layout().into_owned();
+            let v_spread = Array2::from_shape_fn((rank, 64), |(p, j)| v[[p, j / 2]]);
+            for v_other in [v_columns.t(), v_spread.slice(ndarray::s![.., ..;2])] {
+                let other = [LowRankPart {
+                    v: v_other,
+                    ..parts[0]
+                }];
+                let got = run_with(LowRankU::Given(u_first.view()), &other);
+                assert_eq!(bits(&got), bits(&want), "v strides {:?}", v_other.strides());
+            }
+            // A whole, and in two blocks of rows (LoRA's A_q and A_v, each read in place):
+            // each block of u's columns has the bits of those columns of u made first.
+            for blocks in [vec![(0, rank)], vec![(0, rank / 2), (rank / 2, rank)]] {
+                let ats: Vec<_> = blocks
+                    .iter()
+                    .map(|&(from, to)| a_rows.slice(ndarray::s![from..to, ..]).reversed_axes())
+                    .collect();
+                let mut u_made = vec![f32::NAN; m * rank];
+                let got = run(LowRankU::Computed {
+                    ats: &ats,
+                    out: u_made.as_mut_ptr(),
+                });
+                let case = format!("{m}×{k}×{n} on {threads}, {} blocks", blocks.len());
+                assert_eq!(bits(&got), bits(&want), "{case}");
+                assert_eq!(
+                    bits(&u_made),
+                    bits(u_first.as_slice().unwrap()),
+                    "u, {case}"
+                );
+            }
         }
         // It declines (doing nothing) for shrinking chunks, column parts and ranks over 16.
         let (a, b) = (Array2::<f32>::ones((40, 8)), Array2::<f32>::ones((8, 96)));
@@ -2801,13 +2908,14 @@ mod tests {
             (wide.slice(ndarray::s![..2, ..]), 2, false),
             (wide.view(), 1, false),
         ] {
+            let ats = [at.t()];
             let done = unsafe {
                 sgemm_low_rank(
                     a.view(),
                     b.view(),
                     None,
                     LowRankU::Computed {
-                        at: at.t(),
+                        ats: &ats,
                         out: u.as_mut_ptr(),
                     },
                     &[],

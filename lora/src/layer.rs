@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use tapelora_autograd::Var;
+use tapelora_autograd::{LoraTerm, Var};
 use tapelora_nn::{BaseLinear, Ctx, LinearAdapter, Parameter};
 
 /// A contiguous range of the layer's output columns.
@@ -107,41 +107,57 @@ impl LinearAdapter for LoraLinear {
         // Per adapter: u = x·[A₁; A₂; …]ᵀ, one thin matmul (one pass over x) for all its parts
         // (q and v of c_attn), then each part's s·u[.., block]·Bᵀ in its columns of the
         // output — no delta tensor at all. The first adapter's terms are summed inside the
-        // base's own GEMM (`linear_lora`, or `linear_low_rank` given u when dropout makes the
-        // adapter's x another tensor); any further active adapter is added to that output by
+        // base's own GEMM: `linear_lora` takes the A's and B's as stored, so no tape op runs
+        // between the layer norm before and this product (the pool's idle thread would fall
+        // asleep meanwhile). With dropout making the adapter's x another tensor it is
+        // `linear_low_rank` given u; any further active adapter is added to that output by
         // one accumulating GEMM per part (`add_low_rank_columns`).
         let mut base = Some(base);
         let mut out: Option<Var<'t, f32>> = None;
         for (adapter, weight) in self.acting().filter(|(a, _)| !a.parts.is_empty()) {
-            // Without dropout the adapter reads the base's own x, and the first adapter's
-            // whole product is one op whose backward gives x one gradient (`linear_lora`).
-            let reads_base_x = adapter.dropout == 0.0 || !ctx.train;
-            let x = ctx.dropout(x, adapter.dropout)?;
             let a_parts: Vec<Var<'t, f32>> =
                 adapter.parts.iter().map(|p| p.a.on(ctx.tape)).collect();
+            let b_parts: Vec<Var<'t, f32>> =
+                adapter.parts.iter().map(|p| p.b.on(ctx.tape)).collect();
+            let scale = |p: &LoraPart| p.scaling() * weight;
+            // Without dropout the adapter reads the base's own x, and the first adapter's
+            // whole product is one op whose backward gives x one gradient (`linear_lora`).
+            if adapter.dropout == 0.0 || !ctx.train {
+                if let Some(base) = base.take() {
+                    let terms: Vec<LoraTerm<'_, 't, f32>> = adapter
+                        .parts
+                        .iter()
+                        .zip(a_parts.iter().zip(&b_parts))
+                        .map(|(p, (a, b))| LoraTerm {
+                            a,
+                            b,
+                            start: p.slice.start,
+                            scale: scale(p),
+                        })
+                        .collect();
+                    out = Some(base.with_lora(&terms)?);
+                    continue;
+                }
+            }
+            let x = ctx.dropout(x, adapter.dropout)?;
             let a_all = match a_parts.as_slice() {
                 [a] => a.clone(),
                 parts => tapelora_autograd::concat(&parts.iter().collect::<Vec<_>>(), 0)?,
             };
-            let b_parts: Vec<Var<'t, f32>> = adapter
-                .parts
+            let u = x.matmul(&a_all.transpose(0, 1)?)?;
+            let b_transposed: Vec<Var<'t, f32>> = b_parts
                 .iter()
-                .map(|p| p.b.on(ctx.tape).transpose(0, 1))
+                .map(|b| b.transpose(0, 1))
                 .collect::<Result<_, _>>()?;
             let parts: Vec<_> = adapter
                 .parts
                 .iter()
-                .zip(&b_parts)
-                .map(|(p, bt)| (bt, p.slice.start, p.scaling() * weight))
+                .zip(&b_transposed)
+                .map(|(p, bt)| (bt, p.slice.start, scale(p)))
                 .collect();
             out = Some(match (base.take(), out) {
-                (Some(base), _) if reads_base_x => base.with_lora(&a_all, &parts)?,
-                (Some(base), _) => {
-                    base.with_low_rank(&x.matmul(&a_all.transpose(0, 1)?)?, &parts)?
-                }
-                (None, Some(out)) => {
-                    out.add_low_rank_columns(&x.matmul(&a_all.transpose(0, 1)?)?, &parts)?
-                }
+                (Some(base), _) => base.with_low_rank(&u, &parts)?,
+                (None, Some(out)) => out.add_low_rank_columns(&u, &parts)?,
                 (None, None) => unreachable!("the base is taken only to make an output"),
             });
         }

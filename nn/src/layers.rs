@@ -1,7 +1,7 @@
 //! Layers: Linear (both weight layouts), Embedding, LayerNorm, Dropout, GELU.
 
 use ndarray::{ArrayD, IxDyn};
-use tapelora_autograd::Var;
+use tapelora_autograd::{LoraTerm, Var};
 
 use crate::module::{EmbeddingAdapter, LinearAdapter, Module};
 use crate::parameter::Parameter;
@@ -139,15 +139,11 @@ impl<'t> BaseLinear<'_, 't> {
             .linear_low_rank(&self.w, self.bias.as_ref(), u, parts)?)
     }
 
-    /// The same with `u = x·aᵀ` computed by the op itself (`a` is every part's A stacked,
-    /// `[Σ r, in]`), so that backward sums both paths into x in one GEMM (see
-    /// [`Var::linear_lora`]). For an adapter that reads x itself, without dropout.
-    pub fn with_lora(
-        self,
-        a: &Var<'t, f32>,
-        parts: &[(&Var<'t, f32>, usize, f64)],
-    ) -> Result<Var<'t, f32>> {
-        Ok(self.x.linear_lora(&self.w, self.bias.as_ref(), a, parts)?)
+    /// `x·W + b` plus each LoRA term `scale · (x·Aᵀ)·Bᵀ` in its columns, with A and B as
+    /// stored and u computed by the op itself, so that backward sums both paths into x in
+    /// one GEMM (see [`Var::linear_lora`]). For an adapter that reads x itself, without dropout.
+    pub fn with_lora(self, terms: &[LoraTerm<'_, 't, f32>]) -> Result<Var<'t, f32>> {
+        Ok(self.x.linear_lora(&self.w, self.bias.as_ref(), terms)?)
     }
 }
 

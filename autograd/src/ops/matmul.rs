@@ -470,14 +470,54 @@ fn lora_input_grad<T: Float>(
     (Some(gx), gw)
 }
 
+/// One LoRA term of [`Var::linear_lora`]: `scale · (x·aᵀ)·bᵀ` added to the output columns
+/// `start .. start + w`, with `a` `[r, in]` and `b` `[w, r]` (LoRA's A and B as stored).
+#[derive(Clone, Copy)]
+pub struct LoraTerm<'a, 't, T: Float> {
+    pub a: &'a Var<'t, T>,
+    pub b: &'a Var<'t, T>,
+    pub start: usize,
+    pub scale: f64,
+}
+
+/// `rows × cols` matrices stacked by rows into one `[Σ rows, cols]` tensor (the one matrix
+/// itself, uncopied, when there is one).
+fn stack_rows<'v, T: Float>(
+    values: impl ExactSizeIterator<Item = &'v Tensor<T>>,
+    rows: usize,
+    cols: usize,
+) -> Tensor<T> {
+    let values: Vec<&Tensor<T>> = values.collect();
+    if let [one] = values.as_slice() {
+        return (*one).clone();
+    }
+    let mut flat = Vec::with_capacity(rows * cols);
+    for value in values {
+        match value.as_slice() {
+            Some(block) => flat.extend_from_slice(block),
+            None => flat.extend(value.iter().copied()),
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&[rows, cols]), flat)
+        .expect("the blocks fill the stack")
+        .into_shared()
+}
+
 /// Each low-rank part's v as an `r × w` matrix (a view when its layout allows).
 fn low_rank_matrices<'a, T: Float>(
     vs: &'a [Tensor<T>],
     spans: &[LowRankSpan<T>],
 ) -> Vec<ndarray::CowArray<'a, T, Ix2>> {
+    // A 2-D v is read in place whatever its strides (Bᵀ as a view of B): copying it into
+    // row-major order would be a pass on one thread before the product splits.
     vs.iter()
         .zip(spans)
-        .map(|(v, &(_, _, r, w, _))| as_matrix(v, r, w))
+        .map(
+            |(v, &(_, _, r, w, _))| match v.view().into_dimensionality::<Ix2>() {
+                Ok(v2) => ndarray::CowArray::from(v2),
+                Err(_) => as_matrix(v, r, w),
+            },
+        )
         .collect()
 }
 
@@ -731,51 +771,75 @@ impl<'t, T: Float> Var<'t, T> {
             })
     }
 
-    /// A LoRA linear whole: `self · w + bias` plus, for each part `(v, start, scale)`,
-    /// `scale · u[..., cols] · v` in the output columns `start .. start + w`, where
-    /// `u = self · aᵀ` and `a` is `[Σ r, k]` — every part's A stacked, in the parts' order.
-    /// The value is [`Var::linear_low_rank`]'s with `u` given as `self.matmul(aᵀ)`; holding both
-    /// uses of x in one op changes backward: ∂x = G·wᵀ + ∂u·a is one GEMM with `∂u·a` as a
-    /// low-rank term of its tiles ([`crate::gemm::gemm_new_low_rank`], r more steps of k)
-    /// instead of a separate `[..., k]` product that the tape then adds to the first.
-    /// ∂w = xᵀ·G, ∂bias = Σ_rows G, ∂a = ∂uᵀ·x and each ∂v as `linear_low_rank`'s, each only
-    /// if needed.
+    /// A LoRA linear whole: `self · w + bias` plus, for each term, `scale · (self·aᵀ)·bᵀ` in
+    /// the output columns `start .. start + w` (`a` is `[r, k]` and `b` `[w, r]`, as LoRA keeps
+    /// them: c_attn's q and v are two terms). The value is [`Var::linear_low_rank`]'s with
+    /// `u = self·[a₁; a₂; …]ᵀ` and the parts `(bᵢᵀ, startᵢ, scaleᵢ)`, to the bit. Taking the
+    /// A's and B's as they are keeps the stacking and the transposes out of the tape (and out
+    /// of the single-threaded stretch before the product: an idle rayon worker falls asleep
+    /// after ≈ 5–8 µs and takes 10–30 µs to wake). Holding both uses of x in one op changes
+    /// backward: ∂x = G·wᵀ + ∂u·A is one GEMM with `∂u·A` as a low-rank term of its tiles
+    /// ([`crate::gemm::gemm_new_low_rank`], r more steps of k) instead of a separate `[..., k]`
+    /// product that the tape then adds to the first. ∂w = xᵀ·G, ∂bias = Σ_rows G, the A's are
+    /// the row blocks of ∂u_allᵀ·x, ∂bᵢ = (scaleᵢ·uᵢᵀ·G[.., spanᵢ])ᵀ, each only if needed.
     pub fn linear_lora(
         &self,
         w: &Var<'t, T>,
         bias: Option<&Var<'t, T>>,
-        a: &Var<'t, T>,
-        parts: &[(&Var<'t, T>, usize, f64)],
+        terms: &[LoraTerm<'_, 't, T>],
     ) -> Result<Var<'t, T>> {
         const OP: &str = "linear_lora";
         let (rows, k, n, out_shape) = linear_shapes(OP, self, w, bias)?;
-        let a_shape = a.shape();
-        if a_shape.len() != 2 || a_shape[1] != k {
-            return shape_err(OP, self.shape(), a_shape, format!("A must be [Σ r, {k}]"));
+        let mut spans: Vec<LowRankSpan<T>> = Vec::with_capacity(terms.len());
+        let mut rank = 0;
+        for term in terms {
+            let (a_shape, b_shape) = (term.a.shape(), term.b.shape());
+            let r = a_shape.first().copied().unwrap_or(0);
+            let fits = a_shape.len() == 2
+                && a_shape[1] == k
+                && b_shape.len() == 2
+                && b_shape[1] == r
+                && term.start + b_shape[0] <= n;
+            if !fits {
+                return shape_err(
+                    OP,
+                    a_shape,
+                    b_shape,
+                    format!("need A [r, {k}] and B [w, r] with {} + w ≤ {n}", term.start),
+                );
+            }
+            spans.push((term.start, rank, r, b_shape[0], T::from_f64(term.scale)));
+            rank += r;
         }
-        let rank = a_shape[0];
         let mut u_shape = out_shape.clone();
         *u_shape.last_mut().expect("linear_shapes gives an axis") = rank;
-        let spans = low_rank_spans(OP, &out_shape, &u_shape, parts)?;
         let x_shape = self.shape().to_vec();
-        let (x, wv, av) = (self.value().clone(), w.value().clone(), a.value().clone());
-        let vs: Vec<Tensor<T>> = parts.iter().map(|p| p.0.value().clone()).collect();
-        let (x2, w2, a2) = (
-            as_matrix(&x, rows, k),
-            as_matrix(&wv, k, n),
-            as_matrix(&av, rank, k),
-        );
+        let (x, wv) = (self.value().clone(), w.value().clone());
+        let a_values: Vec<Tensor<T>> = terms.iter().map(|t| t.a.value().clone()).collect();
+        // Each part's v = Bᵀ, a view.
+        let vs: Vec<Tensor<T>> = terms
+            .iter()
+            .map(|t| t.b.value().clone().reversed_axes())
+            .collect();
+        let (x2, w2) = (as_matrix(&x, rows, k), as_matrix(&wv, k, n));
         // u made inside the linear's own product where the kernel can (each thread makes its
-        // rows of u just before its tiles need them), else as a thin product of its own.
+        // rows of u from the A's in place just before its tiles need them), else as a thin
+        // product of its own.
         let fused = match bias.map(|b| b.value().as_slice()) {
             Some(None) => None,
             bias_slice => {
+                let a2s: Vec<_> = a_values
+                    .iter()
+                    .zip(&spans)
+                    .map(|(a, &(_, _, r, _, _))| as_matrix(a, r, k))
+                    .collect();
+                let ats: Vec<ArrayView2<T>> = a2s.iter().map(|a| a.t()).collect();
                 let v2 = low_rank_matrices(&vs, &spans);
                 gemm_new_lora(
                     x2.view(),
                     w2.view(),
                     bias_slice.flatten(),
-                    a2.t(),
+                    &ats,
                     &low_rank_kernel_parts(&v2, &spans),
                 )
             }
@@ -783,7 +847,8 @@ impl<'t, T: Float> Var<'t, T> {
         let (c, u) = match fused {
             Some((c, u)) => (c, u.into_dyn().into_shared()),
             None => {
-                let u: Tensor<T> = gemm_new(T::one(), x2.view(), a2.t())
+                let stacked = stack_rows(a_values.iter(), rank, k);
+                let u: Tensor<T> = gemm_new(T::one(), x2.view(), as_matrix(&stacked, rank, k).t())
                     .into_dyn()
                     .into_shared();
                 let c = linear_low_rank_value(
@@ -800,70 +865,82 @@ impl<'t, T: Float> Var<'t, T> {
         let out = to_shape(c, &out_shape);
         let mut inputs = vec![self, w];
         inputs.extend(bias);
-        inputs.push(a);
-        inputs.extend(parts.iter().map(|p| p.0));
+        for term in terms {
+            inputs.extend([term.a, term.b]);
+        }
         let has_bias = bias.is_some();
-        OpRecord::new(OP, &inputs)
+        let mut record = OpRecord::new(OP, &inputs)
             .attrs(format!(
-                "[{rows}×{k}]·[{k}×{n}]{} + u·v, u = x·[{rank}×{k}]ᵀ: {}",
+                "[{rows}×{k}]·[{k}×{n}]{} + (x·Aᵀ)·Bᵀ, A's [{rank}×{k}] in all: {}",
                 if has_bias { "+b" } else { "" },
                 low_rank_attrs(&spans)
             ))
             .saves("x", &x)
-            .saves("w", &wv)
-            .saves("a", &av)
-            .saves("u", &u)
-            .finish(out, move |g, needs| {
-                let g2 = g
-                    .to_shape((rows, n))
-                    .expect("gradient has the output's size");
-                let a_at = if has_bias { 3 } else { 2 };
-                let (need_x, need_a) = (needs[0], needs[a_at]);
-                let (gu, gv) = low_rank_grads(
+            .saves("w", &wv);
+        for a in &a_values {
+            record = record.saves("a", a);
+        }
+        record.saves("u", &u).finish(out, move |g, needs| {
+            let g2 = g
+                .to_shape((rows, n))
+                .expect("gradient has the output's size");
+            // Each term's A and B follow x, w (and the bias).
+            let first = if has_bias { 3 } else { 2 };
+            let need_a: Vec<bool> = (0..spans.len()).map(|i| needs[first + 2 * i]).collect();
+            let need_b: Vec<bool> = (0..spans.len()).map(|i| needs[first + 2 * i + 1]).collect();
+            let (need_x, any_a) = (needs[0], need_a.iter().any(|&need| need));
+            let (gu, gv) = low_rank_grads(g2.view(), &u, &vs, &spans, need_x || any_a, &need_b);
+            let av = stack_rows(a_values.iter(), rank, k);
+            let (x2, w2, a2) = (
+                as_matrix(&x, rows, k),
+                as_matrix(&wv, k, n),
+                as_matrix(&av, rank, k),
+            );
+            let gu2 = gu
+                .as_ref()
+                .map(|gu| gu.to_shape((rows, rank)).expect("∂u has u's size"));
+            let (gx, gw) = match (need_x, &gu2) {
+                (true, Some(gu2)) => lora_input_grad(
                     g2.view(),
-                    &u,
-                    &vs,
-                    &spans,
-                    need_x || need_a,
-                    &needs[a_at + 1..],
-                );
-                let (x2, w2, a2) = (
-                    as_matrix(&x, rows, k),
-                    as_matrix(&wv, k, n),
-                    as_matrix(&av, rank, k),
-                );
-                let gu2 = gu
-                    .as_ref()
-                    .map(|gu| gu.to_shape((rows, rank)).expect("∂u has u's size"));
-                let (gx, gw) = match (need_x, &gu2) {
-                    (true, Some(gu2)) => lora_input_grad(
-                        g2.view(),
-                        w2.view(),
-                        x2.view(),
-                        gu2.view(),
-                        a2.view(),
-                        needs[1],
-                    ),
-                    _ => (
-                        None,
-                        needs[1].then(|| gemm_new(T::one(), x2.t(), g2.view())),
-                    ),
-                };
-                let mut grads = vec![
-                    gx.map(|gx| to_shape(gx, &x_shape)),
-                    gw.map(|gw| gw.into_dyn()),
-                ];
-                if has_bias {
-                    grads.push(needs[2].then(|| g2.sum_axis(ndarray::Axis(0)).into_dyn()));
-                }
-                let ga = match (need_a, &gu2) {
-                    (true, Some(gu2)) => Some(gemm_new(T::one(), gu2.t(), x2.view()).into_dyn()),
-                    _ => None,
-                };
-                grads.push(ga);
-                grads.extend(gv);
-                grads
-            })
+                    w2.view(),
+                    x2.view(),
+                    gu2.view(),
+                    a2.view(),
+                    needs[1],
+                ),
+                _ => (
+                    None,
+                    needs[1].then(|| gemm_new(T::one(), x2.t(), g2.view())),
+                ),
+            };
+            let mut grads = vec![
+                gx.map(|gx| to_shape(gx, &x_shape)),
+                gw.map(|gw| gw.into_dyn()),
+            ];
+            if has_bias {
+                grads.push(needs[2].then(|| g2.sum_axis(ndarray::Axis(0)).into_dyn()));
+            }
+            // ∂[A₁; A₂; …] = ∂uᵀ·x in one product; each A its block of rows.
+            let ga = match (any_a, &gu2) {
+                (true, Some(gu2)) => Some(gemm_new(T::one(), gu2.t(), x2.view())),
+                _ => None,
+            };
+            for ((&(_, from, r, _, _), gv), need) in spans.iter().zip(gv).zip(&need_a) {
+                let block = ga.as_ref().filter(|_| *need).map(|ga| {
+                    if r == rank {
+                        ga.clone().into_dyn()
+                    } else {
+                        ga.slice(ndarray::s![from..from + r, ..])
+                            .to_owned()
+                            .into_dyn()
+                    }
+                });
+                grads.push(block);
+                // ∂B is ∂(Bᵀ) transposed: a view of the same buffer.
+                grads.push(gv.map(|gv| gv.reversed_axes()));
+            }
+            grads
+        })
     }
 
     /// `self` plus, for each part `(v, start, scale)`, `scale · u[..., cols] · v` added into
@@ -1368,10 +1445,12 @@ mod tests {
 
     #[test]
     fn linear_lora_is_linear_low_rank_of_x_times_a_transposed_and_passes_gradcheck() {
+        use super::LoraTerm;
         // f32 at shapes the fused kernel takes (∂x with ∂u·A inside its tiles when the weight
         // is frozen; ∂x and ∂w side by side, then ∂u·A added, when it is trained) against
-        // linear_low_rank fed u = x·Aᵀ by a matmul: the same value to the bit, ∂x and ∂A
-        // within rounding (summed in another order), every other gradient to the bit.
+        // linear_low_rank fed u = x·[A_q; A_v]ᵀ by a concat and a matmul and the parts Bᵀ by
+        // transposes: the same value to the bit, ∂x and the ∂A's within rounding (summed in
+        // another order), every other gradient to the bit.
         for frozen_w in [true, false] {
             let mut results = Vec::new();
             for whole in [true, false] {
@@ -1384,22 +1463,38 @@ mod tests {
                     tape.param("w", f32_value(&[64, 96], 2))
                 };
                 let bias = tape.param("bias", f32_value(&[96], 3));
-                let a = tape.param("a", f32_value(&[10, 64], 4));
-                let vq = tape.param("vq", f32_value(&[4, 32], 5));
+                let a_q = tape.param("a_q", f32_value(&[4, 64], 4));
+                let a_v = tape.param("a_v", f32_value(&[6, 64], 8));
+                let b_q = tape.param("b_q", f32_value(&[32, 4], 5));
                 let b_v = tape.param("b_v", f32_value(&[32, 6], 6));
                 let weights = tape.constant(f32_value(&[2, 20, 96], 7));
-                let vv = b_v.transpose(0, 1).unwrap();
-                let parts = [(&vq, 0, 0.5), (&vv, 64, -2.0)];
                 let y = if whole {
-                    x.linear_lora(&w, Some(&bias), &a, &parts).unwrap()
+                    let terms = [
+                        LoraTerm {
+                            a: &a_q,
+                            b: &b_q,
+                            start: 0,
+                            scale: 0.5,
+                        },
+                        LoraTerm {
+                            a: &a_v,
+                            b: &b_v,
+                            start: 64,
+                            scale: -2.0,
+                        },
+                    ];
+                    x.linear_lora(&w, Some(&bias), &terms).unwrap()
                 } else {
+                    let a = crate::concat(&[&a_q, &a_v], 0).unwrap();
                     let u = x.matmul(&a.transpose(0, 1).unwrap()).unwrap();
+                    let (vq, vv) = (b_q.transpose(0, 1).unwrap(), b_v.transpose(0, 1).unwrap());
+                    let parts = [(&vq, 0, 0.5), (&vv, 64, -2.0)];
                     x.linear_low_rank(&w, Some(&bias), &u, &parts).unwrap()
                 };
                 let grads = tape
                     .backward(&y.mul(&weights).unwrap().sum_all().unwrap())
                     .unwrap();
-                let grads: Vec<_> = [&x, &w, &bias, &a, &vq, &b_v]
+                let grads: Vec<_> = [&x, &w, &bias, &a_q, &a_v, &b_q, &b_v]
                     .iter()
                     .map(|v| grads.get(v).cloned())
                     .collect();
@@ -1412,7 +1507,7 @@ mod tests {
                     assert!(got.is_none() && want.is_none() && i == 1 && frozen_w);
                     continue;
                 };
-                if i == 0 || i == 3 {
+                if [0, 3, 4].contains(&i) {
                     let worst = (got - want)
                         .iter()
                         .zip(want)
@@ -1425,49 +1520,80 @@ mod tests {
             }
         }
         // In f64 (the separate products' path), against central differences: with and without
-        // a bias, a Bᵀ view, and overlapping parts.
+        // a bias, a B that is a transposed view, one term, and overlapping terms.
         assert_gradcheck(
             |x| {
-                let vt = x[5].transpose(0, 1)?;
-                x[0].linear_lora(
-                    &x[1],
-                    Some(&x[2]),
-                    &x[3],
-                    &[(&x[4], 0, 0.5), (&vt, 3, -1.5)],
-                )
+                let b_v = x[7].transpose(0, 1)?;
+                let terms = [
+                    LoraTerm {
+                        a: &x[3],
+                        b: &x[4],
+                        start: 0,
+                        scale: 0.5,
+                    },
+                    LoraTerm {
+                        a: &x[5],
+                        b: &x[6],
+                        start: 3,
+                        scale: -1.5,
+                    },
+                    LoraTerm {
+                        a: &x[5],
+                        b: &b_v,
+                        start: 1,
+                        scale: 2.0,
+                    },
+                ];
+                x[0].linear_lora(&x[1], Some(&x[2]), &terms)
             },
             &[
                 rand_array(&[2, 3, 4], 8),
                 rand_array(&[4, 6], 9),
                 rand_array(&[6], 10),
-                rand_array(&[3, 4], 11),
-                rand_array(&[2, 3], 12),
-                rand_array(&[3, 1], 13),
+                rand_array(&[2, 4], 11),
+                rand_array(&[3, 2], 12),
+                rand_array(&[1, 4], 13),
+                rand_array(&[3, 1], 20),
+                rand_array(&[1, 5], 21),
             ],
         );
         assert_gradcheck(
-            |x| x[0].linear_lora(&x[1], None, &x[2], &[(&x[3], 1, 0.5), (&x[4], 2, 2.0)]),
+            |x| {
+                let terms = [LoraTerm {
+                    a: &x[2],
+                    b: &x[3],
+                    start: 1,
+                    scale: 0.5,
+                }];
+                x[0].linear_lora(&x[1], None, &terms)
+            },
             &[
                 rand_array(&[3, 4], 14),
                 rand_array(&[4, 5], 15),
                 rand_array(&[3, 4], 16),
-                rand_array(&[2, 3], 17),
-                rand_array(&[1, 3], 18),
+                rand_array(&[4, 3], 17),
             ],
         );
         // Shape errors name the op.
         let t = Tape::<f64>::new();
         let c = |shape: &[usize]| t.constant(rand_array(shape, 19));
-        let (x, w, a, v) = (c(&[3, 4]), c(&[4, 5]), c(&[2, 4]), c(&[2, 3]));
-        let y = c(&[0, 4])
-            .linear_lora(&w, None, &a, &[(&v, 0, 1.0)])
-            .unwrap();
+        let (x, w, a, b) = (c(&[3, 4]), c(&[4, 5]), c(&[2, 4]), c(&[3, 2]));
+        let term = |a, b, start| {
+            [LoraTerm {
+                a,
+                b,
+                start,
+                scale: 1.0,
+            }]
+        };
+        let y = c(&[0, 4]).linear_lora(&w, None, &term(&a, &b, 0)).unwrap();
         assert_eq!(y.shape(), &[0, 5]);
         for result in [
-            x.linear_lora(&c(&[5, 4]), None, &a, &[(&v, 0, 1.0)]),
-            x.linear_lora(&w, None, &c(&[2, 3]), &[(&v, 0, 1.0)]),
-            x.linear_lora(&w, None, &c(&[3, 4]), &[(&v, 0, 1.0)]),
-            x.linear_lora(&w, None, &a, &[(&v, 3, 1.0)]),
+            x.linear_lora(&c(&[5, 4]), None, &term(&a, &b, 0)),
+            x.linear_lora(&w, None, &term(&c(&[2, 3]), &b, 0)),
+            x.linear_lora(&w, None, &term(&a, &c(&[3, 3]), 0)),
+            x.linear_lora(&w, None, &term(&a, &c(&[2, 3]), 0)),
+            x.linear_lora(&w, None, &term(&a, &b, 3)),
         ] {
             let message = result.unwrap_err().to_string();
             assert!(message.contains("linear_lora"), "{message}");

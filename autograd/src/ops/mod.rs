@@ -30,6 +30,7 @@ mod shape;
 mod softmax;
 pub mod unary;
 
+pub use matmul::LoraTerm;
 pub use shape::concat;
 pub(crate) use unary::gelu_and_derivative;
 
