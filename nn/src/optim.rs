@@ -163,8 +163,19 @@ impl Optimizer for AdamW {
         lr: f64,
     ) -> Result<()> {
         let c = self.config;
+        let mut states: BTreeMap<&str, &mut AdamState> = self
+            .state
+            .iter_mut()
+            .map(|(name, s)| (name.as_str(), s))
+            .collect();
+        // Every parameter's chunks go to the pool in one parallel pass: a pass per parameter
+        // forked the pool once per large weight with single-thread work in between, long
+        // enough for the idle worker to fall asleep (rayon's sleep after ≈ 5–8 µs idle), so
+        // nearly every fork waited 10–30 µs for a wake-up.
+        let mut chunks: Vec<(AdamWRule, ZippedChunks)> = Vec::new();
+        let mut total = 0;
         for p in params.iter_mut() {
-            let (Some(s), Some(g)) = (self.state.get_mut(&p.name), grads.get_by_name(&p.name))
+            let (Some(g), Some(s)) = (grads.get_by_name(&p.name), states.remove(p.name.as_str()))
             else {
                 continue;
             };
@@ -172,55 +183,68 @@ impl Optimizer for AdamW {
             s.t += 1;
             let bias1 = 1.0 - c.beta1.powi(s.t as i32);
             let bias2 = 1.0 - c.beta2.powi(s.t as i32);
-            let step_size = (lr / bias1) as f32;
-            let decay = if s.decay {
-                (1.0 - lr * c.weight_decay) as f32
-            } else {
-                1.0
-            };
             let rule = AdamWRule {
                 b1: c.beta1 as f32,
                 b2: c.beta2 as f32,
                 eps: c.eps as f32,
                 inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
-                step_size,
-                decay,
-            };
-            let mut w = p.value_mut();
-            let len = g.len();
-            if let (Some(w), Some(m), Some(v), Some(g)) = (
-                w.as_slice_mut(),
-                s.m.as_slice_mut(),
-                s.v.as_slice_mut(),
-                g.as_slice(),
-            ) {
-                // Contiguous buffers (the usual case): plain slice loops compiled at the CPU's
-                // vector width. Through ndarray's Zip the square root and division ran one
-                // lane at a time, which made this memory-bound pass compute-bound.
-                let run = |(((w, m), v), g): ZippedChunks| {
-                    tapelora_autograd::simd::vectorized(
-                        #[inline(always)]
-                        || rule.apply_slices(w, m, v, g),
-                    )
-                };
-                if len >= PARALLEL_MIN_LEN {
-                    w.par_chunks_mut(PARALLEL_MIN_LEN)
-                        .zip(m.par_chunks_mut(PARALLEL_MIN_LEN))
-                        .zip(v.par_chunks_mut(PARALLEL_MIN_LEN))
-                        .zip(g.par_chunks(PARALLEL_MIN_LEN))
-                        .for_each(run);
+                step_size: (lr / bias1) as f32,
+                decay: if s.decay {
+                    (1.0 - lr * c.weight_decay) as f32
                 } else {
-                    run((((w, m), v), g));
+                    1.0
+                },
+            };
+            let AdamState { m, v, .. } = s;
+            let mut w = p.value_mut();
+            let contiguous = w.is_standard_layout()
+                && m.is_standard_layout()
+                && v.is_standard_layout()
+                && g.is_standard_layout();
+            if !contiguous {
+                // A gradient in another layout (∂B of a LoRA term is a transposed view):
+                // elementwise through ndarray, on its own.
+                let update =
+                    |w: &mut f32, m: &mut f32, v: &mut f32, g: &f32| rule.apply(w, m, v, *g);
+                let zip = Zip::from(&mut w).and(&mut **m).and(&mut **v).and(g);
+                if g.len() >= PARALLEL_MIN_LEN {
+                    zip.par_for_each(update);
+                } else {
+                    zip.for_each(update);
                 }
                 continue;
             }
-            let update = |w: &mut f32, m: &mut f32, v: &mut f32, g: &f32| rule.apply(w, m, v, *g);
-            let zip = Zip::from(&mut w).and(&mut s.m).and(&mut s.v).and(g);
-            if len >= PARALLEL_MIN_LEN {
-                zip.par_for_each(update);
-            } else {
-                zip.for_each(update);
+            let (Some(w), Some(m), Some(v), Some(g)) = (
+                w.into_slice(),
+                m.as_slice_mut(),
+                v.as_slice_mut(),
+                g.as_slice(),
+            ) else {
+                unreachable!("standard layout checked");
+            };
+            total += w.len();
+            for chunk in w
+                .chunks_mut(PARALLEL_MIN_LEN)
+                .zip(m.chunks_mut(PARALLEL_MIN_LEN))
+                .zip(v.chunks_mut(PARALLEL_MIN_LEN))
+                .zip(g.chunks(PARALLEL_MIN_LEN))
+            {
+                chunks.push((rule, chunk));
             }
+        }
+        // Contiguous buffers: plain slice loops compiled at the CPU's vector width (through
+        // ndarray's Zip the square root and division ran one lane at a time, which made this
+        // memory-bound pass compute-bound).
+        let run = |(rule, (((w, m), v), g)): (AdamWRule, ZippedChunks)| {
+            tapelora_autograd::simd::vectorized(
+                #[inline(always)]
+                || rule.apply_slices(w, m, v, g),
+            )
+        };
+        if total >= PARALLEL_MIN_LEN {
+            chunks.into_par_iter().for_each(run);
+        } else {
+            chunks.into_iter().for_each(run);
         }
         Ok(())
     }
@@ -457,6 +481,71 @@ mod tests {
             opt_a.step(&mut [&mut contiguous], &ga, 0.01).unwrap();
             opt_b.step(&mut [&mut strided], &gb, 0.01).unwrap();
             assert_eq!(contiguous.value, strided.value, "step {step}");
+        }
+    }
+
+    #[test]
+    fn adamw_steps_several_parameters_together_as_each_alone() {
+        // One parallel pass over every parameter's chunks: a large weight (several chunks),
+        // a bias (no decay), one with a strided gradient, and one that gets no gradient in the
+        // first step (so its bias corrections differ): each with its own rule and buffers.
+        let value = |rows: usize, cols: usize, seed: usize| {
+            ndarray::Array2::from_shape_fn((rows, cols), |(i, j)| {
+                ((i * 31 + j * 17 + seed) % 23) as f32 * 0.1 - 1.1
+            })
+            .into_dyn()
+        };
+        let params = || {
+            vec![
+                Parameter::new("big", value(300, 400, 1)),
+                Parameter::new(
+                    "bias",
+                    ndarray::Array1::linspace(-1.0f32, 1.0, 7).into_dyn(),
+                ),
+                Parameter::new("strided", value(60, 50, 3)),
+                Parameter::new("late", value(3, 3, 4)),
+            ]
+        };
+        let grads = |ps: &[Parameter], step: usize| {
+            // Σ w² over the parameters with a gradient this step, on one tape.
+            let tape = Tape::new();
+            let mut loss: Option<tapelora_autograd::Var<'_, f32>> = None;
+            for p in ps.iter().filter(|p| p.name != "late" || step > 0) {
+                let v = p.on(&tape);
+                let term = v.mul(&v).unwrap().sum_all().unwrap();
+                loss = Some(match loss {
+                    None => term,
+                    Some(l) => l.add(&term).unwrap(),
+                });
+            }
+            let mut all = tape.backward(&loss.unwrap()).unwrap();
+            let g = all.get_mut_by_name("strided").unwrap();
+            let mut columns = ndarray::Array2::zeros((50, 60));
+            columns.assign(&g.view().into_dimensionality::<ndarray::Ix2>().unwrap().t());
+            *g = columns.reversed_axes().into_dyn();
+            all
+        };
+        let (mut together, mut alone) = (params(), params());
+        let mut opt = AdamW::new(together.iter(), AdamWConfig::default());
+        let mut opts: Vec<AdamW> = alone
+            .iter()
+            .map(|p| AdamW::new([p], AdamWConfig::default()))
+            .collect();
+        for step in 0..3 {
+            let g = grads(&together, step);
+            opt.step(&mut together.iter_mut().collect::<Vec<_>>(), &g, 0.01)
+                .unwrap();
+            let g = grads(&alone, step);
+            for (p, opt) in alone.iter_mut().zip(&mut opts) {
+                opt.step(&mut [p], &g, 0.01).unwrap();
+            }
+        }
+        for (a, b) in together.iter().zip(&alone) {
+            assert_eq!(a.value, b.value, "{}", a.name);
+            assert_ne!(
+                a.value,
+                params().iter().find(|p| p.name == a.name).unwrap().value
+            );
         }
     }
 
