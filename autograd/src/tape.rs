@@ -574,9 +574,10 @@ impl<T: Float> Gradients<T> {
     /// batch's gradients recorded on several tapes, as a sharded training step records them.
     /// Every name in `other` must have a gradient of the same shape here.
     pub fn add_named(&mut self, other: &Gradients<T>) -> Result<()> {
+        // Checked first, so that an error leaves these gradients as they were.
         for (name, id) in &other.id_by_name {
             let grad = &other.by_id[id];
-            let Some(acc) = self.get_mut_by_name(name) else {
+            let Some(acc) = self.get_by_name(name) else {
                 return crate::error::arg_err(
                     "add_named",
                     format!("no gradient named {name:?} to add to"),
@@ -586,7 +587,10 @@ impl<T: Float> Gradients<T> {
                 let why = format!("gradients of {name:?} differ in shape");
                 return crate::error::shape_err("add_named", acc.shape(), grad.shape(), why);
             }
-            crate::ops::add_assign_into(acc, grad);
+        }
+        for (name, id) in &other.id_by_name {
+            let acc = self.get_mut_by_name(name).expect("checked above");
+            crate::ops::add_assign_into(acc, &other.by_id[id]);
         }
         Ok(())
     }

@@ -172,3 +172,73 @@ fn a_parameter_registered_twice_is_one_leaf_with_accumulated_gradient() {
     let grads = tape.backward(&loss).unwrap();
     assert_eq!(grads.get_by_name("tied").unwrap()[[0]], 6.0);
 }
+
+#[test]
+fn add_named_sums_gradients_of_two_tapes_by_name() {
+    // Gradients of the same parameters recorded on two tapes (a sharded step): a weight large
+    // enough for the parallel pass, a small one, and one whose gradient comes back strided.
+    let values = |seed: f32| {
+        [
+            ("big", vec![300, 400]),
+            ("small", vec![7]),
+            ("strided", vec![40, 30]),
+        ]
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let v = ArrayD::from_shape_vec(
+                IxDyn(&shape),
+                (0..n)
+                    .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1 + seed)
+                    .collect(),
+            )
+            .unwrap();
+            (name, v)
+        })
+    };
+    let grads_of = |seed: f32| {
+        let tape = Tape::<f32>::new();
+        let [(_, big), (_, small), (_, strided)] = values(seed);
+        let big = tape.param("big", big);
+        let small = tape.param("small", small);
+        let strided = tape.param("strided", strided).transpose(0, 1).unwrap();
+        let loss = big
+            .mul(&big)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .add(&small.mul(&small).unwrap().sum_all().unwrap())
+            .unwrap()
+            .add(&strided.mul(&strided).unwrap().sum_all().unwrap())
+            .unwrap();
+        tape.backward(&loss).unwrap()
+    };
+    let (mut sum, other) = (grads_of(0.25), grads_of(-0.5));
+    assert!(
+        sum.get_by_name("strided").unwrap().as_slice().is_none(),
+        "strided"
+    );
+    let want: Vec<ArrayD<f32>> = ["big", "small", "strided"]
+        .iter()
+        .map(|name| sum.get_by_name(name).unwrap() + other.get_by_name(name).unwrap())
+        .collect();
+    sum.add_named(&other).unwrap();
+    for (name, want) in ["big", "small", "strided"].iter().zip(&want) {
+        assert_eq!(sum.get_by_name(name).unwrap(), want, "{name}");
+    }
+    // A name missing on the receiving side is an error that leaves every gradient as it was.
+    let tape = Tape::<f32>::new();
+    let (lone, small) = (
+        tape.param("lone", arr1(&[1.0f32, 2.0]).into_dyn()),
+        tape.param("small", ArrayD::zeros(IxDyn(&[7]))),
+    );
+    let loss = lone
+        .sum_all()
+        .unwrap()
+        .add(&small.sum_all().unwrap())
+        .unwrap();
+    let extra = tape.backward(&loss).unwrap();
+    let before = sum.get_by_name("small").unwrap().clone();
+    let err = sum.add_named(&extra).unwrap_err().to_string();
+    assert!(err.contains("lone"), "{err}");
+    assert_eq!(sum.get_by_name("small").unwrap(), &before);
+}
