@@ -920,21 +920,22 @@ impl<'t, T: Float> Var<'t, T> {
             if has_bias {
                 grads.push(needs[2].then(|| g2.sum_axis(ndarray::Axis(0)).into_dyn()));
             }
-            // ∂[A₁; A₂; …] = ∂uᵀ·x in one product; each A its block of rows.
-            let ga = match (any_a, &gu2) {
+            // ∂[A₁; A₂; …] = ∂uᵀ·x in one product; each A its block of rows (a lone A the
+            // whole product, uncopied).
+            let mut ga = match (any_a, &gu2) {
                 (true, Some(gu2)) => Some(gemm_new(T::one(), gu2.t(), x2.view())),
                 _ => None,
             };
-            for ((&(_, from, r, _, _), gv), need) in spans.iter().zip(gv).zip(&need_a) {
-                let block = ga.as_ref().filter(|_| *need).map(|ga| {
-                    if r == rank {
-                        ga.clone().into_dyn()
-                    } else {
+            for ((&(_, from, r, _, _), gv), &need) in spans.iter().zip(gv).zip(&need_a) {
+                let block = match need {
+                    false => None,
+                    true if spans.len() == 1 => ga.take().map(|ga| ga.into_dyn()),
+                    true => ga.as_ref().map(|ga| {
                         ga.slice(ndarray::s![from..from + r, ..])
                             .to_owned()
                             .into_dyn()
-                    }
-                });
+                    }),
+                };
                 grads.push(block);
                 // ∂B is ∂(Bᵀ) transposed: a view of the same buffer.
                 grads.push(gv.map(|gv| gv.reversed_axes()));
