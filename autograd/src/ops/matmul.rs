@@ -480,27 +480,13 @@ pub struct LoraTerm<'a, 't, T: Float> {
     pub scale: f64,
 }
 
-/// `rows × cols` matrices stacked by rows into one `[Σ rows, cols]` tensor (the one matrix
+/// `[rᵢ, cols]` matrices stacked by rows into one `[Σ rᵢ, cols]` tensor (the one matrix
 /// itself, uncopied, when there is one).
-fn stack_rows<'v, T: Float>(
-    values: impl ExactSizeIterator<Item = &'v Tensor<T>>,
-    rows: usize,
-    cols: usize,
-) -> Tensor<T> {
-    let values: Vec<&Tensor<T>> = values.collect();
-    if let [one] = values.as_slice() {
-        return (*one).clone();
+fn stack_rows<T: Float>(values: &[Tensor<T>]) -> Tensor<T> {
+    match values {
+        [one] => one.clone(),
+        _ => super::shape::concat_values(&values.iter().collect::<Vec<_>>(), 0).into_shared(),
     }
-    let mut flat = Vec::with_capacity(rows * cols);
-    for value in values {
-        match value.as_slice() {
-            Some(block) => flat.extend_from_slice(block),
-            None => flat.extend(value.iter().copied()),
-        }
-    }
-    ArrayD::from_shape_vec(IxDyn(&[rows, cols]), flat)
-        .expect("the blocks fill the stack")
-        .into_shared()
 }
 
 /// Each low-rank part's v as an `r × w` matrix (a view when its layout allows).
@@ -811,8 +797,6 @@ impl<'t, T: Float> Var<'t, T> {
             spans.push((term.start, rank, r, b_shape[0], T::from_f64(term.scale)));
             rank += r;
         }
-        let mut u_shape = out_shape.clone();
-        *u_shape.last_mut().expect("linear_shapes gives an axis") = rank;
         let x_shape = self.shape().to_vec();
         let (x, wv) = (self.value().clone(), w.value().clone());
         let a_values: Vec<Tensor<T>> = terms.iter().map(|t| t.a.value().clone()).collect();
@@ -847,7 +831,7 @@ impl<'t, T: Float> Var<'t, T> {
         let (c, u) = match fused {
             Some((c, u)) => (c, u.into_dyn().into_shared()),
             None => {
-                let stacked = stack_rows(a_values.iter(), rank, k);
+                let stacked = stack_rows(&a_values);
                 let u: Tensor<T> = gemm_new(T::one(), x2.view(), as_matrix(&stacked, rank, k).t())
                     .into_dyn()
                     .into_shared();
@@ -890,7 +874,7 @@ impl<'t, T: Float> Var<'t, T> {
             let need_b: Vec<bool> = (0..spans.len()).map(|i| needs[first + 2 * i + 1]).collect();
             let (need_x, any_a) = (needs[0], need_a.iter().any(|&need| need));
             let (gu, gv) = low_rank_grads(g2.view(), &u, &vs, &spans, need_x || any_a, &need_b);
-            let av = stack_rows(a_values.iter(), rank, k);
+            let av = stack_rows(&a_values);
             let (x2, w2, a2) = (
                 as_matrix(&x, rows, k),
                 as_matrix(&wv, k, n),

@@ -132,7 +132,8 @@ pub fn concat<'t, T: Float>(vars: &[&Var<'t, T>], axis: usize) -> Result<Var<'t,
             );
         }
     }
-    let out = concat_values(vars, axis);
+    let values: Vec<_> = vars.iter().map(|v| v.value()).collect();
+    let out = concat_values(&values, axis);
     let sizes: Vec<usize> = vars.iter().map(|v| v.shape()[axis]).collect();
     OpRecord::new("concat", vars)
         .attrs(format!("axis={axis}"))
@@ -153,16 +154,16 @@ pub fn concat<'t, T: Float>(vars: &[&Var<'t, T>], axis: usize) -> Result<Var<'t,
         })
 }
 
-/// The inputs' values joined along `axis`. Inputs in row-major layout are copied as whole
-/// blocks (along axis 0, each input is one block): ndarray's element-wise `concatenate` took
-/// 5–9 µs to stack two 8 × 128 LoRA A's, long enough for the pool's idle thread to fall
-/// asleep before the product that follows.
-fn concat_values<T: Float>(vars: &[&Var<'_, T>], axis: usize) -> ArrayD<T> {
+/// Tensors joined along `axis` (their shapes agree but on it): `concat`'s value, and the
+/// stack of LoRA's A's that `linear_lora`'s backward reads. Row-major inputs are copied as
+/// whole blocks (along axis 0, each input is one block): ndarray's element-wise
+/// `concatenate` took 5–9 µs to stack two 8 × 128 A's.
+pub(super) fn concat_values<T: Float>(vars: &[&Tensor<T>], axis: usize) -> ArrayD<T> {
     let mut shape = vars[0].shape().to_vec();
     shape[axis] = vars.iter().map(|v| v.shape()[axis]).sum();
-    let blocks: Option<Vec<&[T]>> = vars.iter().map(|v| v.value().as_slice()).collect();
+    let blocks: Option<Vec<&[T]>> = vars.iter().map(|v| v.as_slice()).collect();
     let Some(blocks) = blocks else {
-        let views: Vec<_> = vars.iter().map(|v| v.value().view()).collect();
+        let views: Vec<_> = vars.iter().map(|v| v.view()).collect();
         return ndarray::concatenate(Axis(axis), &views).expect("shapes checked");
     };
     // Each input is `outer` runs of `shape[axis..]`-sized blocks; the output interleaves them.
