@@ -14,12 +14,14 @@
 //! | [`cli`] | the `tapelora` commands (train, eval, generate, finetune, merge, inspect, graph, report, bench, demo) |
 //! | [`demo`] | the end-to-end demo and its generated arithmetic tasks |
 //! | [`plot`] | SVG line charts and heatmaps (plotters) |
+//! | [`alloc`] | the CLI's global allocator: the system one plus a cache of freed blocks too large for a thread's arena |
 
 pub use tapelora_autograd as autograd;
 pub use tapelora_gpt as gpt;
 pub use tapelora_lora as lora;
 pub use tapelora_nn as nn;
 
+pub mod alloc;
 pub mod cli;
 pub mod demo;
 pub mod plot;
@@ -33,17 +35,21 @@ pub mod plot;
 /// thresholds makes freed blocks reusable, as PyTorch's caching CPU allocator does. Peak memory
 /// is unchanged (the process reuses what it had at its peak). A no-op off glibc.
 ///
-/// One arena for all threads: allocations made on a rayon worker go to a per-thread arena
-/// whose heaps are at most 64 MiB, so a larger block (GPT-2's [4, 256, 50257] logits are
-/// 206 MB) is a fresh `mmap` there whatever the threshold says, unmapped again on free —
-/// 143 000 faults (560 MB zeroed by the kernel) per GPT-2 step before this, none after.
-/// Our allocations are few and large, so sharing one arena's lock costs nothing measurable.
+/// Each thread keeps glibc's arena of its own: nanogpt-cpu's step records two groups of
+/// sequences side by side, and with one arena for both threads every allocation and free took
+/// the one lock (≈ 13 more futex waits per step) and a buffer one core had freed was handed to
+/// the other, whose writes then took its cache lines over: steps 3–4 % slower (alternated
+/// runs). A thread's arena grows in heaps of at most 64 MiB, and glibc deletes a heap as soon
+/// as all of it is free, whatever the trim threshold — GPT-2's step emptied one each step and
+/// page-faulted 64 MB back in (≈ 14 000 faults) — unless the top pad is that large: a heap is
+/// then kept, and growing one reserves 64 MiB more address space without touching it. Blocks
+/// larger than a heap are [`alloc::HugeBlockCache`]'s (the CLI's global allocator).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any threads start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }

@@ -1,5 +1,9 @@
 use clap::Parser;
 
+/// The system allocator, plus a cache of freed blocks of 32 MiB and more (see `alloc`).
+#[global_allocator]
+static ALLOCATOR: tapelora::alloc::HugeBlockCache = tapelora::alloc::HugeBlockCache::new();
+
 fn main() {
     tapelora::keep_freed_memory();
     let cli = tapelora::cli::Cli::parse();

@@ -1,0 +1,258 @@
+//! The CLI's global allocator: the system allocator, plus a small cache of freed blocks of at
+//! least [`HUGE_BLOCK`] bytes that hands a block back to the next request of exactly its size.
+//!
+//! Why: [`crate::keep_freed_memory`] lets glibc give every thread its own arena, so that two
+//! groups of a training step running side by side neither wait on one arena's lock nor write
+//! into buffers whose cache lines the other core holds (nanogpt-cpu's grouped step lost 3–5 %
+//! to that with one shared arena). A per-thread arena grows in heaps of
+//! at most 64 MiB, so glibc serves anything larger (GPT-2's `[4, 256, 50257]` logits are
+//! 206 MB) with a fresh `mmap` and unmaps it on free: every step would page-fault and have the
+//! kernel zero those blocks again. Training allocates the same few huge sizes every step, so a
+//! cache keyed by exact size and alignment gets them back without touching the kernel.
+//!
+//! The cache holds at most [`CACHED_BLOCKS`] blocks; freeing one more releases the oldest.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
+
+/// Blocks from this size on go through the cache: half of glibc's 64 MiB per-thread heap,
+/// so every block a per-thread arena cannot hold is cached, and nothing it serves well is.
+pub const HUGE_BLOCK: usize = 32 << 20;
+
+/// Most blocks kept at once (a GPT-2 step allocates one or two blocks this large: its logits,
+/// and in full fine-tuning the tied embedding's gradient).
+pub const CACHED_BLOCKS: usize = 8;
+
+/// A freed block: its address, size and alignment.
+#[derive(Clone, Copy)]
+struct Block {
+    addr: usize,
+    size: usize,
+    align: usize,
+}
+
+/// [`System`] with the huge-block cache (see the module doc).
+pub struct HugeBlockCache {
+    free: Mutex<Cached>,
+}
+
+/// The cached blocks, oldest first: `blocks[..len]`.
+struct Cached {
+    blocks: [Block; CACHED_BLOCKS],
+    len: usize,
+}
+
+impl HugeBlockCache {
+    pub const fn new() -> Self {
+        const NONE: Block = Block {
+            addr: 0,
+            size: 0,
+            align: 1,
+        };
+        HugeBlockCache {
+            free: Mutex::new(Cached {
+                blocks: [NONE; CACHED_BLOCKS],
+                len: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cached> {
+        // A panic cannot leave `Cached` half-updated (no call inside the lock panics).
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A cached block of exactly this layout, removed from the cache.
+    fn take(&self, layout: Layout) -> Option<*mut u8> {
+        let mut free = self.lock();
+        let len = free.len;
+        let i = free.blocks[..len]
+            .iter()
+            .position(|b| b.size == layout.size() && b.align == layout.align())?;
+        let block = free.blocks[i];
+        free.blocks.copy_within(i + 1..len, i);
+        free.len -= 1;
+        Some(block.addr as *mut u8)
+    }
+
+    /// Keeps a freed block; returns the block it displaces (the oldest), if the cache was full.
+    fn keep(&self, block: Block) -> Option<Block> {
+        let mut free = self.lock();
+        let mut oldest = None;
+        if free.len == CACHED_BLOCKS {
+            oldest = Some(free.blocks[0]);
+            free.blocks.copy_within(1.., 0);
+            free.len -= 1;
+        }
+        let len = free.len;
+        free.blocks[len] = block;
+        free.len += 1;
+        oldest
+    }
+
+    /// Blocks and bytes the cache holds now.
+    pub fn cached(&self) -> (usize, usize) {
+        let free = self.lock();
+        let blocks = &free.blocks[..free.len];
+        (blocks.len(), blocks.iter().map(|b| b.size).sum())
+    }
+}
+
+impl Drop for HugeBlockCache {
+    fn drop(&mut self) {
+        let free = self.lock();
+        for b in &free.blocks[..free.len] {
+            // SAFETY: a cached block came from `System` with exactly this size and alignment.
+            unsafe {
+                System.dealloc(
+                    b.addr as *mut u8,
+                    Layout::from_size_align_unchecked(b.size, b.align),
+                )
+            };
+        }
+    }
+}
+
+impl Default for HugeBlockCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: every block handed out is either fresh from `System` for this layout or a block
+// `System` gave for exactly this size and alignment, freed by its owner and held by no one
+// else; blocks are returned to `System` with the layout they were allocated with.
+unsafe impl GlobalAlloc for HugeBlockCache {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() >= HUGE_BLOCK {
+            if let Some(ptr) = self.take(layout) {
+                return ptr;
+            }
+        }
+        System.alloc(layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() >= HUGE_BLOCK {
+            if let Some(ptr) = self.take(layout) {
+                std::ptr::write_bytes(ptr, 0, layout.size());
+                return ptr;
+            }
+        }
+        System.alloc_zeroed(layout)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if layout.size() < HUGE_BLOCK {
+            return System.dealloc(ptr, layout);
+        }
+        let block = Block {
+            addr: ptr as usize,
+            size: layout.size(),
+            align: layout.align(),
+        };
+        if let Some(oldest) = self.keep(block) {
+            System.dealloc(
+                oldest.addr as *mut u8,
+                Layout::from_size_align_unchecked(oldest.size, oldest.align),
+            );
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if layout.size() < HUGE_BLOCK && new_size < HUGE_BLOCK {
+            return System.realloc(ptr, layout, new_size);
+        }
+        // Into or out of the cache's sizes: a new block, the contents copied, the old freed.
+        let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+        let new = self.alloc(new_layout);
+        if !new.is_null() {
+            std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+            self.dealloc(ptr, layout);
+        }
+        new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freed_huge_block_serves_the_next_request_of_its_size_only() {
+        let cache = HugeBlockCache::new();
+        let huge = Layout::from_size_align(HUGE_BLOCK + 4096, 16).unwrap();
+        let other = Layout::from_size_align(HUGE_BLOCK + 8192, 16).unwrap();
+        unsafe {
+            let a = cache.alloc(huge);
+            assert!(!a.is_null());
+            a.write(7);
+            cache.dealloc(a, huge);
+            assert_eq!(cache.cached(), (1, huge.size()));
+            // Another size, or the same size with another alignment, is not served from it.
+            let b = cache.alloc(other);
+            assert_ne!(b, a);
+            let aligned = Layout::from_size_align(huge.size(), 4096).unwrap();
+            let c = cache.alloc(aligned);
+            assert_ne!(c, a);
+            assert_eq!(c as usize % 4096, 0);
+            assert_eq!(cache.cached(), (1, huge.size()));
+            // The same layout gets the cached block back, and zeroed when asked to be.
+            let d = cache.alloc_zeroed(huge);
+            assert_eq!(d, a);
+            assert_eq!(cache.cached(), (0, 0));
+            let bytes = std::slice::from_raw_parts(d, huge.size());
+            assert!(bytes.iter().all(|&v| v == 0));
+            for (ptr, layout) in [(b, other), (c, aligned), (d, huge)] {
+                cache.dealloc(ptr, layout);
+            }
+            assert_eq!(cache.cached().0, 3);
+        }
+    }
+
+    #[test]
+    fn small_blocks_bypass_the_cache_and_a_full_cache_releases_its_oldest() {
+        let cache = HugeBlockCache::new();
+        unsafe {
+            let small = Layout::from_size_align(1 << 20, 8).unwrap();
+            let s = cache.alloc(small);
+            cache.dealloc(s, small);
+            assert_eq!(cache.cached(), (0, 0));
+            let layouts: Vec<Layout> = (0..CACHED_BLOCKS + 2)
+                .map(|i| Layout::from_size_align(HUGE_BLOCK + i * 64, 8).unwrap())
+                .collect();
+            let blocks: Vec<*mut u8> = layouts.iter().map(|&l| cache.alloc(l)).collect();
+            for (&ptr, &layout) in blocks.iter().zip(&layouts) {
+                cache.dealloc(ptr, layout);
+            }
+            let (n, bytes) = cache.cached();
+            assert_eq!(n, CACHED_BLOCKS);
+            // The two oldest (smallest) were released; the newest are kept.
+            let kept: usize = layouts[2..].iter().map(|l| l.size()).sum();
+            assert_eq!(bytes, kept);
+            let again = cache.alloc(layouts[CACHED_BLOCKS + 1]);
+            assert_eq!(again, blocks[CACHED_BLOCKS + 1]);
+            cache.dealloc(again, layouts[CACHED_BLOCKS + 1]);
+        }
+    }
+
+    #[test]
+    fn realloc_keeps_the_contents_across_the_threshold() {
+        let cache = HugeBlockCache::new();
+        unsafe {
+            let small = Layout::from_size_align(4096, 8).unwrap();
+            let p = cache.alloc(small);
+            for i in 0..4096 {
+                p.add(i).write(i as u8);
+            }
+            let grown = cache.realloc(p, small, HUGE_BLOCK);
+            let huge = Layout::from_size_align(HUGE_BLOCK, 8).unwrap();
+            assert!((0..4096).all(|i| grown.add(i).read() == i as u8));
+            let shrunk = cache.realloc(grown, huge, 1024);
+            assert!((0..1024).all(|i| shrunk.add(i).read() == i as u8));
+            // The huge block went to the cache when it was shrunk away from.
+            assert_eq!(cache.cached(), (1, HUGE_BLOCK));
+            cache.dealloc(shrunk, Layout::from_size_align(1024, 8).unwrap());
+        }
+    }
+}
