@@ -2,9 +2,8 @@
 //! least [`HUGE_BLOCK`] bytes that hands a block back to the next request of exactly its size.
 //!
 //! Why: [`crate::keep_freed_memory`] lets glibc give every thread its own arena, so that two
-//! groups of a training step running side by side neither wait on one arena's lock nor write
-//! into buffers whose cache lines the other core holds (nanogpt-cpu's grouped step lost 3–5 %
-//! to that with one shared arena). A per-thread arena grows in heaps of
+//! groups of a training step running side by side do not wait on one arena's lock
+//! (nanogpt-cpu's grouped step lost 3–5 % to one shared arena). A per-thread arena grows in heaps of
 //! at most 64 MiB, so glibc serves anything larger (GPT-2's `[4, 256, 50257]` logits are
 //! 206 MB) with a fresh `mmap` and unmaps it on free: every step would page-fault and have the
 //! kernel zero those blocks again. Training allocates the same few huge sizes every step, so a

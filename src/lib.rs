@@ -37,9 +37,9 @@ pub mod plot;
 ///
 /// Each thread keeps glibc's arena of its own: nanogpt-cpu's step records two groups of
 /// sequences side by side, and with one arena for both threads every allocation and free took
-/// the one lock (≈ 13 more futex waits per step) and a buffer one core had freed was handed to
-/// the other, whose writes then took its cache lines over: steps 3–4 % slower (alternated
-/// runs). A thread's arena grows in heaps of at most 64 MiB, and glibc deletes a heap as soon
+/// the one lock (≈ 13 more futex waits per step) and a buffer freed on one core could be handed
+/// to the other: steps 3–5 % slower (alternated runs; a per-thread cache of the mid-size
+/// buffers alone won back 0–2 %, so the lock was most of it). A thread's arena grows in heaps of at most 64 MiB, and glibc deletes a heap as soon
 /// as all of it is free, whatever the trim threshold — GPT-2's step emptied one each step and
 /// page-faulted 64 MB back in (≈ 14 000 faults) — unless the top pad is that large: a heap is
 /// then kept, and growing one reserves 64 MiB more address space without touching it. Blocks
