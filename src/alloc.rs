@@ -9,7 +9,8 @@
 //! kernel zero those blocks again. Training allocates the same few huge sizes every step, so a
 //! cache keyed by exact size and alignment gets them back without touching the kernel.
 //!
-//! The cache holds at most [`CACHED_BLOCKS`] blocks; freeing one more releases the oldest.
+//! The cache holds at most [`CACHED_BLOCKS`] blocks and [`CACHED_BYTES`] bytes; freeing one
+//! more releases the oldest (a block larger than that on its own is not kept).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
@@ -21,6 +22,10 @@ pub const HUGE_BLOCK: usize = 32 << 20;
 /// Most blocks kept at once (a GPT-2 step allocates one or two blocks this large: its logits,
 /// and in full fine-tuning the tied embedding's gradient).
 pub const CACHED_BLOCKS: usize = 8;
+
+/// Most bytes kept at once: a process whose huge blocks change size (prompts of many
+/// lengths) holds at most this much it does not use.
+pub const CACHED_BYTES: usize = 1 << 30;
 
 /// A freed block: its address, size and alignment.
 #[derive(Clone, Copy)]
@@ -35,10 +40,11 @@ pub struct HugeBlockCache {
     free: Mutex<Cached>,
 }
 
-/// The cached blocks, oldest first: `blocks[..len]`.
+/// The cached blocks, oldest first: `blocks[..len]`, `bytes` in all.
 struct Cached {
     blocks: [Block; CACHED_BLOCKS],
     len: usize,
+    bytes: usize,
 }
 
 impl HugeBlockCache {
@@ -52,6 +58,7 @@ impl HugeBlockCache {
             free: Mutex::new(Cached {
                 blocks: [NONE; CACHED_BLOCKS],
                 len: 0,
+                bytes: 0,
             }),
         }
     }
@@ -71,29 +78,41 @@ impl HugeBlockCache {
         let block = free.blocks[i];
         free.blocks.copy_within(i + 1..len, i);
         free.len -= 1;
+        free.bytes -= block.size;
         Some(block.addr as *mut u8)
     }
 
-    /// Keeps a freed block; returns the block it displaces (the oldest), if the cache was full.
-    fn keep(&self, block: Block) -> Option<Block> {
-        let mut free = self.lock();
-        let mut oldest = None;
-        if free.len == CACHED_BLOCKS {
-            oldest = Some(free.blocks[0]);
-            free.blocks.copy_within(1.., 0);
-            free.len -= 1;
+    /// Keeps a freed block, releasing the oldest ones it displaces to `release` (outside the
+    /// lock); a block over [`CACHED_BYTES`] on its own goes straight there.
+    fn keep(&self, block: Block, release: impl Fn(Block)) {
+        if block.size > CACHED_BYTES {
+            return release(block);
         }
-        let len = free.len;
-        free.blocks[len] = block;
-        free.len += 1;
-        oldest
+        let mut displaced = [block; CACHED_BLOCKS];
+        let mut n = 0;
+        {
+            let mut free = self.lock();
+            while free.len == CACHED_BLOCKS || free.bytes + block.size > CACHED_BYTES {
+                let oldest = free.blocks[0];
+                let len = free.len;
+                free.blocks.copy_within(1..len, 0);
+                free.len -= 1;
+                free.bytes -= oldest.size;
+                displaced[n] = oldest;
+                n += 1;
+            }
+            let len = free.len;
+            free.blocks[len] = block;
+            free.len += 1;
+            free.bytes += block.size;
+        }
+        displaced[..n].iter().for_each(|&b| release(b));
     }
 
     /// Blocks and bytes the cache holds now.
     pub fn cached(&self) -> (usize, usize) {
         let free = self.lock();
-        let blocks = &free.blocks[..free.len];
-        (blocks.len(), blocks.iter().map(|b| b.size).sum())
+        (free.len, free.bytes)
     }
 }
 
@@ -150,12 +169,12 @@ unsafe impl GlobalAlloc for HugeBlockCache {
             size: layout.size(),
             align: layout.align(),
         };
-        if let Some(oldest) = self.keep(block) {
+        self.keep(block, |b| {
             System.dealloc(
-                oldest.addr as *mut u8,
-                Layout::from_size_align_unchecked(oldest.size, oldest.align),
-            );
-        }
+                b.addr as *mut u8,
+                Layout::from_size_align_unchecked(b.size, b.align),
+            )
+        });
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
@@ -232,6 +251,31 @@ mod tests {
             let again = cache.alloc(layouts[CACHED_BLOCKS + 1]);
             assert_eq!(again, blocks[CACHED_BLOCKS + 1]);
             cache.dealloc(again, layouts[CACHED_BLOCKS + 1]);
+        }
+    }
+
+    #[test]
+    fn the_cache_keeps_at_most_its_bytes_and_no_block_larger_than_them() {
+        let cache = HugeBlockCache::new();
+        unsafe {
+            // Three blocks of 40 % of the cap: the third displaces the first.
+            let layout =
+                |i: usize| Layout::from_size_align(CACHED_BYTES / 5 * 2 + i * 4096, 64).unwrap();
+            let blocks: Vec<*mut u8> = (0..3).map(|i| cache.alloc(layout(i))).collect();
+            for (i, &ptr) in blocks.iter().enumerate() {
+                cache.dealloc(ptr, layout(i));
+            }
+            assert_eq!(cache.cached(), (2, layout(1).size() + layout(2).size()));
+            // The first one went back to the system: asking for its size again misses.
+            let again = cache.alloc(layout(0));
+            assert_eq!(cache.cached().0, 2);
+            cache.dealloc(again, layout(0));
+            assert_eq!(cache.cached(), (2, layout(2).size() + layout(0).size()));
+            // A block over the cap is released, not kept.
+            let over = Layout::from_size_align(CACHED_BYTES + 4096, 64).unwrap();
+            let big = cache.alloc(over);
+            cache.dealloc(big, over);
+            assert_eq!(cache.cached().0, 2);
         }
     }
 
