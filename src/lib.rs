@@ -43,7 +43,9 @@ pub mod plot;
 /// as all of it is free, whatever the trim threshold — GPT-2's step emptied one each step and
 /// page-faulted 64 MB back in (≈ 14 000 faults) — unless the top pad is that large: a heap is
 /// then kept, and growing one reserves 64 MiB more address space without touching it. Blocks
-/// larger than a heap are [`alloc::HugeBlockCache`]'s (the CLI's global allocator).
+/// larger than a heap are [`alloc::HugeBlockCache`]'s: a program that calls this should also
+/// make that its `#[global_allocator]`, as the `tapelora` binary does, or every block over
+/// 64 MiB allocated on a rayon worker is a fresh `mmap`.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any threads start.
