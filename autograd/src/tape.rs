@@ -690,6 +690,19 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
         self
     }
 
+    /// [`OpRecord::saves`] for what the backward rule keeps only in some cases (`None`: not
+    /// kept, so not listed).
+    pub(crate) fn saves_kept<D: ndarray::Dimension>(
+        self,
+        name: &'static str,
+        a: Option<&ndarray::ArrayBase<impl ndarray::RawData<Elem = T>, D>>,
+    ) -> Self {
+        match a {
+            Some(a) => self.saves(name, a),
+            None => self,
+        }
+    }
+
     /// The backward rule returns, for input 0, the gradient of the rows `rows` picked (one row
     /// per entry, `[rows.len(), dim]`): the tape adds each into its row of input 0's gradient
     /// in place, so a large table whose few rows were used (GPT-2's tied wte: 154 MB) gets no

@@ -111,36 +111,42 @@ impl<'t, T: Float> Var<'t, T> {
         out_shape.push(n);
         let (a, b) = (self.value().clone(), other.value().clone());
         let inputs = [self, other];
+        // ∂a = G·bᵀ reads only b and ∂b = aᵀ·G only a: each is kept only while the other
+        // operand's gradient can be asked for (a frozen tied lm_head keeps no activations).
+        let kept_a = other.requires_grad().then(|| a.clone());
+        let kept_b = self.requires_grad().then(|| b.clone());
         let record = OpRecord::new("matmul", &inputs)
-            .saves("a", &a)
-            .saves("b", &b);
+            .saves_kept("a", kept_a.as_ref())
+            .saves_kept("b", kept_b.as_ref());
+        const KEPT: &str = "an operand is kept whenever the other's gradient can be asked for";
 
         if bd == 2 {
             // Activations [..., m, k] times a shared weight [k, n]: all rows in one GEMM.
             let rows = a_shape[..ad - 1].iter().product::<usize>();
             let c = matmul_2d(as_matrix(&a, rows, k).view(), as_matrix(&b, k, n).view());
             let out = to_shape(c, &out_shape);
+            // b a transposed view of a row-major weight (a tied embedding as the output
+            // layer): ∂bᵀ = Gᵀ·a is computed row-major, so that the gradient reaching the
+            // weight has the weight's own layout (the optimizer's contiguous fast path; same
+            // GEMM, same cost).
+            let b_transposed = is_transposed_matrix(&b);
             return record
                 .attrs(format!("[{rows}×{k}]·[{k}×{n}]"))
                 .finish(out, move |g, needs| {
                     let g2 = g
                         .to_shape((rows, n))
                         .expect("gradient has the output's size");
-                    let (a2, b2) = (as_matrix(&a, rows, k), as_matrix(&b, k, n));
-                    // b a transposed view of a row-major weight (a tied embedding as the
-                    // output layer): ∂bᵀ = Gᵀ·a is computed row-major, so that the gradient
-                    // reaching the weight has the weight's own layout (the optimizer's
-                    // contiguous fast path; same GEMM, same cost).
-                    let b_transposed = is_transposed_matrix(&b);
-                    let gb_product = if b_transposed {
-                        (g2.t(), a2.view())
-                    } else {
-                        (a2.t(), g2.view())
-                    };
-                    let (ga, gb) = gemm_new_pair(
-                        needs[0].then(|| (g2.view(), b2.t())),
-                        needs[1].then_some(gb_product),
-                    );
+                    let a2 = needs[1].then(|| as_matrix(kept_a.as_ref().expect(KEPT), rows, k));
+                    let b2 = needs[0].then(|| as_matrix(kept_b.as_ref().expect(KEPT), k, n));
+                    let gb_product = a2.as_ref().map(|a2| {
+                        if b_transposed {
+                            (g2.t(), a2.view())
+                        } else {
+                            (a2.t(), g2.view())
+                        }
+                    });
+                    let (ga, gb) =
+                        gemm_new_pair(b2.as_ref().map(|b2| (g2.view(), b2.t())), gb_product);
                     let gb = gb.map(|gb| {
                         if b_transposed {
                             gb.reversed_axes().into_dyn()
@@ -174,11 +180,11 @@ impl<'t, T: Float> Var<'t, T> {
                     .to_shape((batch, m, n))
                     .expect("gradient has the output's size");
                 let ga = needs[0].then(|| {
-                    let b3 = as_batches(&b, batch, k, n);
+                    let b3 = as_batches(kept_b.as_ref().expect(KEPT), batch, k, n);
                     to_shape(matmul_batched(g3.view(), b3.view(), false, true), &a_shape)
                 });
                 let gb = needs[1].then(|| {
-                    let a3 = as_batches(&a, batch, m, k);
+                    let a3 = as_batches(kept_a.as_ref().expect(KEPT), batch, m, k);
                     to_shape(matmul_batched(a3.view(), g3.view(), true, false), &b_shape)
                 });
                 vec![ga, gb]
@@ -211,6 +217,19 @@ fn rows_of<T: Float>(row: ndarray::ArrayView1<T>, rows: usize) -> Array2<T> {
     // SAFETY: every element below rows · n was written above.
     unsafe { out.set_len(rows * n) };
     Array2::from_shape_vec((rows, n), out).expect("rows · n values")
+}
+
+/// Why a kept input is there when the weight's gradient is asked for (an invariant of the
+/// tape: an input's gradient is asked for only if it required one when the op was recorded).
+const KEPT_FOR_WEIGHT: &str = "the input is kept whenever the weight's gradient can be asked for";
+
+/// The input `x` of `x·w` as a product's backward keeps it: only for ∂w = xᵀ·G, so only while
+/// `w` can have a gradient. A frozen weight's product (every base layer under LoRA, a
+/// frozen tied lm_head) keeps none, so its input is freed once the forward pass is done with
+/// it instead of living until backward: GPT-2's MLP activation alone is 12.6 MB per layer at
+/// B4×T256.
+fn kept_for_weight<T: Float>(x: &Tensor<T>, w: &Var<'_, T>) -> Option<Tensor<T>> {
+    w.requires_grad().then(|| x.clone())
 }
 
 /// A linear layer's shapes: `x [..., k] · w [k, n] (+ bias [n])` → (rows, k, n, output shape).
@@ -258,10 +277,11 @@ fn linear_value<T: Float>(
 }
 
 /// A linear layer's backward, each gradient only if needed (`needs`: x, w, then the bias if
-/// `has_bias`): ∂x = G·wᵀ and ∂w = xᵀ·G side by side, ∂bias = Σ_rows G.
+/// `has_bias`): ∂x = G·wᵀ and ∂w = xᵀ·G side by side, ∂bias = Σ_rows G. `x` is the input the
+/// op kept ([`kept_for_weight`]): there whenever ∂w can be asked for.
 fn linear_grads<T: Float>(
     g2: ArrayView2<T>,
-    x: &Tensor<T>,
+    x: Option<&Tensor<T>>,
     w: &Tensor<T>,
     x_shape: &[usize],
     has_bias: bool,
@@ -269,10 +289,11 @@ fn linear_grads<T: Float>(
 ) -> Vec<Option<ArrayD<T>>> {
     let (rows, n) = g2.dim();
     let k = w.shape()[0];
-    let (w2, x2) = (as_matrix(w, k, n), as_matrix(x, rows, k));
+    let w2 = as_matrix(w, k, n);
+    let x2 = needs[1].then(|| as_matrix(x.expect(KEPT_FOR_WEIGHT), rows, k));
     let (gx, gw) = gemm_new_pair(
         needs[0].then(|| (g2, w2.t())),
-        needs[1].then(|| (x2.t(), g2)),
+        x2.as_ref().map(|x2| (x2.t(), g2)),
     );
     let mut grads = vec![
         gx.map(|gx| to_shape(gx, x_shape)),
@@ -441,13 +462,14 @@ fn linear_low_rank_value<T: Float>(
     })
 }
 
-/// A LoRA linear's ∂x = G·wᵀ + ∂u·a (and ∂w = xᵀ·G when `need_w`). Alone, ∂x is one GEMM
-/// with ∂u·a summed inside its tiles as a low-rank term over all of its columns; with ∂w
-/// (both trained) the two big products run side by side and ∂u·a is accumulated after.
+/// A LoRA linear's ∂x = G·wᵀ + ∂u·a (and ∂w = xᵀ·G when `need_w`, from `x2`, which is there
+/// then). Alone, ∂x is one GEMM with ∂u·a summed inside its tiles as a low-rank term over all
+/// of its columns; with ∂w (both trained) the two big products run side by side and ∂u·a is
+/// accumulated after.
 fn lora_input_grad<T: Float>(
     g2: ArrayView2<T>,
     w2: ArrayView2<T>,
-    x2: ArrayView2<T>,
+    x2: Option<ArrayView2<T>>,
     gu2: ArrayView2<T>,
     a2: ArrayView2<T>,
     need_w: bool,
@@ -464,7 +486,8 @@ fn lora_input_grad<T: Float>(
     if let Some(gx) = fused {
         return (Some(gx), None);
     }
-    let (gx, gw) = gemm_new_pair(Some((g2, w2.t())), need_w.then(|| (x2.t(), g2)));
+    let gw_product = need_w.then(|| (x2.expect(KEPT_FOR_WEIGHT).reversed_axes(), g2));
+    let (gx, gw) = gemm_new_pair(Some((g2, w2.t())), gw_product);
     let mut gx = gx.expect("asked for");
     gemm(T::one(), gu2, a2, T::one(), gx.view_mut());
     (Some(gx), gw)
@@ -547,18 +570,26 @@ impl<'t, T: Float> Var<'t, T> {
         let out = to_shape(c, &out_shape);
         let mut inputs = vec![self, w];
         inputs.extend(bias);
+        let x = kept_for_weight(&x, w);
         OpRecord::new("linear", &inputs)
             .attrs(format!(
                 "[{rows}×{k}]·[{k}×{n}]{}",
                 if bias.is_some() { "+b" } else { "" }
             ))
-            .saves("x", &x)
+            .saves_kept("x", x.as_ref())
             .saves("w", &wv)
             .finish(out, move |g, needs| {
                 let g2 = g
                     .to_shape((rows, n))
                     .expect("gradient has the output's size");
-                linear_grads(g2.view(), &x, &wv, &x_shape, needs.len() == 3, needs)
+                linear_grads(
+                    g2.view(),
+                    x.as_ref(),
+                    &wv,
+                    &x_shape,
+                    needs.len() == 3,
+                    needs,
+                )
             })
     }
 
@@ -614,12 +645,13 @@ impl<'t, T: Float> Var<'t, T> {
         inputs.extend(bias);
         inputs.push(residual);
         let has_bias = bias.is_some();
+        let x = kept_for_weight(&x, w);
         OpRecord::new(OP, &inputs)
             .attrs(format!(
                 "r + [{rows}×{k}]·[{k}×{n}]{}",
                 if has_bias { "+b" } else { "" }
             ))
-            .saves("x", &x)
+            .saves_kept("x", x.as_ref())
             .saves("w", &wv)
             .finish(out, move |g, needs| {
                 let (linear_needs, need_residual) = needs.split_at(needs.len() - 1);
@@ -627,7 +659,7 @@ impl<'t, T: Float> Var<'t, T> {
                     let g2 = g
                         .to_shape((rows, n))
                         .expect("gradient has the output's size");
-                    linear_grads(g2.view(), &x, &wv, &x_shape, has_bias, linear_needs)
+                    linear_grads(g2.view(), x.as_ref(), &wv, &x_shape, has_bias, linear_needs)
                 };
                 grads.push(need_residual[0].then_some(g));
                 grads
@@ -681,8 +713,9 @@ impl<'t, T: Float> Var<'t, T> {
             return record.finish(out, move |_, _| vec![None; arity]);
         };
         let saved: Tensor<T> = to_shape(derivative, &out_shape).into_shared();
+        let x = kept_for_weight(&x, w);
         record
-            .saves("x", &x)
+            .saves_kept("x", x.as_ref())
             .saves("w", &wv)
             .saves("gelu′(x·w+b)", &saved)
             .finish(out, move |g, needs| {
@@ -690,7 +723,7 @@ impl<'t, T: Float> Var<'t, T> {
                 let g2 = g
                     .to_shape((rows, n))
                     .expect("gradient has the output's size");
-                linear_grads(g2.view(), &x, &wv, &x_shape, has_bias, needs)
+                linear_grads(g2.view(), x.as_ref(), &wv, &x_shape, has_bias, needs)
             })
     }
 
@@ -728,13 +761,14 @@ impl<'t, T: Float> Var<'t, T> {
         inputs.push(u);
         inputs.extend(parts.iter().map(|p| p.0));
         let has_bias = bias.is_some();
+        let x = kept_for_weight(&x, w);
         OpRecord::new(OP, &inputs)
             .attrs(format!(
                 "[{rows}×{k}]·[{k}×{n}]{} + {}",
                 if has_bias { "+b" } else { "" },
                 low_rank_attrs(&spans)
             ))
-            .saves("x", &x)
+            .saves_kept("x", x.as_ref())
             .saves("w", &wv)
             .saves("u", &u_value)
             .finish(out, move |g, needs| {
@@ -742,7 +776,7 @@ impl<'t, T: Float> Var<'t, T> {
                     .to_shape((rows, n))
                     .expect("gradient has the output's size");
                 let u_at = if has_bias { 3 } else { 2 };
-                let mut grads = linear_grads(g2.view(), &x, &wv, &x_shape, has_bias, needs);
+                let mut grads = linear_grads(g2.view(), x.as_ref(), &wv, &x_shape, has_bias, needs);
                 let (gu, gv) = low_rank_grads(
                     g2.view(),
                     &u_value,
@@ -853,13 +887,16 @@ impl<'t, T: Float> Var<'t, T> {
             inputs.extend([term.a, term.b]);
         }
         let has_bias = bias.is_some();
+        // x is read by ∂w = xᵀ·G and ∂A = ∂uᵀ·x only.
+        let trains_a = terms.iter().any(|t| t.a.requires_grad());
+        let x = (w.requires_grad() || trains_a).then_some(x);
         let mut record = OpRecord::new(OP, &inputs)
             .attrs(format!(
                 "[{rows}×{k}]·[{k}×{n}]{} + (x·Aᵀ)·Bᵀ, A's [{rank}×{k}] in all: {}",
                 if has_bias { "+b" } else { "" },
                 low_rank_attrs(&spans)
             ))
-            .saves("x", &x)
+            .saves_kept("x", x.as_ref())
             .saves("w", &wv);
         for a in &a_values {
             record = record.saves("a", a);
@@ -875,26 +912,21 @@ impl<'t, T: Float> Var<'t, T> {
             let (need_x, any_a) = (needs[0], need_a.iter().any(|&need| need));
             let (gu, gv) = low_rank_grads(g2.view(), &u, &vs, &spans, need_x || any_a, &need_b);
             let av = stack_rows(&a_values);
-            let (x2, w2, a2) = (
-                as_matrix(&x, rows, k),
-                as_matrix(&wv, k, n),
-                as_matrix(&av, rank, k),
-            );
+            let (w2, a2) = (as_matrix(&wv, k, n), as_matrix(&av, rank, k));
+            let x2 =
+                (needs[1] || any_a).then(|| as_matrix(x.as_ref().expect(KEPT_FOR_WEIGHT), rows, k));
+            let x2 = x2.as_ref().map(|x2| x2.view());
             let gu2 = gu
                 .as_ref()
                 .map(|gu| gu.to_shape((rows, rank)).expect("∂u has u's size"));
             let (gx, gw) = match (need_x, &gu2) {
-                (true, Some(gu2)) => lora_input_grad(
-                    g2.view(),
-                    w2.view(),
-                    x2.view(),
-                    gu2.view(),
-                    a2.view(),
-                    needs[1],
-                ),
+                (true, Some(gu2)) => {
+                    lora_input_grad(g2.view(), w2.view(), x2, gu2.view(), a2.view(), needs[1])
+                }
                 _ => (
                     None,
-                    needs[1].then(|| gemm_new(T::one(), x2.t(), g2.view())),
+                    x2.filter(|_| needs[1])
+                        .map(|x2| gemm_new(T::one(), x2.t(), g2.view())),
                 ),
             };
             let mut grads = vec![
@@ -907,7 +939,7 @@ impl<'t, T: Float> Var<'t, T> {
             // ∂[A₁; A₂; …] = ∂uᵀ·x in one product; each A its block of rows (a lone A the
             // whole product, uncopied).
             let mut ga = match (any_a, &gu2) {
-                (true, Some(gu2)) => Some(gemm_new(T::one(), gu2.t(), x2.view())),
+                (true, Some(gu2)) => x2.map(|x2| gemm_new(T::one(), gu2.t(), x2)),
                 _ => None,
             };
             for ((&(_, from, r, _, _), gv), &need) in spans.iter().zip(gv).zip(&need_a) {
@@ -1582,6 +1614,95 @@ mod tests {
         ] {
             let message = result.unwrap_err().to_string();
             assert!(message.contains("linear_lora"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_frozen_weight_keeps_no_input_and_the_input_gradient_is_unchanged() {
+        // Every product op, its weight trained and frozen: frozen, the op's record lists no
+        // saved input (so nothing holds it until backward), trained it does; ∂x (and the other
+        // trained gradients) are the same bits either way. A LoRA linear keeps x while its A's
+        // train (∂A = ∂uᵀ·x), and not when they are frozen too.
+        use super::LoraTerm;
+        type Forward = for<'t> fn(&[crate::Var<'t, f32>]) -> crate::Var<'t, f32>;
+        let lora: Forward = |v| {
+            let term = LoraTerm {
+                a: &v[3],
+                b: &v[4],
+                start: 32,
+                scale: 2.0,
+            };
+            v[0].linear_lora(&v[1], Some(&v[2]), &[term]).unwrap()
+        };
+        let low_rank: Forward = |v| {
+            let u = v[0].matmul(&v[3].transpose(0, 1).unwrap()).unwrap();
+            let vt = v[4].transpose(0, 1).unwrap();
+            v[0].linear_low_rank(&v[1], Some(&v[2]), &u, &[(&vt, 32, 2.0)])
+                .unwrap()
+        };
+        let cases: [(&str, &str, Forward); 6] = [
+            ("linear", "x", |v| v[0].linear(&v[1], Some(&v[2])).unwrap()),
+            ("linear_residual", "x", |v| {
+                v[0].linear_residual(&v[1], Some(&v[2]), &v[5]).unwrap()
+            }),
+            ("linear_gelu", "x", |v| {
+                v[0].linear_gelu(&v[1], Some(&v[2])).unwrap()
+            }),
+            ("linear_low_rank", "x", low_rank),
+            ("linear_lora", "x", lora),
+            ("matmul", "a", |v| v[0].matmul(&v[1]).unwrap()),
+        ];
+        let value = |shape: &[usize], seed| rand_array(shape, seed).mapv(|v| v as f32);
+        for (op, input, forward) in cases {
+            // (w trained, A trained): x is kept exactly when one of them is (A only for LoRA).
+            for (train_w, train_a) in [(true, true), (false, true), (false, false)] {
+                let tape = Tape::<f32>::new();
+                let leaf = |name: &str, v, train: bool| {
+                    if train {
+                        tape.param(name, v)
+                    } else {
+                        tape.frozen(name, v)
+                    }
+                };
+                let vars = [
+                    tape.param("x", value(&[2, 20, 48], 1)),
+                    leaf("w", value(&[48, 64], 2), train_w),
+                    tape.param("bias", value(&[64], 3)),
+                    leaf("a", value(&[4, 48], 4), train_a),
+                    tape.param("b", value(&[32, 4], 5)),
+                    tape.param("residual", value(&[2, 20, 64], 6)),
+                ];
+                let y = forward(&vars);
+                let weights = tape.constant(value(&[2, 20, 64], 7));
+                let grads = tape
+                    .backward(&y.mul(&weights).unwrap().sum_all().unwrap())
+                    .unwrap();
+                let nodes = tape.nodes();
+                let node = nodes.iter().rfind(|n| n.op == op).expect("the op's record");
+                let kept = node.saved.iter().any(|s| s.name == input);
+                let needs_x = train_w || (op == "linear_lora" && train_a);
+                assert_eq!(
+                    kept, needs_x,
+                    "{op}, w trained {train_w}, A trained {train_a}"
+                );
+                let gx = grads.get(&vars[0]).expect("∂x").clone();
+                // The reference: the same op with every weight trained.
+                let tape = Tape::<f32>::new();
+                let all: Vec<_> = ["x", "w", "bias", "a", "b", "residual"]
+                    .iter()
+                    .zip(&vars)
+                    .map(|(name, v)| tape.param(*name, v.value().clone()))
+                    .collect();
+                let y = forward(&all);
+                let weights = tape.constant(value(&[2, 20, 64], 7));
+                let want = tape
+                    .backward(&y.mul(&weights).unwrap().sum_all().unwrap())
+                    .unwrap();
+                assert_eq!(&gx, want.get(&all[0]).unwrap(), "{op}: ∂x");
+                if train_w {
+                    assert_eq!(grads.get(&vars[1]), want.get(&all[1]), "{op}: ∂w");
+                }
+            }
         }
     }
 
