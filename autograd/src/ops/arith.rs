@@ -43,15 +43,25 @@ impl<'t, T: Float> Var<'t, T> {
     pub fn mul(&self, other: &Var<'t, T>) -> Result<Var<'t, T>> {
         let shape = broadcast_shape("mul", self.shape(), other.shape())?;
         let out = zip_map(&shape, self.value(), other.value(), |a, b| a * b);
-        let (a, b) = (self.value().clone(), other.value().clone());
+        // ∂a reads only b and ∂b only a: each kept only while the other's gradient can be
+        // asked for (a product with a constant keeps none of the other side).
+        let (a_shape, b_shape) = (self.shape().to_vec(), other.shape().to_vec());
+        let a = other.requires_grad().then(|| self.value().clone());
+        let b = self.requires_grad().then(|| other.value().clone());
         OpRecord::new("mul", &[self, other])
-            .saves("a", &a)
-            .saves("b", &b)
+            .saves_kept("a", a.as_ref())
+            .saves_kept("b", b.as_ref())
             .finish(out, move |g, needs| {
-                let ga = needs[0]
-                    .then(|| reduce_to_shape(zip_map(&shape, &g, &b, |g, b| g * b), a.shape()));
-                let gb = needs[1]
-                    .then(|| reduce_to_shape(zip_map(&shape, &g, &a, |g, a| g * a), b.shape()));
+                const KEPT: &str =
+                    "an operand is kept whenever the other's gradient can be asked for";
+                let ga = needs[0].then(|| {
+                    let b = b.as_ref().expect(KEPT);
+                    reduce_to_shape(zip_map(&shape, &g, b, |g, b| g * b), &a_shape)
+                });
+                let gb = needs[1].then(|| {
+                    let a = a.as_ref().expect(KEPT);
+                    reduce_to_shape(zip_map(&shape, &g, a, |g, a| g * a), &b_shape)
+                });
                 vec![ga, gb]
             })
     }
@@ -154,6 +164,36 @@ mod tests {
             err.to_string().contains("[2, 3]") && err.to_string().contains("[4]"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn mul_keeps_each_operand_only_for_the_other_ones_gradient() {
+        // x ⊙ c with c a constant: ∂x = g ⊙ c needs c, not x, so x is not kept; with both
+        // trainable both are. ∂x (summed over c's broadcast axis) is the same either way.
+        let (x, c) = (rand_array(&[2, 1, 4], 1), rand_array(&[3, 1], 2));
+        let mut gx = Vec::new();
+        for c_trains in [false, true] {
+            let tape = Tape::<f64>::new();
+            let xv = tape.param("x", x.clone());
+            let cv = if c_trains {
+                tape.param("c", c.clone())
+            } else {
+                tape.constant(c.clone())
+            };
+            let y = xv.mul(&cv).unwrap();
+            let grads = tape.backward(&y.sum_all().unwrap()).unwrap();
+            let nodes = tape.nodes();
+            let saved: Vec<_> = nodes[y.id().unwrap()]
+                .saved
+                .iter()
+                .map(|s| s.name)
+                .collect();
+            let want: &[&str] = if c_trains { &["a", "b"] } else { &["b"] };
+            assert_eq!(saved, want, "c trains: {c_trains}");
+            gx.push(grads.get(&xv).unwrap().clone());
+        }
+        assert_eq!(gx[0], gx[1]);
+        assert_eq!(gx[0].shape(), &[2, 1, 4]);
     }
 
     #[test]
