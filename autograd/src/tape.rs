@@ -10,7 +10,10 @@
 //! * [`Tape::backward`] walks the list once in reverse. For every record it asks the closure only
 //!   for the input gradients that are needed (an input needs a gradient iff a trainable leaf lies
 //!   behind it), so a frozen weight's gradient matmul is never run, and it notes in the record
-//!   which input gradients were computed and which were skipped.
+//!   which input gradients were computed and which were skipped. An input used by several
+//!   records gets the sum of their gradients: the first moved in, the others added — or, for
+//!   a record with a folding rule (`FoldingBackwardFn`: layer norm), added by the rule itself
+//!   as it computes its part.
 
 use std::cell::{Cell, Ref, RefCell};
 use std::collections::HashMap;
@@ -31,6 +34,20 @@ pub type NodeId = usize;
 /// whether that input needs a gradient, return the gradient for each input (`None` where none is
 /// needed). Each input gradient has exactly the input's shape.
 pub(crate) type BackwardFn<T> = Box<dyn FnOnce(ArrayD<T>, &[bool]) -> Vec<Option<ArrayD<T>>>>;
+
+/// A backward rule that is also handed the gradient input 0 has gathered so far (from the
+/// records after this one; `None` if nothing reached it yet) and returns input 0's whole
+/// gradient, that partial sum plus its own part — so an op can add its part as it computes it
+/// instead of writing a new tensor that the tape then adds (layer norm on the residual stream,
+/// whose other use is the residual add after it).
+pub(crate) type FoldingBackwardFn<T> =
+    Box<dyn FnOnce(ArrayD<T>, &[bool], Option<ArrayD<T>>) -> Vec<Option<ArrayD<T>>>>;
+
+/// A record's backward rule, of either kind.
+pub(crate) enum BackwardRule<T> {
+    Plain(BackwardFn<T>),
+    Folding(FoldingBackwardFn<T>),
+}
 
 /// What happened to the gradient of one input of a record during `backward`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +103,7 @@ pub struct Node<T: Float> {
     /// ‖output‖₂ and ‖∂loss/∂output‖₂, when [`Tape::set_track_norms`] is on.
     pub value_norm: Option<f64>,
     pub grad_norm: Option<f64>,
-    pub(crate) backward: Option<BackwardFn<T>>,
+    pub(crate) backward: Option<BackwardRule<T>>,
     /// Set by ops whose backward returns, for input 0, one gradient row per entry here
     /// (embedding): row `i` is added into row `scatter_rows[i]` of that input's gradient.
     pub(crate) scatter_rows: Option<Vec<usize>>,
@@ -407,7 +424,21 @@ fn run_backward<T: Float>(
             continue;
         };
         let started = profile.is_some().then(std::time::Instant::now);
-        let input_grads = backward(grad, &needs);
+        let input_grads = match backward {
+            BackwardRule::Plain(rule) => rule(grad, &needs),
+            BackwardRule::Folding(rule) => {
+                // What input 0 has so far goes in and comes back with this record's part.
+                let partial = grads[node.inputs[0]].take();
+                let had_partial = partial.is_some();
+                let input_grads = rule(grad, &needs, partial);
+                debug_assert!(
+                    !had_partial || input_grads[0].is_some(),
+                    "{}: a folding rule returns the partial gradient it was given",
+                    node.op
+                );
+                input_grads
+            }
+        };
         debug_assert_eq!(input_grads.len(), node.inputs.len(), "{}: arity", node.op);
         let (op, inputs) = (node.op, node.inputs.clone());
         let scatter_rows = node.scatter_rows.take();
@@ -733,7 +764,20 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
         value: impl Into<Tensor<T>>,
         backward: impl FnOnce(ArrayD<T>, &[bool]) -> Vec<Option<ArrayD<T>>> + 'static,
     ) -> Result<Var<'t, T>> {
-        self.push(value.into(), Some(Box::new(backward)))
+        self.push(value.into(), Some(BackwardRule::Plain(Box::new(backward))))
+    }
+
+    /// [`OpRecord::finish`] with a folding rule ([`FoldingBackwardFn`]): `backward` also gets
+    /// input 0's gradient so far and returns input 0's whole gradient.
+    pub(crate) fn finish_folding(
+        self,
+        value: impl Into<Tensor<T>>,
+        backward: impl FnOnce(ArrayD<T>, &[bool], Option<ArrayD<T>>) -> Vec<Option<ArrayD<T>>> + 'static,
+    ) -> Result<Var<'t, T>> {
+        self.push(
+            value.into(),
+            Some(BackwardRule::Folding(Box::new(backward))),
+        )
     }
 
     fn finish_without_grad(self, value: Tensor<T>) -> Var<'t, T> {
@@ -744,7 +788,7 @@ impl<'a, 't, T: Float> OpRecord<'a, 't, T> {
         var
     }
 
-    fn push(self, value: Tensor<T>, backward: Option<BackwardFn<T>>) -> Result<Var<'t, T>> {
+    fn push(self, value: Tensor<T>, backward: Option<BackwardRule<T>>) -> Result<Var<'t, T>> {
         let tape = self.tape();
         if self.inputs.iter().any(|v| !std::ptr::eq(v.tape, tape)) {
             return Err(AutogradError::TapeMismatch { op: self.op });

@@ -105,7 +105,7 @@ impl<'t, T: Float> Var<'t, T> {
             .saves("x", &x)
             .saves("mean", &ndarray::aview1(&mean))
             .saves("rstd", &ndarray::aview1(&rstd))
-            .finish(out, move |g, needs| {
+            .finish_folding(out, move |g, needs, mut partial| {
                 let g = crate::ops::standard_layout(g.into_shared());
                 let gs = g.as_slice().expect("standard layout");
                 let xs = x.as_slice().expect("standard layout");
@@ -120,8 +120,24 @@ impl<'t, T: Float> Var<'t, T> {
                 // and bias sums together: g and x are read once, in one parallel section.
                 let need_dx = needs[0];
                 let need_wb = needs[1] || needs[2];
-                let mut dx = Vec::with_capacity(if need_dx { rows * c } else { 0 });
-                let dx_blocks: Vec<&mut [std::mem::MaybeUninit<T>]> = if need_dx {
+                // ∂x is added straight into the gradient x has gathered so far (on the residual
+                // stream: the residual add after this layer norm handed its gradient on) when
+                // that is a row-major buffer, in the same pass that computes it — no new
+                // tensor for the tape to add, which costs a write into fresh memory and a pass
+                // over three tensors. Each value is `partial + ∂x`, the tape's own sum.
+                let fold = need_dx && partial.as_mut().is_some_and(|p| p.as_slice_mut().is_some());
+                let mut dx = Vec::with_capacity(if need_dx && !fold { rows * c } else { 0 });
+                let dx_blocks: Vec<&mut [std::mem::MaybeUninit<T>]> = if fold {
+                    let p = partial
+                        .as_mut()
+                        .and_then(|p| p.as_slice_mut())
+                        .expect("checked");
+                    // SAFETY: MaybeUninit<T> has T's layout, and every value read back through
+                    // it below is one of p's own (initialised) values.
+                    let p: &mut [std::mem::MaybeUninit<T>] =
+                        unsafe { std::slice::from_raw_parts_mut(p.as_mut_ptr().cast(), p.len()) };
+                    p.chunks_mut(ROWS_PER_BLOCK * c).collect()
+                } else if need_dx {
                     dx.spare_capacity_mut()[..rows * c]
                         .chunks_mut(ROWS_PER_BLOCK * c)
                         .collect()
@@ -171,8 +187,19 @@ impl<'t, T: Float> Var<'t, T> {
                                     let mean_gw = T::dot(&gw, &ones) * inv_c;
                                     let mean_gw_xhat = T::dot(&gw, &xhat) * inv_c;
                                     let dx = &mut dx[row * c..(row + 1) * c];
-                                    for ((dx, &gw), &xhat) in dx.iter_mut().zip(&gw).zip(&xhat) {
-                                        dx.write(rs * (gw - mean_gw - xhat * mean_gw_xhat));
+                                    let parts = dx.iter_mut().zip(&gw).zip(&xhat);
+                                    if fold {
+                                        for ((dx, &gw), &xhat) in parts {
+                                            // SAFETY: folding, dx holds the partial gradient.
+                                            let so_far = unsafe { dx.assume_init_read() };
+                                            dx.write(
+                                                so_far + rs * (gw - mean_gw - xhat * mean_gw_xhat),
+                                            );
+                                        }
+                                    } else {
+                                        for ((dx, &gw), &xhat) in parts {
+                                            dx.write(rs * (gw - mean_gw - xhat * mean_gw_xhat));
+                                        }
                                     }
                                 }
                             },
@@ -180,11 +207,21 @@ impl<'t, T: Float> Var<'t, T> {
                         (dw, db)
                     })
                     .collect();
-                let dx = need_dx.then(|| {
+                let dx = if need_dx && !fold {
                     // SAFETY: every row of dx was written above.
                     unsafe { dx.set_len(rows * c) };
-                    ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("same size")
-                });
+                    let dx = ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("same size");
+                    match partial {
+                        // A partial gradient in another layout: added as the tape would.
+                        Some(mut so_far) => {
+                            crate::ops::add_assign_into(&mut so_far, &dx);
+                            Some(so_far)
+                        }
+                        None => Some(dx),
+                    }
+                } else {
+                    partial
+                };
                 let (dw, db) = if need_wb {
                     let (mut dw, mut db) = (vec![T::zero(); c], vec![T::zero(); c]);
                     for (pw, pb) in &partials {
@@ -218,6 +255,71 @@ mod tests {
             assert!((row.mapv(|v| v * v).mean().unwrap() - 1.0).abs() < 1e-10);
         }
         assert!(x.layer_norm(&b.narrow(0, 0, 7).unwrap(), &b, 1e-5).is_err());
+    }
+
+    #[test]
+    fn x_gradient_is_added_into_what_x_already_has_with_the_tapes_bits() {
+        // x [40, 48] feeds a later op too — an add (its gradient handed on row-major, as the
+        // residual stream's is) or a transpose (handed on as a transposed view) — whose
+        // gradient reaches x first: layer norm then adds its ∂x into that one (folded, or as
+        // the tape adds). Either way ∂x must be the later op's gradient + layer norm's own, the
+        // sum the tape makes of two separate gradients, to the bit; and ∂w, ∂b unchanged.
+        let (x0, w0, b0) = (
+            rand_array(&[40, 48], 1).mapv(|v| 2.0 * v as f32),
+            rand_array(&[48], 2).mapv(|v| 1.0 + v as f32),
+            rand_array(&[48], 3).mapv(|v| v as f32),
+        );
+        let (g_ln, g_other) = (
+            rand_array(&[40, 48], 4).mapv(|v| v as f32),
+            rand_array(&[40, 48], 5).mapv(|v| v as f32),
+        );
+        for transposed in [false, true] {
+            let tape = Tape::<f32>::new();
+            let (x, w, b) = (
+                tape.param("x", x0.clone()),
+                tape.param("w", w0.clone()),
+                tape.param("b", b0.clone()),
+            );
+            let ln_part = x
+                .layer_norm(&w, &b, 1e-5)
+                .unwrap()
+                .mul(&tape.constant(g_ln.clone()))
+                .unwrap();
+            let other_part = if transposed {
+                let g_t = g_other.t().to_owned();
+                x.transpose(0, 1).unwrap().mul(&tape.constant(g_t)).unwrap()
+            } else {
+                x.mul(&tape.constant(g_other.clone())).unwrap()
+            };
+            let loss = ln_part
+                .sum_all()
+                .unwrap()
+                .add(&other_part.sum_all().unwrap());
+            let grads = tape.backward(&loss.unwrap()).unwrap();
+            // Layer norm's gradients alone, on a tape of its own.
+            let alone = Tape::<f32>::new();
+            let (xa, wa, ba) = (
+                alone.param("x", x0.clone()),
+                alone.param("w", w0.clone()),
+                alone.param("b", b0.clone()),
+            );
+            let y = xa.layer_norm(&wa, &ba, 1e-5).unwrap();
+            let ga = alone
+                .backward(
+                    &y.mul(&alone.constant(g_ln.clone()))
+                        .unwrap()
+                        .sum_all()
+                        .unwrap(),
+                )
+                .unwrap();
+            let want_x = &g_other + ga.get(&xa).unwrap();
+            assert_eq!(grads.get(&x).unwrap(), &want_x, "transposed: {transposed}");
+            assert_eq!(grads.get(&w), ga.get(&wa));
+            assert_eq!(grads.get(&b), ga.get(&ba));
+            let nodes = tape.nodes();
+            let node = nodes.iter().find(|n| n.op == "layer_norm").unwrap();
+            assert_eq!(node.input_grads[0], crate::GradStatus::Computed);
+        }
     }
 
     #[test]
