@@ -52,14 +52,12 @@ impl<'t, T: Float> Var<'t, T> {
             .saves_kept("a", a.as_ref())
             .saves_kept("b", b.as_ref())
             .finish(out, move |g, needs| {
-                const KEPT: &str =
-                    "an operand is kept whenever the other's gradient can be asked for";
                 let ga = needs[0].then(|| {
-                    let b = b.as_ref().expect(KEPT);
+                    let b = b.as_ref().expect(super::KEPT_FOR_GRADIENT);
                     reduce_to_shape(zip_map(&shape, &g, b, |g, b| g * b), &a_shape)
                 });
                 let gb = needs[1].then(|| {
-                    let a = a.as_ref().expect(KEPT);
+                    let a = a.as_ref().expect(super::KEPT_FOR_GRADIENT);
                     reduce_to_shape(zip_map(&shape, &g, a, |g, a| g * a), &b_shape)
                 });
                 vec![ga, gb]

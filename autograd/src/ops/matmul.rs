@@ -20,6 +20,7 @@
 use ndarray::{Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewMut2, Ix2, IxDyn};
 use rayon::prelude::*;
 
+use super::KEPT_FOR_GRADIENT;
 use crate::error::{shape_err, Result};
 use crate::gemm::{
     gemm, gemm_new, gemm_new_bias, gemm_new_gelu, gemm_new_lora, gemm_new_low_rank, gemm_new_pair,
@@ -118,7 +119,6 @@ impl<'t, T: Float> Var<'t, T> {
         let record = OpRecord::new("matmul", &inputs)
             .saves_kept("a", kept_a.as_ref())
             .saves_kept("b", kept_b.as_ref());
-        const KEPT: &str = "an operand is kept whenever the other's gradient can be asked for";
 
         if bd == 2 {
             // Activations [..., m, k] times a shared weight [k, n]: all rows in one GEMM.
@@ -136,8 +136,10 @@ impl<'t, T: Float> Var<'t, T> {
                     let g2 = g
                         .to_shape((rows, n))
                         .expect("gradient has the output's size");
-                    let a2 = needs[1].then(|| as_matrix(kept_a.as_ref().expect(KEPT), rows, k));
-                    let b2 = needs[0].then(|| as_matrix(kept_b.as_ref().expect(KEPT), k, n));
+                    let a2 = needs[1]
+                        .then(|| as_matrix(kept_a.as_ref().expect(KEPT_FOR_GRADIENT), rows, k));
+                    let b2 = needs[0]
+                        .then(|| as_matrix(kept_b.as_ref().expect(KEPT_FOR_GRADIENT), k, n));
                     let gb_product = a2.as_ref().map(|a2| {
                         if b_transposed {
                             (g2.t(), a2.view())
@@ -180,11 +182,11 @@ impl<'t, T: Float> Var<'t, T> {
                     .to_shape((batch, m, n))
                     .expect("gradient has the output's size");
                 let ga = needs[0].then(|| {
-                    let b3 = as_batches(kept_b.as_ref().expect(KEPT), batch, k, n);
+                    let b3 = as_batches(kept_b.as_ref().expect(KEPT_FOR_GRADIENT), batch, k, n);
                     to_shape(matmul_batched(g3.view(), b3.view(), false, true), &a_shape)
                 });
                 let gb = needs[1].then(|| {
-                    let a3 = as_batches(kept_a.as_ref().expect(KEPT), batch, m, k);
+                    let a3 = as_batches(kept_a.as_ref().expect(KEPT_FOR_GRADIENT), batch, m, k);
                     to_shape(matmul_batched(a3.view(), g3.view(), true, false), &b_shape)
                 });
                 vec![ga, gb]
@@ -218,10 +220,6 @@ fn rows_of<T: Float>(row: ndarray::ArrayView1<T>, rows: usize) -> Array2<T> {
     unsafe { out.set_len(rows * n) };
     Array2::from_shape_vec((rows, n), out).expect("rows · n values")
 }
-
-/// Why a kept input is there when the weight's gradient is asked for (an invariant of the
-/// tape: an input's gradient is asked for only if it required one when the op was recorded).
-const KEPT_FOR_WEIGHT: &str = "the input is kept whenever the weight's gradient can be asked for";
 
 /// The input `x` of `x·w` as a product's backward keeps it: only for ∂w = xᵀ·G, so only while
 /// `w` can have a gradient. A frozen weight's product (every base layer under LoRA, a
@@ -290,7 +288,7 @@ fn linear_grads<T: Float>(
     let (rows, n) = g2.dim();
     let k = w.shape()[0];
     let w2 = as_matrix(w, k, n);
-    let x2 = needs[1].then(|| as_matrix(x.expect(KEPT_FOR_WEIGHT), rows, k));
+    let x2 = needs[1].then(|| as_matrix(x.expect(KEPT_FOR_GRADIENT), rows, k));
     let (gx, gw) = gemm_new_pair(
         needs[0].then(|| (g2, w2.t())),
         x2.as_ref().map(|x2| (x2.t(), g2)),
@@ -486,7 +484,7 @@ fn lora_input_grad<T: Float>(
     if let Some(gx) = fused {
         return (Some(gx), None);
     }
-    let gw_product = need_w.then(|| (x2.expect(KEPT_FOR_WEIGHT).reversed_axes(), g2));
+    let gw_product = need_w.then(|| (x2.expect(KEPT_FOR_GRADIENT).reversed_axes(), g2));
     let (gx, gw) = gemm_new_pair(Some((g2, w2.t())), gw_product);
     let mut gx = gx.expect("asked for");
     gemm(T::one(), gu2, a2, T::one(), gx.view_mut());
@@ -913,8 +911,8 @@ impl<'t, T: Float> Var<'t, T> {
             let (gu, gv) = low_rank_grads(g2.view(), &u, &vs, &spans, need_x || any_a, &need_b);
             let av = stack_rows(&a_values);
             let (w2, a2) = (as_matrix(&wv, k, n), as_matrix(&av, rank, k));
-            let x2 =
-                (needs[1] || any_a).then(|| as_matrix(x.as_ref().expect(KEPT_FOR_WEIGHT), rows, k));
+            let x2 = (needs[1] || any_a)
+                .then(|| as_matrix(x.as_ref().expect(KEPT_FOR_GRADIENT), rows, k));
             let x2 = x2.as_ref().map(|x2| x2.view());
             let gu2 = gu
                 .as_ref()

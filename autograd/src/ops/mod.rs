@@ -45,6 +45,12 @@ use crate::Float;
 /// Elementwise loops over at least this many elements run on rayon's pool.
 pub const PARALLEL_MIN_LEN: usize = 1 << 15;
 
+/// Why a tensor a backward rule keeps only for one input's gradient is there when that
+/// gradient is asked for: an op keeps it iff that input required a gradient when the op was
+/// recorded, and the tape asks for exactly those (`needs` is the inputs' `requires_grad`).
+pub(crate) const KEPT_FOR_GRADIENT: &str =
+    "an operand is kept whenever the gradient that reads it can be asked for";
+
 /// NumPy's broadcasting rule: align shapes on the right; each pair of dims must be equal or 1.
 pub(crate) fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let n = a.len().max(b.len());
