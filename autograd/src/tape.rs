@@ -515,7 +515,7 @@ fn scatter_add<T: Float>(
 }
 
 /// Adds `g` into the slot; the first contribution is moved in, not added to zeros.
-fn accumulate<T: Float>(slot: &mut Option<ArrayD<T>>, g: ArrayD<T>) {
+pub(crate) fn accumulate<T: Float>(slot: &mut Option<ArrayD<T>>, g: ArrayD<T>) {
     match slot {
         None => *slot = Some(g),
         Some(acc) => crate::ops::add_assign_into(acc, &g),

@@ -211,14 +211,9 @@ impl<'t, T: Float> Var<'t, T> {
                     // SAFETY: every row of dx was written above.
                     unsafe { dx.set_len(rows * c) };
                     let dx = ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("same size");
-                    match partial {
-                        // A partial gradient in another layout: added as the tape would.
-                        Some(mut so_far) => {
-                            crate::ops::add_assign_into(&mut so_far, &dx);
-                            Some(so_far)
-                        }
-                        None => Some(dx),
-                    }
+                    // Nothing so far, or a partial gradient in another layout: as the tape adds.
+                    crate::tape::accumulate(&mut partial, dx);
+                    partial
                 } else {
                     partial
                 };
