@@ -10,7 +10,9 @@
 //! (1.12–1.22× from a plain main thread, where one tape is slower too; full and LoRA, medians
 //! of 200 alternated steps in one process), and no gain on GPT-2 124M at B4×T256, whose products are large enough to split well
 //! ([`shards_for`] picks one group there, and wherever the groups' extra gradient copies would
-//! pass 64 MiB). Anomaly detection and a hook reading the tape (the first group's) do not
+//! pass 64 MiB). Inside a group every product runs whole on the group's thread
+//! ([`products_on_this_thread`]): split in halves, each half packed all of B again, and the
+//! halves ran one after the other anyway. Anomaly detection and a hook reading the tape (the first group's) do not
 //! change the groups, so they do not change the numbers.
 //!
 //! The loss is the whole batch's mean: each group's mean is weighted by its share of the
@@ -19,6 +21,7 @@
 //! for the same number of groups).
 
 use ndarray::{s, ArrayD};
+use tapelora_autograd::gemm::products_on_this_thread;
 use tapelora_autograd::{Gradients, Tape};
 use tapelora_nn::{Ctx, Module};
 
@@ -162,6 +165,9 @@ pub fn loss_and_gradients_observed(
     // when it is one of the pool's (a caller outside the pool waits while a worker runs it,
     // so that the groups' own parallel sections run inline on their threads, not queued
     // behind the other group's).
+    // Each group's products run whole on its thread: the other threads have groups of their
+    // own (see `tapelora_autograd::gemm::products_on_this_thread`).
+    let run = |g: usize, observe: Observer<'_>| products_on_this_thread(|| run(g, observe));
     rayon::scope(|scope| {
         for (g, slot) in slots.iter().enumerate().skip(1) {
             let run = &run;
