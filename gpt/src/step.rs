@@ -159,15 +159,15 @@ pub fn loss_and_gradients_observed(
             )
         })
     };
+    // Each group's products run whole on its thread: the other threads have groups of their
+    // own (see `tapelora_autograd::gemm::products_on_this_thread`).
+    let run = |g: usize, observe: Observer<'_>| products_on_this_thread(|| run(g, observe));
     let slots: Vec<std::sync::Mutex<Option<GroupResult>>> =
         (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     // The other groups go to the pool; the first runs in the scope's body — on this thread
     // when it is one of the pool's (a caller outside the pool waits while a worker runs it,
     // so that the groups' own parallel sections run inline on their threads, not queued
     // behind the other group's).
-    // Each group's products run whole on its thread: the other threads have groups of their
-    // own (see `tapelora_autograd::gemm::products_on_this_thread`).
-    let run = |g: usize, observe: Observer<'_>| products_on_this_thread(|| run(g, observe));
     rayon::scope(|scope| {
         for (g, slot) in slots.iter().enumerate().skip(1) {
             let run = &run;
