@@ -121,4 +121,42 @@ fn model_benchmarks_print_their_json_line() {
         ]);
         assert!(stdout.contains(key) && last.is_object(), "{mode}: {stdout}");
     }
+    // The per-op profile on one tape, and on the groups as training records them.
+    let small = [
+        "bench",
+        "--mode",
+        "full",
+        "--config",
+        "nanogpt-cpu",
+        "--batch",
+        "2",
+        "--block",
+        "16",
+        "--steps",
+        "1",
+        "--profile",
+    ];
+    let (one_tape, _) = json_run(&small);
+    let (grouped, _) = json_run(&[&small[..], &["--profile-groups"]].concat());
+    // Two groups where the pool has two threads (CI's machine has two cores).
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let groups = if threads >= 2 {
+        "2 groups of sequences side by side, the first group's ops timed"
+    } else {
+        "one tape per step,"
+    };
+    for (stdout, recorded) in [
+        (&one_tape, "one tape per step while profiling"),
+        (&grouped, groups),
+    ] {
+        assert!(stdout.contains(recorded), "{stdout}");
+        assert!(
+            stdout.contains("linear_gelu") && stdout.contains("optimizer (AdamW)"),
+            "{stdout}"
+        );
+    }
 }

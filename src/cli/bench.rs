@@ -371,6 +371,9 @@ pub struct ModelBench {
     pub steps: Option<usize>,
     pub json: bool,
     pub profile: bool,
+    /// With `profile`: the step as training records it (groups side by side), the first
+    /// group's ops timed.
+    pub profile_groups: bool,
     pub embd: Option<usize>,
     pub layers: Option<usize>,
 }
@@ -486,7 +489,8 @@ impl ModelBench {
         let mut profile = tapelora_autograd::OpProfile::default();
         let mut optimizer_secs = 0.0;
         let mut step = |trainer: &mut Trainer, timed: bool| -> Result<(), String> {
-            let (tape_profile, secs) = trainer.step(timed && self.profile, self.profile)?;
+            let one_tape = self.profile && !self.profile_groups;
+            let (tape_profile, secs) = trainer.step(timed && self.profile, one_tape)?;
             if let Some(p) = tape_profile {
                 profile.add(&p);
             }
@@ -535,8 +539,13 @@ impl ModelBench {
         let mfu_fma = fma_peak.map_or(f64::NAN, |fma| flops / secs / fma);
         if !self.json {
             let recorded = match trainer.shards {
-                _ if self.profile => "one tape per step while profiling".to_string(),
+                _ if self.profile && !self.profile_groups => {
+                    "one tape per step while profiling".to_string()
+                }
                 1 => "one tape per step".to_string(),
+                n if self.profile => {
+                    format!("{n} groups of sequences side by side, the first group's ops timed")
+                }
                 n => format!("{n} groups of sequences side by side"),
             };
             println!("{} {} step (batch {batch} × block {block}, {recorded}, {} trainable of {} parameters, {} steps, each block of {STEPS_PER_PROBE} after an untimed one):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, trainer.lm.model.num_trainable_params(), trainer.lm.model.num_params(), steps);

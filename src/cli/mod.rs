@@ -91,6 +91,11 @@ pub enum Command {
         /// Also print wall time per op (forward and backward) over the timed steps.
         #[arg(long)]
         profile: bool,
+        /// With --profile: record a small model's batch as training does, in groups of
+        /// sequences side by side, and time the first group's ops (by default the profiled
+        /// step records the whole batch on one tape).
+        #[arg(long, requires = "profile")]
+        profile_groups: bool,
         /// Override the model's width (heads = width / 64), for scaling tables.
         #[arg(long)]
         embd: Option<usize>,
@@ -185,6 +190,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             reps,
             json,
             profile,
+            profile_groups,
             embd,
             layers,
         } => {
@@ -202,6 +208,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 steps,
                 json,
                 profile,
+                profile_groups,
                 embd,
                 layers,
             };
