@@ -98,14 +98,9 @@ fn lora_by_hand_lesson_checks_pass() {
 
 #[test]
 fn model_benchmarks_print_their_json_line() {
-    for (mode, key) in [
-        ("full", "\"mfu\""),
-        ("lora", "\"peak_rss_mib\""),
-        ("generate", "\"tokens_per_sec\""),
-        ("infer", "\"merged_ms\""),
-        ("lora-vs-full", "\"gemm_flop_share\""),
-    ] {
-        let (stdout, last) = json_run(&[
+    // One short run of a benchmark on a tiny nanogpt-cpu batch, with `extra` arguments.
+    let small = |mode: &str, extra: &[&str]| {
+        let args = [
             "bench",
             "--mode",
             mode,
@@ -117,27 +112,22 @@ fn model_benchmarks_print_their_json_line() {
             "16",
             "--steps",
             "1",
-            "--json",
-        ]);
+        ];
+        json_run(&[&args[..], extra].concat())
+    };
+    for (mode, key) in [
+        ("full", "\"mfu\""),
+        ("lora", "\"peak_rss_mib\""),
+        ("generate", "\"tokens_per_sec\""),
+        ("infer", "\"merged_ms\""),
+        ("lora-vs-full", "\"gemm_flop_share\""),
+    ] {
+        let (stdout, last) = small(mode, &["--json"]);
         assert!(stdout.contains(key) && last.is_object(), "{mode}: {stdout}");
     }
     // The per-op profile on one tape, and on the groups as training records them.
-    let small = [
-        "bench",
-        "--mode",
-        "full",
-        "--config",
-        "nanogpt-cpu",
-        "--batch",
-        "2",
-        "--block",
-        "16",
-        "--steps",
-        "1",
-        "--profile",
-    ];
-    let (one_tape, _) = json_run(&small);
-    let (grouped, _) = json_run(&[&small[..], &["--profile-groups"]].concat());
+    let (one_tape, _) = small("full", &["--profile"]);
+    let (grouped, _) = small("full", &["--profile", "--profile-groups"]);
     // Two groups where the pool has two threads (CI's machine has two cores).
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
