@@ -217,6 +217,11 @@ impl Float for f32 {
             // SAFETY: the CPU has AVX-512F.
             return unsafe { crate::simd::dot_avx512(a, b) };
         }
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::width() == crate::simd::Width::Avx2 {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { crate::simd::dot_avx2(a, b) };
+        }
         crate::simd::dot_lanes(a, b)
     }
     #[inline(always)]
@@ -225,6 +230,11 @@ impl Float for f32 {
         if crate::simd::width() == crate::simd::Width::Avx512 {
             // SAFETY: the CPU has AVX-512F.
             return unsafe { crate::simd::dot8_avx512(a, b) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::width() == crate::simd::Width::Avx2 {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { crate::simd::dot8_avx2(a, b) };
         }
         b.map(|b| crate::simd::dot_two_rows(a, b))
     }
