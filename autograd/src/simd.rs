@@ -407,9 +407,8 @@ pub unsafe fn dot_two_rows_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// [`Float::dot8`] on AVX2: three, three and two of the dots side by side
 /// ([`dots_two_rows_avx2`]), each with the bits of its own [`dot_two_rows`]. Reading three
 /// columns at once made GPT-2's tied lm_head (one decoding step's `x·wteᵀ`) stream its
-/// weights at 1.4× the rate of one column after another on a Zen 3 core (the hardware
-/// prefetcher keeps three streams in flight; eight would take 32 accumulators, twice the
-/// registers).
+/// weights at 1.26–1.33× the rate of one column after another on a Zen 3 core (three
+/// streams in flight instead of one; eight would take 32 accumulators, twice the registers).
 ///
 /// # Safety
 /// The CPU must support AVX2.
