@@ -369,7 +369,15 @@ unsafe fn combine_avx512(acc: [std::arch::x86_64::__m512; 4]) -> f32 {
     use std::arch::x86_64::*;
     let lanes = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
     let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(lanes)));
-    let half = _mm256_add_ps(_mm512_castps512_ps256(lanes), upper);
+    sum_half(_mm256_add_ps(_mm512_castps512_ps256(lanes), upper))
+}
+
+/// [`sum_lanes`]' tree from its eight half sums on: neighbours, pairs, then the two halves.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn sum_half(half: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
     // Neighbours: [h0+h1, h1+h0, h2+h3, …]; addition commutes bit for bit.
     let pairs = _mm256_add_ps(half, _mm256_permute_ps::<0b10_11_00_01>(half));
     // (h0+h1)+(h2+h3) in lane 0, (h4+h5)+(h6+h7) in lane 4.
@@ -383,8 +391,10 @@ unsafe fn combine_avx512(acc: [std::arch::x86_64::__m512; 4]) -> f32 {
 
 /// [`dot_lanes`] with eight-lane AVX2 registers: sixteen-lane row `r` is registers `2r` (lanes
 /// 0–7) and `2r + 1` (lanes 8–15); the same multiplications and additions in the same order,
-/// so the same bits. The portable build of the sixteen-lane rows ran a dot product at about a
-/// quarter of this speed on AVX2 (the compiler spilt the sixty-four lanes).
+/// so the same bits. Without it `Float::dot` and `Float::dot8` ran the portable code, which
+/// outside a [`vectorized`] closure is built for baseline SSE: the tied lm_head of a decoding
+/// step read its weights at 15.9 GB/s against the row GEMV's 25.8 (docs/BENCHMARKS.md,
+/// session 26).
 ///
 /// # Safety
 /// The CPU must support AVX2.
@@ -507,15 +517,7 @@ unsafe fn combine_avx2(acc: [std::arch::x86_64::__m256; 8]) -> f32 {
     use std::arch::x86_64::*;
     let low = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[4], acc[6]));
     let high = _mm256_add_ps(_mm256_add_ps(acc[1], acc[3]), _mm256_add_ps(acc[5], acc[7]));
-    let half = _mm256_add_ps(low, high);
-    // From here as in `combine_avx512`.
-    let pairs = _mm256_add_ps(half, _mm256_permute_ps::<0b10_11_00_01>(half));
-    let quads = _mm256_add_ps(pairs, _mm256_permute_ps::<0b01_00_11_10>(pairs));
-    let (low, high) = (
-        _mm256_castps256_ps128(quads),
-        _mm256_extractf128_ps::<1>(quads),
-    );
-    _mm_cvtss_f32(_mm_add_ss(low, high))
+    sum_half(_mm256_add_ps(low, high))
 }
 
 /// Adds the 4 × 16 partial sums in a fixed tree order.
