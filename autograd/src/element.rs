@@ -60,6 +60,14 @@ pub trait Float:
         crate::simd::dot_lanes(a, b)
     }
 
+    /// `[a·b₀, a·b₁, a·b₂]`, each with the bits of [`crate::simd::dot_two_rows`], read side by
+    /// side: what a GEMV against a transposed weight takes per pass on AVX2, where eight dots
+    /// do not fit in the sixteen registers (see [`crate::gemm`]'s `dot_columns`).
+    #[inline(always)]
+    fn dot3(a: &[Self], b: [&[Self]; 3]) -> [Self; 3] {
+        b.map(|b| crate::simd::dot_two_rows(a, b))
+    }
+
     /// `[a·b₀, …, a·b₇]`, each with the bits of [`crate::simd::dot_two_rows`]: one pass
     /// reads the eight `b`s side by side (eight memory streams instead of one, which a GEMV
     /// against a transposed weight needs to approach the memory's streaming rate).
@@ -223,6 +231,15 @@ impl Float for f32 {
             return unsafe { crate::simd::dot_avx2(a, b) };
         }
         crate::simd::dot_lanes(a, b)
+    }
+    #[inline(always)]
+    fn dot3(a: &[Self], b: [&[Self]; 3]) -> [Self; 3] {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::width() == crate::simd::Width::Avx2 {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { crate::simd::dot3_avx2(a, b) };
+        }
+        b.map(|b| crate::simd::dot_two_rows(a, b))
     }
     #[inline(always)]
     fn dot8(a: &[Self], b: [&[Self]; 8]) -> [Self; 8] {

@@ -432,6 +432,17 @@ pub unsafe fn dot8_avx2(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
     [d0, d1, d2, d3, d4, d5, d6, d7]
 }
 
+/// [`Float::dot3`] on AVX2 ([`dots_two_rows_avx2`]): three dots side by side, each with the
+/// bits of its own [`dot_two_rows`].
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot3_avx2(a: &[f32], b: [&[f32]; 3]) -> [f32; 3] {
+    dots_two_rows_avx2(a, b)
+}
+
 /// `N` of [`dot_two_rows`] at once in AVX2 registers (four per dot: sixteen-lane row `r` is
 /// registers `2r` and `2r + 1`), `a` loaded once per step for all of them.
 #[cfg(target_arch = "x86_64")]
@@ -609,6 +620,8 @@ mod tests {
                     assert_eq!(dot_two_rows_avx2(x, y).to_bits(), two, "length {len}");
                     let eight = dot8_avx2(x, [y; 8]);
                     assert!(eight.iter().all(|d| d.to_bits() == two), "length {len}");
+                    let three = dot3_avx2(x, [y; 3]);
+                    assert!(three.iter().all(|d| d.to_bits() == two), "length {len}");
                 }
             }
             if std::arch::is_x86_feature_detected!("avx512f") {
