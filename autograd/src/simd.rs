@@ -415,10 +415,10 @@ pub unsafe fn dot_two_rows_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// [`Float::dot8`] on AVX2: three, three and two of the dots side by side
-/// ([`dots_two_rows_avx2`]), each with the bits of its own [`dot_two_rows`]. Reading three
-/// columns at once made GPT-2's tied lm_head (one decoding step's `x·wteᵀ`) stream its
-/// weights at 1.26–1.33× the rate of one column after another on a Zen 3 core (three
-/// streams in flight instead of one; eight would take 32 accumulators, twice the registers).
+/// ([`dots_two_rows_avx2`]), each with the bits of its own [`dot_two_rows`] (eight at once
+/// would take 32 accumulators, twice the registers). The GEMV itself takes three at a time
+/// on AVX2 ([`dot3_avx2`]): three columns read in step streamed GPT-2's tied lm_head at
+/// 1.26–1.33× the rate of one column after another on a Zen 3 core.
 ///
 /// # Safety
 /// The CPU must support AVX2.
