@@ -404,16 +404,6 @@ pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_rows_avx2(a, b)
 }
 
-/// [`dot_two_rows`] with eight-lane AVX2 registers (see [`dot_avx2`]): the same bits.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-pub unsafe fn dot_two_rows_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dots_two_rows_avx2::<1>(a, [b])[0]
-}
-
 /// [`Float::dot8`] on AVX2: three, three and two of the dots side by side
 /// ([`dots_two_rows_avx2`]), each with the bits of its own [`dot_two_rows`] (eight at once
 /// would take 32 accumulators, twice the registers). The GEMV itself takes three at a time
@@ -617,7 +607,6 @@ mod tests {
                 // SAFETY: AVX2 is present.
                 unsafe {
                     assert_eq!(dot_avx2(x, y).to_bits(), four, "length {len}");
-                    assert_eq!(dot_two_rows_avx2(x, y).to_bits(), two, "length {len}");
                     let eight = dot8_avx2(x, [y; 8]);
                     assert!(eight.iter().all(|d| d.to_bits() == two), "length {len}");
                     let three = dot3_avx2(x, [y; 3]);
