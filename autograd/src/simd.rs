@@ -228,7 +228,7 @@ pub unsafe fn dot8_avx512(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
 }
 
 /// `Σ x`, reading `x` as several equal parts side by side ([`STREAMS`] with AVX-512,
-/// [`STREAMS_AVX2`] with AVX2): a probe of the memory's
+/// `STREAMS_AVX2` (4) with AVX2): a probe of the memory's
 /// streaming rate (one sequential stream per core reads markedly slower than several). Not
 /// for results: the order of the additions is whatever is quickest.
 pub fn sum_as_streams(x: &[f32]) -> f32 {
@@ -405,7 +405,7 @@ pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// [`Float::dot8`] on AVX2: three, three and two of the dots side by side
-/// ([`dots_two_rows_avx2`]), each with the bits of its own [`dot_two_rows`] (eight at once
+/// (`dots_two_rows_avx2`), each with the bits of its own [`dot_two_rows`] (eight at once
 /// would take 32 accumulators, twice the registers). The GEMV itself takes three at a time
 /// on AVX2 ([`dot3_avx2`]): three columns read in step streamed GPT-2's tied lm_head at
 /// 1.26–1.33× the rate of one column after another on a Zen 3 core.
@@ -422,7 +422,7 @@ pub unsafe fn dot8_avx2(a: &[f32], b: [&[f32]; 8]) -> [f32; 8] {
     [d0, d1, d2, d3, d4, d5, d6, d7]
 }
 
-/// [`Float::dot3`] on AVX2 ([`dots_two_rows_avx2`]): three dots side by side, each with the
+/// [`Float::dot3`] on AVX2 (`dots_two_rows_avx2`): three dots side by side, each with the
 /// bits of its own [`dot_two_rows`].
 ///
 /// # Safety
