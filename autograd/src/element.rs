@@ -289,8 +289,33 @@ impl Float for f32 {
                 );
             }
         }
+        // Without AVX-512 but with AVX2: LoRA's rank side read in place, as above, and its
+        // rank-r updates of wide outputs in one sweep.
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::sgemm_avx2::{self as thin, THIN_MAX};
+            if thin::available() && k > 0 {
+                if n <= THIN_MAX && n <= m {
+                    return thin::sgemm_thin(
+                        m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
+                    );
+                }
+                if m <= THIN_MAX {
+                    return thin::sgemm_thin(
+                        n, k, m, alpha, b, csb, rsb, a, csa, rsa, beta, c, csc, rsc,
+                    );
+                }
+                // LoRA's rank-r updates of a wide output.
+                if k <= thin::SHALLOW_MAX {
+                    return thin::sgemm_shallow(
+                        m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
+                    );
+                }
+            }
+        }
         // Products 17–31 wide: the 12×32 kernel would pad them to a full panel, and
-        // matrixmultiply's 16×16 tiles waste less.
+        // matrixmultiply's 16×16 tiles waste less. Without AVX-512, every product but the
+        // thin ones.
         matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
     }
     unsafe fn gemm_parallel(

@@ -1,7 +1,8 @@
 //! Strided matrix multiplication, the one kernel every matmul (forward and backward) goes through.
 //!
 //! Every kernel — our AVX-512 ones ([`crate::sgemm_avx512`]) for f32 products at least 32
-//! wide or at most 16 wide (LoRA's rank side) on CPUs that have it, matrixmultiply otherwise —
+//! wide or at most 16 wide (LoRA's rank side) on CPUs that have it, on CPUs with only AVX2
+//! `sgemm_avx2`'s for LoRA's thin and shallow products, matrixmultiply otherwise —
 //! reads any row/column strides, so a transposed operand is just a view with swapped strides:
 //! no copy is ever made to transpose.
 //! Outputs may be uninitialised memory ([`gemm_write`], [`gemm_new`]): with β = 0 nothing reads

@@ -1,0 +1,711 @@
+//! f32 products at most 16 columns (or rows) wide on CPUs with AVX2 and FMA but not AVX-512
+//! (Zen 1–3, Intel client chips before Ice Lake): LoRA's rank-r side.
+//!
+//! Everywhere else on such CPUs products run on matrixmultiply, whose AVX2 kernel is as fast
+//! as the ones we tried ourselves (`docs/BENCHMARKS.md`, session 26). But matrixmultiply
+//! copies both operands into packing buffers before it multiplies, and on a product of rank 8
+//! — x·Aᵀ, ∂u = G·B, ∂A = ∂uᵀ·x, k of 384–1024 — copying the wide operand costs about as
+//! much as the multiply-adds. [`sgemm_thin`] reads that operand in place instead:
+//! 1.6–2.2× matrixmultiply on LoRA's products with a row-major wide operand, 1.2–1.5× with a
+//! column-major one (the AVX-512 counterpart is [`crate::sgemm_avx512::sgemm_thin`]).
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+/// Whether these kernels run here: the process's vector width ([`crate::simd::width`]) is
+/// AVX2 (so not on AVX-512 machines, which have [`crate::sgemm_avx512`]), and they are not
+/// switched off with `TAPELORA_GEMM=matrixmultiply` (for timing against matrixmultiply).
+pub fn available() -> bool {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("TAPELORA_GEMM").as_deref() != Ok("matrixmultiply")
+            && crate::simd::width() == crate::simd::Width::Avx2
+            && supported()
+    })
+}
+
+/// Whether the CPU has what the kernels need (AVX2 and FMA), whatever the process chose.
+pub fn supported() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+thread_local! {
+    /// Per-thread buffers (rows of A or parked sums; lines of B), reused across calls;
+    /// `__m256` for 32-byte alignment.
+    static BUFFERS: RefCell<(Vec<__m256>, Vec<__m256>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// At least `floats` floats of `buffer`, 32-byte aligned.
+fn floats(buffer: &mut Vec<__m256>, floats: usize) -> *mut f32 {
+    let needed = floats.div_ceil(8);
+    if buffer.len() < needed {
+        // SAFETY: an all-zero __m256 is a valid value.
+        buffer.resize(needed, unsafe { _mm256_setzero_ps() });
+    }
+    buffer.as_mut_ptr().cast::<f32>()
+}
+
+pub const THIN_MAX: usize = 16;
+
+/// `c ← α·a·b + β·c` for a product at most [`THIN_MAX`] columns wide — LoRA's rank-r side
+/// (x·Aᵀ, ∂u = G·B; ∂A = ∂uᵀ·x with the operands swapped). `b` (k × n) is copied once into
+/// k lines of 8 or 16 floats, zero past column n. A row-major `a` (x, G) is read in place,
+/// `12/V` rows at a time (`V` vectors per line): each step of k broadcasts one value per row
+/// against the step's line. A column-major `a` (Gᵀ, xᵀ) is read in place by columns, eight
+/// rows as one vector against the step's eight broadcast values of `b`. Any other layout,
+/// and the last rows of the row-major case, go through a small copied panel. matrixmultiply
+/// copies all of `a` into its packing buffer first, and on a product this thin that copy
+/// costs as much as the multiply-adds. Every element of C is one running sum over k in order
+/// (FMAs), then `α·sum + β·c`: the same bits whichever of the two layouts, row split or
+/// orientation (`Cᵀ = Bᵀ·Aᵀ`) computes it. With β = 0, `c` is not read.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA ([`supported`]); `n ≤ THIN_MAX` and `k > 0`; the
+/// pointers and strides must describe valid `m × k`, `k × n` and `m × n` matrices, `c`
+/// aliasing neither input and no two of its elements at one address.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn sgemm_thin(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
+    debug_assert!(n <= THIN_MAX && k > 0);
+    let out = Out {
+        alpha,
+        beta,
+        c,
+        rsc,
+        csc,
+    };
+    if n <= 8 {
+        thin::<1>(m, k, n, a, rsa, csa, b, rsb, csb, out);
+    } else {
+        thin::<2>(m, k, n, a, rsa, csa, b, rsb, csb, out);
+    }
+}
+
+/// Where a thin product's result goes: C's corner and strides, and α, β.
+#[derive(Clone, Copy)]
+struct Out {
+    alpha: f32,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+}
+
+impl Out {
+    /// `C[i, j] ← α·value + β·C[i, j]` (C not read when β = 0), in the kernel's rounding.
+    unsafe fn write(self, i: usize, j: usize, value: f32) {
+        let at = self.c.offset(i as isize * self.rsc + j as isize * self.csc);
+        let scaled = self.alpha * value;
+        *at = if self.beta != 0.0 {
+            self.beta.mul_add(*at, scaled)
+        } else {
+            scaled
+        };
+    }
+}
+
+/// [`sgemm_thin`] with lines of `V` vectors.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn thin<const V: usize>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    out: Out,
+) {
+    let line = 8 * V;
+    BUFFERS.with(|buffers| {
+        let (a_buffer, b_buffer) = &mut *buffers.borrow_mut();
+        let lines = floats(b_buffer, k * line);
+        std::ptr::write_bytes(lines, 0, k * line);
+        for j in 0..n {
+            // Column by column: contiguous reads when b is column-major (Aᵀ, Bᵀ as views).
+            for p in 0..k {
+                *lines.add(p * line + j) = *b.offset(p as isize * rsb + j as isize * csb);
+            }
+        }
+        if rsa == 1 && csa != 1 {
+            let sums = floats(a_buffer, 8 * m.next_multiple_of(8));
+            for from in (0..n).step_by(8) {
+                let out = Out {
+                    c: out.c.offset(from as isize * out.csc),
+                    ..out
+                };
+                let lines = lines.add(from);
+                thin_columns(m, k, (n - from).min(8), a, csa, lines, line, sums, out);
+            }
+            return;
+        }
+        let rows = 12 / V;
+        let in_place = if csa == 1 { m - m % rows } else { 0 };
+        for i in (0..in_place).step_by(rows) {
+            let out = Out {
+                c: out.c.offset(i as isize * out.rsc),
+                ..out
+            };
+            thin_rows::<V>(rows, n, k, a.offset(i as isize * rsa), rsa, lines, out);
+        }
+        // The rest (or all of a strided `a`) copied into a zero-padded panel of rows.
+        let panel = floats(a_buffer, rows * k);
+        for i in (in_place..m).step_by(rows) {
+            let count = rows.min(m - i);
+            for r in 0..rows {
+                for p in 0..k {
+                    *panel.add(r * k + p) = if r < count {
+                        *a.offset((i + r) as isize * rsa + p as isize * csa)
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            let out = Out {
+                c: out.c.offset(i as isize * out.rsc),
+                ..out
+            };
+            thin_rows::<V>(count, n, k, panel, k as isize, lines, out);
+        }
+    })
+}
+
+/// `12/V` rows of a thin product from a row-major `a` (rows `rsa` apart), the first `rows`
+/// of them written to C (`n` columns).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn thin_rows<const V: usize>(
+    rows: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    rsa: isize,
+    lines: *const f32,
+    out: Out,
+) {
+    const MOST: usize = 12;
+    let r_count = 12 / V;
+    let mut acc = [[_mm256_setzero_ps(); V]; MOST];
+    for p in 0..k {
+        let line: [__m256; V] = std::array::from_fn(|v| _mm256_load_ps(lines.add(8 * (V * p + v))));
+        for (r, acc) in acc.iter_mut().enumerate().take(r_count) {
+            let x = _mm256_broadcast_ss(&*a.offset(r as isize * rsa).add(p));
+            for (acc, &line) in acc.iter_mut().zip(&line) {
+                *acc = _mm256_fmadd_ps(x, line, *acc);
+            }
+        }
+    }
+    let mut values = [0.0f32; 16];
+    for (r, acc) in acc.iter().enumerate().take(rows) {
+        for (v, &acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(values.as_mut_ptr().add(8 * v), acc);
+        }
+        for (j, &value) in values.iter().enumerate().take(n) {
+            out.write(r, j, value);
+        }
+    }
+}
+
+/// A thin product's `n ≤ 8` columns from a column-major `a` (`a[i, p]` at `a + i + p·csa`):
+/// eight rows at a time, each step loading them as one vector and broadcasting the step's
+/// eight values of b (`lines`, `line` floats apart, zero past n) into eight accumulators,
+/// one per column; the last rows by a masked load, reading nothing past row m. The steps
+/// are taken [`THIN_DEPTH`] at a time for all rows, the running sums parked in `sums`
+/// (`8·m` floats) in between: a column of a crosses a page per step (a row of G or x is
+/// kilobytes long), and going down all k steps for each eight rows would touch more pages
+/// than the TLB holds, and each line twice from L2.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn thin_columns(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    csa: isize,
+    lines: *const f32,
+    line: usize,
+    sums: *mut f32,
+    out: Out,
+) {
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for from in (0..k).step_by(THIN_DEPTH) {
+        let to = k.min(from + THIN_DEPTH);
+        for i in (0..m).step_by(8) {
+            let count = 8.min(m - i);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count as i32), lanes);
+            let parked = sums.add(8 * i);
+            let mut acc: [__m256; 8] = if from == 0 {
+                [_mm256_setzero_ps(); 8]
+            } else {
+                std::array::from_fn(|j| _mm256_load_ps(parked.add(8 * j)))
+            };
+            for p in from..to {
+                let column = a.offset(p as isize * csa).add(i);
+                let x = if count == 8 {
+                    _mm256_loadu_ps(column)
+                } else {
+                    _mm256_maskload_ps(column, mask)
+                };
+                let values = lines.add(p * line);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(x, _mm256_broadcast_ss(&*values.add(j)), *acc);
+                }
+            }
+            if to < k {
+                for (j, acc) in acc.iter().enumerate() {
+                    _mm256_store_ps(parked.add(8 * j), *acc);
+                }
+                continue;
+            }
+            // acc[j] holds column j of the eight rows; rows of C after the transpose.
+            let rows = transpose8(acc);
+            let mut values = [0.0f32; 8];
+            for (r, row) in rows.iter().enumerate().take(count) {
+                _mm256_storeu_ps(values.as_mut_ptr(), *row);
+                for (j, &value) in values.iter().enumerate().take(n) {
+                    out.write(i + r, j, value);
+                }
+            }
+        }
+    }
+}
+
+/// Steps of k [`thin_columns`] takes for all rows before the next ones. GPT-2's ∂A
+/// (8 × 1024 × 768 read as Gᵀ), fastest of 20 alternated calls: whole 260–284 µs, chunks of
+/// 512 229–235, 256 222–229, 128 215–228 µs; nanogpt-cpu's (k = 384) level throughout.
+const THIN_DEPTH: usize = 256;
+
+/// Deepest product [`sgemm_shallow`] takes (LoRA's rank).
+pub const SHALLOW_MAX: usize = 16;
+
+/// `c ← α·a·b + β·c` for a product at most [`SHALLOW_MAX`] deep — LoRA's rank-r updates of a
+/// wide output (the forward's `+ s·u·Bᵀ`, ∂x's `+ ∂u·A`), where each element is a handful
+/// of multiply-adds and the time goes into reading and writing C. C is swept once, row by
+/// row, 32 columns at a time (four independent sums), `b` read in place when its rows are
+/// contiguous (else copied once), `a`'s values broadcast from where they are. matrixmultiply
+/// copies both operands and runs its 8×8 tiles for k steps each. Every element of C is one
+/// running sum over k in order (FMAs), then `α·sum + β·c`, as in [`sgemm_thin`]. With β = 0,
+/// `c` is not read.
+///
+/// # Safety
+/// As for [`sgemm_thin`], with `0 < k ≤ SHALLOW_MAX` instead of the width.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn sgemm_shallow(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
+    debug_assert!(k > 0 && k <= SHALLOW_MAX);
+    if csc != 1 && rsc == 1 {
+        // A column-major C: Cᵀ = bᵀ·aᵀ is row-major.
+        return sgemm_shallow(n, k, m, alpha, b, csb, rsb, a, csa, rsa, beta, c, csc, rsc);
+    }
+    BUFFERS.with(|buffers| {
+        let (_, b_buffer) = &mut *buffers.borrow_mut();
+        // b's rows contiguous: read in place; else copied row by row (k × n is small).
+        let (rows, stride) = if csb == 1 {
+            (b, rsb)
+        } else {
+            let copy = floats(b_buffer, k * n);
+            for p in 0..k {
+                for j in 0..n {
+                    *copy.add(p * n + j) = *b.offset(p as isize * rsb + j as isize * csb);
+                }
+            }
+            (copy.cast_const(), n as isize)
+        };
+        let out = Out {
+            alpha,
+            beta,
+            c,
+            rsc,
+            csc,
+        };
+        for i in 0..m {
+            shallow_row(k, n, a.offset(i as isize * rsa), csa, rows, stride, out, i);
+        }
+    })
+}
+
+/// Row `i` of a shallow product: `a_row[p]` (`csa` apart) against b's rows (`rsb` apart).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn shallow_row(
+    k: usize,
+    n: usize,
+    a_row: *const f32,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    out: Out,
+    i: usize,
+) {
+    let alpha = _mm256_set1_ps(out.alpha);
+    let beta = _mm256_set1_ps(out.beta);
+    let c_row = out.c.offset(i as isize * out.rsc);
+    let finish = |sum: __m256, at: *mut f32| {
+        let scaled = _mm256_mul_ps(alpha, sum);
+        if out.beta != 0.0 {
+            _mm256_fmadd_ps(beta, _mm256_loadu_ps(at), scaled)
+        } else {
+            scaled
+        }
+    };
+    // Vectors along C's row when its columns are adjacent; element by element otherwise.
+    let vectors = if out.csc == 1 { n } else { 0 };
+    let mut j = 0;
+    while j + 32 <= vectors {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for p in 0..k {
+            let x = _mm256_broadcast_ss(&*a_row.offset(p as isize * csa));
+            let line = b.offset(p as isize * rsb).add(j);
+            for (q, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(line.add(8 * q)), *acc);
+            }
+        }
+        for (q, &acc) in acc.iter().enumerate() {
+            let at = c_row.add(j + 8 * q);
+            _mm256_storeu_ps(at, finish(acc, at));
+        }
+        j += 32;
+    }
+    while j + 8 <= vectors {
+        let mut acc = _mm256_setzero_ps();
+        for p in 0..k {
+            let x = _mm256_broadcast_ss(&*a_row.offset(p as isize * csa));
+            acc = _mm256_fmadd_ps(x, _mm256_loadu_ps(b.offset(p as isize * rsb).add(j)), acc);
+        }
+        let at = c_row.add(j);
+        _mm256_storeu_ps(at, finish(acc, at));
+        j += 8;
+    }
+    for j in j..n {
+        let mut sum = 0.0f32;
+        for p in 0..k {
+            sum =
+                (*a_row.offset(p as isize * csa)).mul_add(*b.offset(p as isize * rsb).add(j), sum);
+        }
+        out.write(i, j, sum);
+    }
+}
+
+/// `rows[r][c]` → `out[c][r]`: an 8 × 8 block transposed in registers.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8(rows: [__m256; 8]) -> [__m256; 8] {
+    let [r0, r1, r2, r3, r4, r5, r6, r7] = rows;
+    let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+    let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+    let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+    let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+    let (u0, u1) = (
+        _mm256_shuffle_ps::<0x44>(t0, t2),
+        _mm256_shuffle_ps::<0xEE>(t0, t2),
+    );
+    let (u2, u3) = (
+        _mm256_shuffle_ps::<0x44>(t1, t3),
+        _mm256_shuffle_ps::<0xEE>(t1, t3),
+    );
+    let (u4, u5) = (
+        _mm256_shuffle_ps::<0x44>(t4, t6),
+        _mm256_shuffle_ps::<0xEE>(t4, t6),
+    );
+    let (u6, u7) = (
+        _mm256_shuffle_ps::<0x44>(t5, t7),
+        _mm256_shuffle_ps::<0xEE>(t5, t7),
+    );
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `α·a·b + β·c` in f64, the reference (`a` m × k, `b` k × n, `c` m × n, row-major).
+    fn naive(
+        (a, b, c): (&[f32], &[f32], &[f32]),
+        (m, k, n): (usize, usize, usize),
+        alpha: f32,
+        beta: f32,
+    ) -> Vec<f64> {
+        let mut out = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let dot: f64 = (0..k)
+                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
+                    .sum();
+                out[i * n + j] = alpha as f64 * dot + beta as f64 * c[i * n + j] as f64;
+            }
+        }
+        out
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 37 + seed * 101) % 211) as f32 / 105.0 - 1.0)
+            .collect()
+    }
+
+    /// `x` (rows × cols, row-major) stored in `layout`: 0 row-major, 1 column-major, 2 with
+    /// both strides above 1 (every other row and column of a larger matrix). Returns the
+    /// storage and the strides.
+    fn stored(x: &[f32], rows: usize, cols: usize, layout: usize) -> (Vec<f32>, isize, isize) {
+        match layout {
+            0 => (x.to_vec(), cols as isize, 1),
+            1 => {
+                let t = (0..rows * cols)
+                    .map(|e| x[(e % rows) * cols + e / rows])
+                    .collect();
+                (t, 1, rows as isize)
+            }
+            _ => {
+                let mut big = vec![f32::NAN; 4 * rows * cols];
+                for i in 0..rows {
+                    for j in 0..cols {
+                        big[2 * i * 2 * cols + 2 * j] = x[i * cols + j];
+                    }
+                }
+                (big, 4 * cols as isize, 2)
+            }
+        }
+    }
+
+    /// The raw signature both kernels share.
+    type Kernel = unsafe fn(
+        usize,
+        usize,
+        usize,
+        f32,
+        *const f32,
+        isize,
+        isize,
+        *const f32,
+        isize,
+        isize,
+        f32,
+        *mut f32,
+        isize,
+        isize,
+    );
+
+    /// `kernel` on each shape, with a, b and C row-major, column-major or strided both ways,
+    /// and three (α, β): each result within 1e-5 of the naive product, and of the same bits
+    /// in every layout.
+    fn check_every_layout(kernel: Kernel, shapes: &[(usize, usize, usize)]) {
+        for &(m, k, n) in shapes {
+            let (a, b, c0) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+            for (alpha, beta) in [(1.0, 0.0), (0.5, 1.0), (2.0, -0.5)] {
+                let want = naive((&a, &b, &c0), (m, k, n), alpha, beta);
+                let mut first: Option<Vec<u32>> = None;
+                for layout in 0..18 {
+                    let (a_layout, b_layout, c_layout) = (layout % 3, layout / 3 % 3, layout / 9);
+                    let (a_store, rsa, csa) = stored(&a, m, k, a_layout);
+                    let (b_store, rsb, csb) = stored(&b, k, n, b_layout);
+                    let (mut c, rsc, csc) = stored(&c0, m, n, c_layout);
+                    if beta == 0.0 {
+                        // NaN where β = 0, so a read of C would show.
+                        c.iter_mut().for_each(|x| *x = f32::NAN);
+                    }
+                    // SAFETY: the strides describe the stored matrices; c is separate.
+                    unsafe {
+                        kernel(
+                            m,
+                            k,
+                            n,
+                            alpha,
+                            a_store.as_ptr(),
+                            rsa,
+                            csa,
+                            b_store.as_ptr(),
+                            rsb,
+                            csb,
+                            beta,
+                            c.as_mut_ptr(),
+                            rsc,
+                            csc,
+                        );
+                    }
+                    let got: Vec<f32> = (0..m * n)
+                        .map(|e| c[(e / n) * rsc as usize + (e % n) * csc as usize])
+                        .collect();
+                    for (e, (&got, &want)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{m}×{k}×{n} layout {layout} α {alpha} β {beta} at {e}: {got} vs {want}"
+                        );
+                    }
+                    // Rows read in place, copied into a panel, or as columns: the same sums.
+                    let bits: Vec<u32> = got.iter().map(|x| x.to_bits()).collect();
+                    match &first {
+                        None => first = Some(bits),
+                        Some(first) => assert!(bits == *first, "{m}×{k}×{n} layout {layout}"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn thin_products_of_every_layout_match_a_naive_product_and_each_other_bit_for_bit() {
+        if !supported() {
+            return;
+        }
+        // Widths 1–16 (one and two vectors), row counts around the 6- and 12-row blocks and
+        // the 8-row column blocks, depths across a THIN_DEPTH chunk.
+        check_every_layout(
+            sgemm_thin,
+            &[
+                (1, 1, 1),
+                (5, 3, 8),
+                (12, 17, 7),
+                (13, 40, 16),
+                (29, 300, 9),
+                (64, 600, 8),
+                (37, 513, 4),
+            ],
+        );
+    }
+
+    #[test]
+    fn shallow_products_of_every_layout_match_a_naive_product_and_each_other_bit_for_bit() {
+        if !supported() {
+            return;
+        }
+        // Depths 1–16; widths across the 32- and 8-column steps and an element-wise tail.
+        check_every_layout(
+            sgemm_shallow,
+            &[(1, 1, 1), (3, 8, 32), (17, 4, 45), (40, 16, 77), (9, 13, 8)],
+        );
+    }
+
+    #[test]
+    fn thin_and_shallow_kernels_give_a_product_both_take_the_same_bits() {
+        if !supported() {
+            return;
+        }
+        let (m, k, n) = (30, 12, 14);
+        let (a, b, c0) = (values(m * k, 8), values(k * n, 9), values(m * n, 10));
+        let run = |kernel: Kernel| {
+            let mut c = c0.clone();
+            // SAFETY: row-major a, b and c of the stated shapes.
+            unsafe {
+                let (k_, n_) = (k as isize, n as isize);
+                kernel(
+                    m,
+                    k,
+                    n,
+                    0.5,
+                    a.as_ptr(),
+                    k_,
+                    1,
+                    b.as_ptr(),
+                    n_,
+                    1,
+                    -1.5,
+                    c.as_mut_ptr(),
+                    n_,
+                    1,
+                );
+            }
+            c
+        };
+        let (thin, shallow) = (run(sgemm_thin), run(sgemm_shallow));
+        assert!(thin
+            .iter()
+            .zip(&shallow)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn a_transposed_or_row_split_thin_product_keeps_its_bits() {
+        if !supported() {
+            return;
+        }
+        let (m, k, n) = (40, 700, 8);
+        let (a, b) = (values(m * k, 4), values(k * n, 5));
+        let product = |rows: std::ops::Range<usize>| -> Vec<f32> {
+            let mut c = vec![0.0f32; rows.len() * n];
+            // SAFETY: row-major a (rows of it), b and c.
+            unsafe {
+                sgemm_thin(
+                    rows.len(),
+                    k,
+                    n,
+                    1.0,
+                    a.as_ptr().add(rows.start * k),
+                    k as isize,
+                    1,
+                    b.as_ptr(),
+                    n as isize,
+                    1,
+                    0.0,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    1,
+                );
+            }
+            c
+        };
+        let whole = product(0..m);
+        let parts: Vec<f32> = [0..7, 7..27, 27..40]
+            .into_iter()
+            .flat_map(product)
+            .collect();
+        assert_eq!(whole, parts);
+        // Cᵀ = bᵀ·aᵀ, as the dispatch takes a product with at most 16 rows: a 12 × k × 10
+        // product both ways round (C written row- and column-major).
+        let (m, n) = (12, 10);
+        let (a, b) = (values(m * k, 6), values(k * n, 7));
+        let (mut straight, mut swapped) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        // SAFETY: row-major a, b and C; then bᵀ, aᵀ and Cᵀ as the same memory, strides swapped.
+        unsafe {
+            let (a, b) = (a.as_ptr(), b.as_ptr());
+            let (k_, n_) = (k as isize, n as isize);
+            let c = straight.as_mut_ptr();
+            sgemm_thin(m, k, n, 1.0, a, k_, 1, b, n_, 1, 0.0, c, n_, 1);
+            let c = swapped.as_mut_ptr();
+            sgemm_thin(n, k, m, 1.0, b, 1, n_, a, 1, k_, 0.0, c, 1, n_);
+        }
+        let back = swapped;
+        assert_eq!(straight, back);
+    }
+}
