@@ -100,7 +100,8 @@ pub trait Float:
     );
 
     /// [`Float::gemm`] on all of rayon's threads, if this type has a parallel kernel for
-    /// products of this shape (f32 with AVX-512: [`crate::sgemm_avx512::sgemm_parallel`]);
+    /// products of this shape (f32 with AVX-512: [`crate::sgemm_avx512::sgemm_parallel`]; with
+    /// AVX2 but not AVX-512: `sgemm_avx2::sgemm_parallel`);
     /// `false` (nothing done) otherwise, and the caller splits the product itself.
     ///
     /// # Safety
@@ -289,8 +290,8 @@ impl Float for f32 {
                 );
             }
         }
-        // Without AVX-512 but with AVX2: LoRA's rank side read in place, as above, and its
-        // rank-r updates of wide outputs in one sweep.
+        // Without AVX-512 but with AVX2: LoRA's rank side read in place, as above, its
+        // rank-r updates of wide outputs in one sweep, and from 32 wide the 6×16 kernel.
         #[cfg(target_arch = "x86_64")]
         {
             use crate::sgemm_avx2::{self as thin, THIN_MAX};
@@ -311,11 +312,16 @@ impl Float for f32 {
                         m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
                     );
                 }
+                // The 6×16 kernel from 32 wide, as the AVX-512 one.
+                if m.min(n) >= 32 {
+                    return thin::sgemm(
+                        m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
+                    );
+                }
             }
         }
         // Products 17–31 wide: the 12×32 kernel would pad them to a full panel, and
-        // matrixmultiply's 16×16 tiles waste less. Without AVX-512, every product but the
-        // thin ones.
+        // matrixmultiply's 16×16 tiles waste less (17–31 wide without AVX-512 too).
         matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
     }
     unsafe fn gemm_parallel(
@@ -335,6 +341,13 @@ impl Float for f32 {
         csc: isize,
     ) -> bool {
         use crate::sgemm_avx512 as fast;
+        // Where [`Float::gemm`] would take the 6×16 kernel (CPUs with AVX2 but not AVX-512).
+        #[cfg(target_arch = "x86_64")]
+        if crate::sgemm_avx2::available() && m.min(n) >= 32 {
+            return crate::sgemm_avx2::sgemm_parallel(
+                m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
+            );
+        }
         if !fast::available() || m.min(n) < 32 {
             return false;
         }

@@ -2,13 +2,14 @@
 //!
 //! Every kernel — our AVX-512 ones ([`crate::sgemm_avx512`]) for f32 products at least 32
 //! wide or at most 16 wide (LoRA's rank side) on CPUs that have it, on CPUs with only AVX2
-//! `sgemm_avx2`'s for LoRA's thin and shallow products, matrixmultiply otherwise —
+//! `sgemm_avx2`'s for the same shapes and LoRA's shallow products, matrixmultiply otherwise —
 //! reads any row/column strides, so a transposed operand is just a view with swapped strides:
 //! no copy is ever made to transpose.
 //! Outputs may be uninitialised memory ([`gemm_write`], [`gemm_new`]): with β = 0 nothing reads
 //! them before they are written. Large products run on rayon's pool — the only thread pool in
 //! the process: f32 products of at least [`DYNAMIC_MIN_MACS`] with AVX-512 through
-//! [`crate::sgemm_avx512::sgemm_parallel`] (threads take shrinking chunks of rows or columns
+//! [`crate::sgemm_avx512::sgemm_parallel`], with AVX2 only through `sgemm_avx2::sgemm_parallel`
+//! (threads take shrinking chunks of rows or columns
 //! from a counter, so a core slowed by another process does not hold the other one up), the
 //! rest in fixed row (or column) halves, each a single-threaded GEMM. Neither split changes
 //! the order of the inner (k) sum, so results are deterministic for a given thread count (the
