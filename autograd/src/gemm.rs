@@ -9,8 +9,8 @@
 //! them before they are written. Large products run on rayon's pool — the only thread pool in
 //! the process: f32 products of at least [`DYNAMIC_MIN_MACS`] with AVX-512 through
 //! [`crate::sgemm_avx512::sgemm_parallel`], with AVX2 only through `sgemm_avx2::sgemm_parallel`
-//! (threads take shrinking chunks of rows or columns
-//! from a counter, so a core slowed by another process does not hold the other one up), the
+//! except a linear's bias product, which measured faster in halves there (threads take
+//! shrinking chunks of rows or columns from a counter, so a core slowed by another process does not hold the other one up), the
 //! rest in fixed row (or column) halves, each a single-threaded GEMM. Neither split changes
 //! the order of the inner (k) sum, so results are deterministic for a given thread count (the
 //! dynamic one gives the serial bits on any thread count). Products far deeper than wide
