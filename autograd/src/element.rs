@@ -294,27 +294,27 @@ impl Float for f32 {
         // rank-r updates of wide outputs in one sweep, and from 32 wide the 6×16 kernel.
         #[cfg(target_arch = "x86_64")]
         {
-            use crate::sgemm_avx2::{self as thin, THIN_MAX};
-            if thin::available() && k > 0 {
+            use crate::sgemm_avx2::{self as avx2, THIN_MAX};
+            if avx2::available() && k > 0 {
                 if n <= THIN_MAX && n <= m {
-                    return thin::sgemm_thin(
+                    return avx2::sgemm_thin(
                         m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
                     );
                 }
                 if m <= THIN_MAX {
-                    return thin::sgemm_thin(
+                    return avx2::sgemm_thin(
                         n, k, m, alpha, b, csb, rsb, a, csa, rsa, beta, c, csc, rsc,
                     );
                 }
                 // LoRA's rank-r updates of a wide output.
-                if k <= thin::SHALLOW_MAX {
-                    return thin::sgemm_shallow(
+                if k <= avx2::SHALLOW_MAX {
+                    return avx2::sgemm_shallow(
                         m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
                     );
                 }
                 // The 6×16 kernel from 32 wide, as the AVX-512 one.
                 if m.min(n) >= 32 {
-                    return thin::sgemm(
+                    return avx2::sgemm(
                         m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
                     );
                 }

@@ -1,6 +1,6 @@
 //! f32 products on x86-64 CPUs with AVX2 and FMA but not AVX-512 (Zen 1–3, Intel client chips
 //! before Ice Lake). Three kernels, all computing each element of C as one in-order FMA chain
-//! over k (in blocks of [`KC`] for [`sgemm`]), then `α·sum + β·c`:
+//! over k (in blocks of 256 steps for [`sgemm`]), then `α·sum + β·c`:
 //!
 //! * [`sgemm`]: BLIS-style blocking around a 6×16 micro-kernel. matrixmultiply's AVX2 kernel
 //!   is 8×8: each step over k loads one vector of B and broadcasts eight values of A for eight
@@ -190,7 +190,7 @@ thread_local! {
 /// [`sgemm`] on all threads of rayon's pool, with [`sgemm`]'s bits (every element of C is
 /// still one micro-kernel's sum over the same k blocks, in the same order). Returns `false`,
 /// doing nothing, when [`takes`] does not hold or the operand to share would be larger than
-/// [`SHARED_PACK_MAX_FLOATS`].
+/// 64 MiB.
 ///
 /// The operand every chunk reads whole — B when rows are split (`m ≥ n`), A when columns
 /// are — is packed once, by all threads, into one buffer; then the threads take chunks of
