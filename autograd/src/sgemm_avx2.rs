@@ -33,6 +33,8 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
+use crate::sgemm_avx512::{lines as floats, Line};
+
 /// Rows of the micro-tile.
 const MR: usize = 6;
 /// Columns of the micro-tile (two 8-lane vectors).
@@ -64,18 +66,8 @@ pub fn supported() -> bool {
 
 thread_local! {
     /// Per-thread buffers (rows of A or parked sums; lines of B), reused across calls;
-    /// `__m256` for 32-byte alignment.
-    static BUFFERS: RefCell<(Vec<__m256>, Vec<__m256>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-/// At least `floats` floats of `buffer`, 32-byte aligned.
-fn floats(buffer: &mut Vec<__m256>, floats: usize) -> *mut f32 {
-    let needed = floats.div_ceil(8);
-    if buffer.len() < needed {
-        // SAFETY: an all-zero __m256 is a valid value.
-        buffer.resize(needed, unsafe { _mm256_setzero_ps() });
-    }
-    buffer.as_mut_ptr().cast::<f32>()
+    /// 64-byte aligned lines.
+    static BUFFERS: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 pub const THIN_MAX: usize = 16;
@@ -184,7 +176,7 @@ impl<T: Copy> Shared<T> {
 
 thread_local! {
     /// The calling thread's buffer for the operand a [`sgemm_parallel`] packs once.
-    static SHARED_PACK: RefCell<Vec<__m256>> = const { RefCell::new(Vec::new()) };
+    static SHARED_PACK: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
 }
 
 /// [`sgemm`] on all threads of rayon's pool, with [`sgemm`]'s bits (every element of C is
@@ -233,14 +225,9 @@ pub unsafe fn sgemm_parallel(
         return false;
     }
     let threads = rayon::current_num_threads().max(1);
-    let mut fresh = Vec::new();
-    let borrowed = SHARED_PACK.with(|cell| {
-        cell.try_borrow_mut()
-            .ok()
-            .map(|mut v| std::mem::take(&mut *v))
-    });
-    let from_cell = borrowed.is_some();
-    let mut buffer = borrowed.unwrap_or_else(|| std::mem::take(&mut fresh));
+    // Taken out of the cell while in use: a product this thread runs in the meantime (rayon
+    // may hand it one while it waits) finds the cell empty and packs into its own buffer.
+    let mut buffer = SHARED_PACK.take();
     let packed = Shared(floats(&mut buffer, width * k));
     let (a, b, c) = (Shared(a), Shared(b), Shared(c));
     // Block pc (KC steps from `pc`) of the shared operand starts at `pc·width`, its panel
@@ -339,9 +326,7 @@ pub unsafe fn sgemm_parallel(
             }
         }
     });
-    if from_cell {
-        SHARED_PACK.with(|cell| *cell.borrow_mut() = buffer);
-    }
+    SHARED_PACK.set(buffer);
     true
 }
 

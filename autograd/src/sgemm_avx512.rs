@@ -176,14 +176,15 @@ fn rate_of(seconds: f64, flops_per_iteration: f64, chains: impl Fn(usize) -> f32
 /// micro-kernel's vector loads are aligned.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([f32; 16]);
+pub(crate) struct Line([f32; 16]);
 
 thread_local! {
     /// Per-thread packing buffers, reused across calls (A block, B block).
     static BUFFERS: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-fn lines(buffer: &mut Vec<Line>, floats: usize) -> *mut f32 {
+/// At least `floats` floats of `buffer`, 64-byte aligned (also `sgemm_avx2`'s buffers).
+pub(crate) fn lines(buffer: &mut Vec<Line>, floats: usize) -> *mut f32 {
     let needed = floats.div_ceil(16);
     if buffer.len() < needed {
         buffer.resize(needed, Line([0.0; 16]));
