@@ -23,7 +23,8 @@
 //!   Panels are zero-padded at the edges; an edge tile is computed whole and only its valid
 //!   part written. β applies on the first k block only; with β = 0, C is never read, so it
 //!   may be uninitialised memory. A transposed operand is packed through 8×8 in-register
-//!   transposes.
+//!   transposes. Products under 2²⁶ multiply-adds whose A has a stride of 1 skip A's packing:
+//!   each tile broadcasts from A in place, running the kernel for exactly its rows.
 //! * [`sgemm_thin`]: products at most 16 wide (or tall, as Cᵀ = Bᵀ·Aᵀ) — LoRA's rank side
 //!   (x·Aᵀ, ∂u = G·B, ∂A, ∂B), where copying the wide operand into a packing buffer would cost
 //!   as much as the multiply-adds: that operand is read in place.
@@ -109,6 +110,7 @@ pub unsafe fn sgemm(
         let kc_most = k.min(KC);
         let packed_a = floats(a_buffer, MC.min(m.next_multiple_of(MR)) * kc_most);
         let packed_b = floats(b_buffer, NC.min(n.next_multiple_of(NR)) * kc_most);
+        let in_place = reads_a_in_place(m, k, n, rsa, csa);
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(KC) {
@@ -124,6 +126,25 @@ pub unsafe fn sgemm(
                 );
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
+                    if in_place {
+                        for jr in (0..nc).step_by(NR) {
+                            let panel_b = packed_b.add(jr * kc);
+                            for ir in (0..mc).step_by(MR) {
+                                let tile = Tile {
+                                    c: c.offset(
+                                        (ic + ir) as isize * rsc + (jc + jr) as isize * csc,
+                                    ),
+                                    rsc,
+                                    csc,
+                                    rows: MR.min(mc - ir),
+                                    cols: NR.min(nc - jr),
+                                };
+                                let a = a.offset((ic + ir) as isize * rsa + pc as isize * csa);
+                                kernel_in_place(kc, a, rsa, csa, panel_b, alpha, beta, tile);
+                            }
+                        }
+                        continue;
+                    }
                     pack_a(
                         mc,
                         kc,
@@ -149,6 +170,21 @@ pub unsafe fn sgemm(
             }
         }
     })
+}
+
+/// Products under this many multiply-adds read A in place (when it has a stride of 1).
+const IN_PLACE_MAX_MACS: usize = 1 << 26;
+/// Deepest product whose column-major A is read in place (each step of k is a new line).
+const COLUMNS_IN_PLACE_MAX_K: usize = 512;
+
+/// Whether [`sgemm`] reads A in place rather than packing it: a small product whose A has a
+/// stride of 1 either way. A row-major tile broadcasts from its rows side by side, a
+/// column-major one from six neighbouring floats per step — what a packed panel holds. At
+/// nanogpt-cpu's sizes, packing cost as much as a few tiles' work: in place, attention's
+/// per-head products ran 1.10–1.26× and its linears' 1.00–1.09× (alternated in one process),
+/// and `lora-vs-full` went from 0.712–0.718 to 0.695–0.699 (`docs/BENCHMARKS.md`, session 28).
+fn reads_a_in_place(m: usize, k: usize, n: usize, rsa: isize, csa: isize) -> bool {
+    m * k * n < IN_PLACE_MAX_MACS && (csa == 1 || (rsa == 1 && k <= COLUMNS_IN_PLACE_MAX_K))
 }
 
 /// Most floats of an operand packed once for all threads of a [`sgemm_parallel`] (64 MiB):
@@ -574,7 +610,26 @@ struct Tile {
 /// `C[tile] ← α·Apanel·Bpanel + β·C[tile]` over `kc` steps (C not read when β = 0).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, tile: Tile) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    kernel_rows::<MR>(kc, a, 1, MR as isize, b, alpha, beta, tile)
+}
+
+/// [`kernel`] on the first `ROWS` rows of A read with any strides (step `p` of row `i` at
+/// `a + i·rsa + p·csa`): a packed panel (`1`, `MR`), or A in place (row- or column-major),
+/// where rows past the tile's must not be read.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_rows<const ROWS: usize>(
+    kc: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    alpha: f32,
+    beta: f32,
+    tile: Tile,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
     // The tile's lines of C asked for now, to arrive while the k loop runs (C is read for
     // β ≠ 0 and written in any case; missing it at the store cost large products ≈ 10 %).
     for i in 0..tile.rows {
@@ -582,18 +637,20 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32,
         _mm_prefetch::<_MM_HINT_T0>(row.cast());
         _mm_prefetch::<_MM_HINT_T0>(row.offset(15 * tile.csc).cast());
     }
+    let rows: [*const f32; ROWS] = std::array::from_fn(|i| a.offset(i as isize * rsa));
     for p in 0..kc {
         let b0 = _mm256_load_ps(b.add(NR * p));
         let b1 = _mm256_load_ps(b.add(NR * p + 8));
-        for (i, acc) in acc.iter_mut().enumerate() {
-            let x = _mm256_broadcast_ss(&*a.add(MR * p + i));
+        let step = p as isize * csa;
+        for (acc, row) in acc.iter_mut().zip(rows) {
+            let x = _mm256_broadcast_ss(&*row.offset(step));
             acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
             acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
         }
     }
     let alpha = _mm256_set1_ps(alpha);
-    if tile.rows == MR && tile.cols == NR && tile.csc == 1 {
-        for (i, acc) in acc.iter().enumerate() {
+    if tile.cols == NR && tile.csc == 1 {
+        for (i, acc) in acc.iter().enumerate().take(tile.rows) {
             let row = tile.c.offset(i as isize * tile.rsc);
             for (h, &acc) in acc.iter().enumerate() {
                 let mut value = _mm256_mul_ps(alpha, acc);
@@ -606,7 +663,7 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32,
         }
         return;
     }
-    let mut local = [[0.0f32; NR]; MR];
+    let mut local = [[0.0f32; NR]; ROWS];
     for (row, acc) in local.iter_mut().zip(&acc) {
         _mm256_storeu_ps(row.as_mut_ptr(), _mm256_mul_ps(alpha, acc[0]));
         _mm256_storeu_ps(row.as_mut_ptr().add(8), _mm256_mul_ps(alpha, acc[1]));
@@ -620,6 +677,29 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32,
                 value
             };
         }
+    }
+}
+
+/// [`kernel_rows`] for a tile of `tile.rows` rows with A read in place.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_in_place(
+    kc: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    alpha: f32,
+    beta: f32,
+    tile: Tile,
+) {
+    match tile.rows {
+        6 => kernel_rows::<6>(kc, a, rsa, csa, b, alpha, beta, tile),
+        5 => kernel_rows::<5>(kc, a, rsa, csa, b, alpha, beta, tile),
+        4 => kernel_rows::<4>(kc, a, rsa, csa, b, alpha, beta, tile),
+        3 => kernel_rows::<3>(kc, a, rsa, csa, b, alpha, beta, tile),
+        2 => kernel_rows::<2>(kc, a, rsa, csa, b, alpha, beta, tile),
+        _ => kernel_rows::<1>(kc, a, rsa, csa, b, alpha, beta, tile),
     }
 }
 
@@ -1165,7 +1245,8 @@ mod tests {
             return;
         }
         // Full tiles, edges both ways, more than one k block, more than one row block
-        // (MC = 144) and column block (NC = 2048).
+        // (MC = 144) and column block (NC = 2048). A row- or column-major A is read in place
+        // (but the column-major one at k = 513), a strided one packed: the same bits.
         check_every_layout(
             sgemm,
             &[
