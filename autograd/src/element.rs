@@ -128,8 +128,8 @@ pub trait Float:
 
     /// `C ← A·B + bias` (bias added to every row) on the calling thread, C possibly
     /// uninitialised: the bias rows written first, then the product accumulated onto them
-    /// (β = 1). f32 with AVX-512 adds the bias as its kernel stores the tiles instead
-    /// ([`crate::sgemm_avx512::sgemm_bias`]), with the same bits.
+    /// (β = 1). f32 with AVX-512 or AVX2 adds the bias as its kernel stores the tiles instead
+    /// ([`crate::sgemm_avx512::sgemm_bias`], `sgemm_avx2::sgemm_bias`), with the same bits.
     ///
     /// # Safety
     /// As for [`Float::gemm`], and `bias` must point at `n` values.
@@ -180,8 +180,9 @@ pub trait Float:
     /// [`crate::gemm::gemm_new_low_rank`]'s kernel: `C ← A·B + bias + Σ parts`, then the
     /// epilogue, with the low-rank parts summed inside the tiles and the epilogue (a residual
     /// added, or GELU) applied as they are stored (f32 with AVX-512:
-    /// [`crate::sgemm_avx512::sgemm_low_rank`]), in `threads` fixed parts or, with `dynamic`,
-    /// in shrinking chunks; `false` (nothing done) where it does not apply.
+    /// [`crate::sgemm_avx512::sgemm_low_rank`]; with AVX2, all but GELU:
+    /// `sgemm_avx2::sgemm_low_rank`), in `threads` fixed parts or, with `dynamic`, in
+    /// shrinking chunks; `false` (nothing done) where it does not apply.
     ///
     /// # Safety
     /// `c` points at a row-major `m × n` output that aliases no input.
@@ -386,7 +387,17 @@ impl Float for f32 {
         dynamic: bool,
     ) -> bool {
         use crate::sgemm_avx512 as fast;
-        // Where [`Float::gemm`] would take the 12×32 kernel.
+        // Where [`Float::gemm`] would take the 6×16 kernel (AVX2 but not AVX-512) ...
+        #[cfg(target_arch = "x86_64")]
+        if crate::sgemm_avx2::available() {
+            if a.nrows().min(b.ncols()) < 32 || a.ncols() <= crate::sgemm_avx2::SHALLOW_MAX {
+                return false;
+            }
+            return crate::sgemm_avx2::sgemm_low_rank(
+                a, b, bias, u, parts, epilogue, c, threads, dynamic,
+            );
+        }
+        // ... or the 12×32 kernel.
         if !fast::available() || a.nrows().min(b.ncols()) < 32 {
             return false;
         }
@@ -409,9 +420,17 @@ impl Float for f32 {
         csc: isize,
     ) {
         use crate::sgemm_avx512 as fast;
-        // Where [`Float::gemm`] would take the 12×32 kernel anyway.
+        // Where [`Float::gemm`] would take the 12×32 kernel anyway ...
         if fast::available() && m.min(n) >= 32 && k > 0 {
             return fast::sgemm_bias(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc);
+        }
+        // ... or the 6×16 one (deeper than the shallow kernel takes).
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::sgemm_avx2 as avx2;
+            if avx2::available() && m.min(n) >= 32 && k > avx2::SHALLOW_MAX {
+                return avx2::sgemm_bias(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc);
+            }
         }
         gemm_bias_two_pass(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc)
     }

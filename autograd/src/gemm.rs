@@ -329,8 +329,9 @@ fn count_low_rank<T: Float>(
 /// inside the kernel's tiles and the residual added as they are stored
 /// ([`Float::gemm_low_rank`]): a LoRA linear's forward, or a layer's output projection onto
 /// the residual stream, writing its output once. `None` where that kernel does not apply (not
-/// f32 with AVX-512, a product under 32 wide, parts off 32-column boundaries, a residual with
-/// strided rows, a single row): the caller adds the parts and the residual itself then.
+/// f32 with AVX-512 or AVX2, a product under 32 wide, parts off 32-column boundaries (16 on
+/// AVX2), a residual with strided rows, a single row): the caller adds the parts and the
+/// residual itself then.
 pub fn gemm_new_low_rank<T: Float>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
@@ -369,7 +370,8 @@ pub fn gemm_new_low_rank<T: Float>(
 /// finished tile; with `derivative`, also GELU's derivative at each pre-activation (what its
 /// backward multiplies by) as a second matrix: an MLP's first projection and activation in
 /// one pass over the output, with the bits of [`linear_value`]-then-GELU. `None` where the
-/// fused kernel does not apply (as for [`gemm_new_low_rank`]).
+/// fused kernel does not apply (as for [`gemm_new_low_rank`], and on AVX2 without AVX-512,
+/// where GELU in the store was slower than its own pass).
 pub fn gemm_new_gelu<T: Float>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,
@@ -1113,8 +1115,16 @@ pub(crate) mod tests {
         }
     }
 
+    /// Whether the AVX2 kernels run here.
+    fn avx2_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return crate::sgemm_avx2::available();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     #[test]
-    fn low_rank_products_are_fused_for_c_attn_shapes_on_avx512_and_declined_elsewhere() {
+    fn low_rank_products_are_fused_for_c_attn_shapes_on_avx512_and_avx2_and_declined_elsewhere() {
         // nanogpt-cpu's c_attn with LoRA on q and v (rank 8, Bᵀ views) and GPT-2's width.
         for (rows, width) in [(768, 128), (64, 768)] {
             let f = |r: usize, c: usize, seed: usize| {
@@ -1143,7 +1153,7 @@ pub(crate) mod tests {
                 gemm_new_low_rank(x.view(), w.view(), Some(&bias), u.view(), &parts, None)
             });
             let Some(fused) = fused else {
-                assert!(!crate::sgemm_avx512::available());
+                assert!(!crate::sgemm_avx512::available() && !avx2_available());
                 continue;
             };
             let mut want = gemm_new_bias(x.view(), w.view(), &bias).unwrap();

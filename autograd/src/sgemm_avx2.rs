@@ -34,7 +34,7 @@
 use std::arch::x86_64::*;
 use std::cell::RefCell;
 
-use crate::sgemm_avx512::{lines as floats, Line};
+use crate::sgemm_avx512::{lines as floats, Line, Tail, TailSteps, TileFinish};
 
 /// Rows of the micro-tile.
 const MR: usize = 6;
@@ -104,6 +104,25 @@ pub unsafe fn sgemm(
     rsc: isize,
     csc: isize,
 ) {
+    let out = Output::plain(alpha, beta, c, rsc, csc);
+    sgemm_into(m, k, n, a, rsa, csa, b, rsb, csb, &out)
+}
+
+/// [`sgemm`] into `out`, with its bias, low-rank terms and epilogue.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sgemm_into(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    out: &Output,
+) {
     debug_assert!(takes(m, k, n));
     BUFFERS.with(|buffers| {
         let (a_buffer, b_buffer) = &mut *buffers.borrow_mut();
@@ -115,7 +134,6 @@ pub unsafe fn sgemm(
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                let beta = if pc == 0 { beta } else { 1.0 };
                 pack_b(
                     kc,
                     nc,
@@ -130,17 +148,10 @@ pub unsafe fn sgemm(
                         for jr in (0..nc).step_by(NR) {
                             let panel_b = packed_b.add(jr * kc);
                             for ir in (0..mc).step_by(MR) {
-                                let tile = Tile {
-                                    c: c.offset(
-                                        (ic + ir) as isize * rsc + (jc + jr) as isize * csc,
-                                    ),
-                                    rsc,
-                                    csc,
-                                    rows: MR.min(mc - ir),
-                                    cols: NR.min(nc - jr),
-                                };
-                                let a = a.offset((ic + ir) as isize * rsa + pc as isize * csa);
-                                kernel_in_place(kc, a, rsa, csa, panel_b, alpha, beta, tile);
+                                let (row, col) = (ic + ir, jc + jr);
+                                let (tail, tile) = out.tile(row, col, m, n, pc, kc, k);
+                                let a = a.offset(row as isize * rsa + pc as isize * csa);
+                                kernel_for_rows(kc, a, rsa, csa, panel_b, tail, tile);
                             }
                         }
                         continue;
@@ -156,20 +167,231 @@ pub unsafe fn sgemm(
                     for jr in (0..nc).step_by(NR) {
                         let panel_b = packed_b.add(jr * kc);
                         for ir in (0..mc).step_by(MR) {
-                            let tile = Tile {
-                                c: c.offset((ic + ir) as isize * rsc + (jc + jr) as isize * csc),
-                                rsc,
-                                csc,
-                                rows: MR.min(mc - ir),
-                                cols: NR.min(nc - jr),
-                            };
-                            kernel(kc, packed_a.add(ir * kc), panel_b, alpha, beta, tile);
+                            let (tail, tile) = out.tile(ic + ir, jc + jr, m, n, pc, kc, k);
+                            kernel(kc, packed_a.add(ir * kc), panel_b, tail, tile);
                         }
                     }
                 }
             }
         }
     })
+}
+
+/// Where a product's C goes and what is added on the way: `c ← α·a·b + β·c`, plus, as the
+/// tiles are stored, a bias row (on the first k block), and low-rank terms and an epilogue
+/// ([`Tail`], on the last k block). C's element (i, j) of this call is (i, j) + `origin` of
+/// the whole product the tail describes (a part of it, on one thread).
+#[derive(Clone, Copy)]
+struct Output<'t> {
+    alpha: f32,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    /// This call's columns of the bias row, or null.
+    bias: *const f32,
+    tail: Option<&'t Tail>,
+    origin: (usize, usize),
+}
+
+// SAFETY: the threads of a product write disjoint tiles of C and only read the rest.
+unsafe impl Send for Output<'_> {}
+unsafe impl Sync for Output<'_> {}
+
+impl Output<'_> {
+    fn plain(alpha: f32, beta: f32, c: *mut f32, rsc: isize, csc: isize) -> Output<'static> {
+        Output {
+            alpha,
+            beta,
+            c,
+            rsc,
+            csc,
+            bias: std::ptr::null(),
+            tail: None,
+            origin: (0, 0),
+        }
+    }
+
+    /// The tile at C[row, col] of an `m × n` call, for the k block of `kc` steps from `pc`
+    /// (of `k`), with its extra steps.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn tile(
+        &self,
+        row: usize,
+        col: usize,
+        m: usize,
+        n: usize,
+        pc: usize,
+        kc: usize,
+        k: usize,
+    ) -> (TailSteps, Tile) {
+        let first = pc == 0;
+        let mut tile = Tile {
+            c: self
+                .c
+                .offset(row as isize * self.rsc + col as isize * self.csc),
+            rsc: self.rsc,
+            csc: self.csc,
+            rows: MR.min(m - row),
+            cols: NR.min(n - col),
+            alpha: self.alpha,
+            beta: if first { self.beta } else { 1.0 },
+            bias: if first && !self.bias.is_null() {
+                self.bias.add(col)
+            } else {
+                std::ptr::null()
+            },
+            finish: TileFinish::NONE,
+        };
+        let steps = match self.tail {
+            Some(tail) if pc + kc == k => {
+                let (row, col) = (row + self.origin.0, col + self.origin.1);
+                tile.finish = tail.finish_at(row, col);
+                tail.steps_at(row, col)
+            }
+            _ => TailSteps::NONE,
+        };
+        (steps, tile)
+    }
+
+    /// This output with low-rank terms and an epilogue.
+    fn with_tail<'t>(&self, tail: &'t Tail) -> Output<'t> {
+        Output {
+            tail: Some(tail),
+            ..*self
+        }
+    }
+
+    /// The same output from row `row` and column `col` of this one on.
+    unsafe fn from(&self, row: usize, col: usize) -> Self {
+        let mut moved = *self;
+        moved.c = self
+            .c
+            .offset(row as isize * self.rsc + col as isize * self.csc);
+        if !self.bias.is_null() {
+            moved.bias = self.bias.add(col);
+        }
+        moved.origin = (self.origin.0 + row, self.origin.1 + col);
+        moved
+    }
+}
+
+/// `c ← a·b + bias` (the bias row added to every row of C as each tile of the first k block
+/// is stored): a linear's forward, with the bits of writing the bias rows first and then
+/// accumulating the product onto them (`1·sum + 1·bias` is `sum + bias`).
+///
+/// # Safety
+/// As for [`sgemm`], and `bias` points at `n` values.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn sgemm_bias(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    bias: *const f32,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
+    let out = Output {
+        bias,
+        ..Output::plain(1.0, 0.0, c, rsc, csc)
+    };
+    sgemm_into(m, k, n, a, rsa, csa, b, rsb, csb, &out)
+}
+
+/// [`crate::sgemm_avx512::sgemm_low_rank`] on the 6×16 kernel: `c ← a·b + bias + Σ parts`
+/// (+ a residual) into a row-major `m × n` output, each tile of a low-rank part taking u's r
+/// values of its rows against the part's scale·v as r more steps of its last k block before
+/// it is stored, and the bias and residual added as it is stored. Parts must start and end on
+/// multiples of 16 columns. Returns `false`, doing nothing, where it does not apply: as the
+/// AVX-512 one, a product under one tile, and GELU — applied in the store it made the
+/// nanogpt-cpu full step 1.7–2.2 % slower than the gelu op's separate pass (steps alternated
+/// in one process), where the low-rank terms and the residual made it 0–1 % quicker.
+///
+/// # Safety
+/// [`available`] returned true; `c` is a row-major `m × n` output that aliases none of the
+/// inputs (it is written, never read, so it may be uninitialised).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_low_rank(
+    a: ndarray::ArrayView2<f32>,
+    b: ndarray::ArrayView2<f32>,
+    bias: Option<&[f32]>,
+    u: crate::gemm::LowRankU<f32>,
+    parts: &[crate::gemm::LowRankPart<f32>],
+    epilogue: crate::gemm::Epilogue<f32>,
+    c: *mut f32,
+    threads: usize,
+    dynamic: bool,
+) -> bool {
+    use crate::sgemm_avx512::low_rank_setup;
+    use rayon::prelude::*;
+    let ((m, k), n) = (a.dim(), b.ncols());
+    if !takes(m, k, n) || matches!(epilogue, crate::gemm::Epilogue::Gelu(_)) {
+        return false;
+    }
+    let Some((spec, make_u)) = low_rank_setup(a, b, bias, u, parts, epilogue, threads, dynamic)
+    else {
+        return false;
+    };
+    let ([rsa, csa], [rsb, csb]) = (
+        [0, 1].map(|i| a.strides()[i]),
+        [0, 1].map(|i| b.strides()[i]),
+    );
+    let (a, b) = (Shared(a.as_ptr()), Shared(b.as_ptr()));
+    let plain = Output {
+        bias: bias.map_or(std::ptr::null(), |bias| bias.as_ptr()),
+        ..Output::plain(1.0, 0.0, c, n as isize, 1)
+    };
+    if dynamic {
+        let (_panels, tail) = spec.pack(NR);
+        let out = plain.with_tail(&tail);
+        if sgemm_parallel_into(m, k, n, a.get(), rsa, csa, b.get(), rsb, csb, &out) {
+            return true;
+        }
+    }
+    // Each part packs the low-rank panels for itself, after the split (as on AVX-512).
+    let run_part = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+        let (_panels, tail) = spec.pack(NR);
+        if let Some(maker) = &make_u {
+            maker.rows(rows.clone());
+        }
+        let out = plain.with_tail(&tail).from(rows.start, cols.start);
+        sgemm_into(
+            rows.len(),
+            k,
+            cols.len(),
+            a.get().offset(rows.start as isize * rsa),
+            rsa,
+            csa,
+            b.get().offset(cols.start as isize * csb),
+            rsb,
+            csb,
+            &out,
+        );
+    };
+    if threads <= 1 {
+        run_part(0..m, 0..n);
+    } else if m >= n {
+        let rows = m.div_ceil(threads);
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+            run_part(i * rows..((i + 1) * rows).min(m), 0..n);
+        });
+    } else {
+        // Whole panels per part, so that every tile is in or out of each low-rank part.
+        let cols = n.div_ceil(threads).next_multiple_of(NR);
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
+            run_part(0..m, i * cols..((i + 1) * cols).min(n));
+        });
+    }
+    true
 }
 
 /// Products under this many multiply-adds read A in place (when it has a stride of 1).
@@ -245,6 +467,24 @@ pub unsafe fn sgemm_parallel(
     rsc: isize,
     csc: isize,
 ) -> bool {
+    let out = Output::plain(alpha, beta, c, rsc, csc);
+    sgemm_parallel_into(m, k, n, a, rsa, csa, b, rsb, csb, &out)
+}
+
+/// [`sgemm_parallel`] into `out`, with its bias, low-rank terms and epilogue.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_parallel_into(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    out: &Output,
+) -> bool {
     use rayon::prelude::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     if !takes(m, k, n) {
@@ -265,7 +505,7 @@ pub unsafe fn sgemm_parallel(
     // may hand it one while it waits) finds the cell empty and packs into its own buffer.
     let mut buffer = SHARED_PACK.take();
     let packed = Shared(floats(&mut buffer, width * k));
-    let (a, b, c) = (Shared(a), Shared(b), Shared(c));
+    let (a, b) = (Shared(a), Shared(b));
     // Block pc (KC steps from `pc`) of the shared operand starts at `pc·width`, its panel
     // from column (row) `j` at `pc·width + j·kc`.
     let groups: Vec<(usize, usize)> = (0..k)
@@ -302,10 +542,12 @@ pub unsafe fn sgemm_parallel(
             }
         }
     });
-    let (len, least, most) = if split_rows {
-        (m, CHUNK_MIN_ROWS, MC)
+    // Chunks of whole tiles: rows in 6s, columns in 16s (a column chunk cut mid-tile would
+    // end on an edge tile, and a tile would straddle a low-rank part's edge).
+    let (len, least, most, tile) = if split_rows {
+        (m, CHUNK_MIN_ROWS, MC, MR)
     } else {
-        (n, CHUNK_MIN_COLS, NC)
+        (n, CHUNK_MIN_COLS, NC, NR)
     };
     let next = AtomicUsize::new(0);
     // Hands out [start, end) of what is left, in shrinking chunks.
@@ -314,7 +556,7 @@ pub unsafe fn sgemm_parallel(
         if start >= len {
             return None;
         }
-        let share = (len - start).div_ceil(2 * threads).next_multiple_of(panel);
+        let share = (len - start).div_ceil(2 * threads).next_multiple_of(tile);
         let end = (start + share.clamp(least, most)).min(len);
         if next
             .compare_exchange(start, end, Ordering::Relaxed, Ordering::Relaxed)
@@ -328,37 +570,13 @@ pub unsafe fn sgemm_parallel(
             // SAFETY: each chunk writes its own rows (columns) of C; the shared buffer is
             // only read now (every group was packed before this loop began).
             if split_rows {
-                rows_chunk(
-                    chunk,
-                    k,
-                    n,
-                    alpha,
-                    a.get(),
-                    rsa,
-                    csa,
-                    packed.get(),
-                    width,
-                    beta,
-                    c.get(),
-                    rsc,
-                    csc,
-                );
+                let a = a.get().offset(chunk.start as isize * rsa);
+                let out = out.from(chunk.start, 0);
+                rows_chunk(chunk.len(), k, n, a, rsa, csa, packed.get(), width, &out);
             } else {
-                columns_chunk(
-                    chunk,
-                    m,
-                    k,
-                    alpha,
-                    packed.get(),
-                    width,
-                    b.get(),
-                    rsb,
-                    csb,
-                    beta,
-                    c.get(),
-                    rsc,
-                    csc,
-                );
+                let b = b.get().offset(chunk.start as isize * csb);
+                let out = out.from(0, chunk.start);
+                columns_chunk(chunk.len(), m, k, packed.get(), width, b, rsb, csb, &out);
             }
         }
     });
@@ -366,109 +584,65 @@ pub unsafe fn sgemm_parallel(
     true
 }
 
-/// Rows `rows` of C (at most [`MC`]) from A read in place and B packed whole (`packed`).
+/// `mc` rows of C (at most [`MC`]) from A read in place and B packed whole (`packed_b`).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn rows_chunk(
-    rows: std::ops::Range<usize>,
+    mc: usize,
     k: usize,
     n: usize,
-    alpha: f32,
     a: *const f32,
     rsa: isize,
     csa: isize,
     packed_b: *const f32,
     width: usize,
-    beta: f32,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
+    out: &Output,
 ) {
-    let mc = rows.len();
     BUFFERS.with(|buffers| {
         let (a_buffer, _) = &mut *buffers.borrow_mut();
         let packed_a = floats(a_buffer, mc.next_multiple_of(MR) * k.min(KC));
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let beta = if pc == 0 { beta } else { 1.0 };
-            pack_a(
-                mc,
-                kc,
-                a.offset(rows.start as isize * rsa + pc as isize * csa),
-                rsa,
-                csa,
-                packed_a,
-            );
+            pack_a(mc, kc, a.offset(pc as isize * csa), rsa, csa, packed_a);
             for jr in (0..n).step_by(NR) {
                 let panel_b = packed_b.add(pc * width + jr * kc);
                 for ir in (0..mc).step_by(MR) {
-                    let tile = Tile {
-                        c: c.offset((rows.start + ir) as isize * rsc + jr as isize * csc),
-                        rsc,
-                        csc,
-                        rows: MR.min(mc - ir),
-                        cols: NR.min(n - jr),
-                    };
-                    kernel(kc, packed_a.add(ir * kc), panel_b, alpha, beta, tile);
+                    let (tail, tile) = out.tile(ir, jr, mc, n, pc, kc, k);
+                    kernel(kc, packed_a.add(ir * kc), panel_b, tail, tile);
                 }
             }
         }
     })
 }
 
-/// Columns `cols` of C (at most [`NC`]) from A packed whole (`packed`) and B read in place.
+/// `nc` columns of C (at most [`NC`]) from A packed whole (`packed_a`) and B read in place.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn columns_chunk(
-    cols: std::ops::Range<usize>,
+    nc: usize,
     m: usize,
     k: usize,
-    alpha: f32,
     packed_a: *const f32,
     width: usize,
     b: *const f32,
     rsb: isize,
     csb: isize,
-    beta: f32,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
+    out: &Output,
 ) {
-    let nc = cols.len();
     BUFFERS.with(|buffers| {
         let (_, b_buffer) = &mut *buffers.borrow_mut();
         let packed_b = floats(b_buffer, nc.next_multiple_of(NR) * k.min(KC));
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let beta = if pc == 0 { beta } else { 1.0 };
-            pack_b(
-                kc,
-                nc,
-                b.offset(pc as isize * rsb + cols.start as isize * csb),
-                rsb,
-                csb,
-                packed_b,
-            );
+            pack_b(kc, nc, b.offset(pc as isize * rsb), rsb, csb, packed_b);
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
                 for jr in (0..nc).step_by(NR) {
                     let panel_b = packed_b.add(jr * kc);
                     for ir in (ic..ic + mc).step_by(MR) {
-                        let tile = Tile {
-                            c: c.offset(ir as isize * rsc + (cols.start + jr) as isize * csc),
-                            rsc,
-                            csc,
-                            rows: MR.min(m - ir),
-                            cols: NR.min(nc - jr),
-                        };
-                        kernel(
-                            kc,
-                            packed_a.add(pc * width + ir * kc),
-                            panel_b,
-                            alpha,
-                            beta,
-                            tile,
-                        );
+                        let (tail, tile) = out.tile(ir, jr, m, nc, pc, kc, k);
+                        let panel_a = packed_a.add(pc * width + ir * kc);
+                        kernel(kc, panel_a, panel_b, tail, tile);
                     }
                 }
             }
@@ -596,8 +770,8 @@ unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, ou
     }
 }
 
-/// Where a micro-tile's result goes: its corner in C, C's strides, and how much of the 6 × 16
-/// tile is inside C.
+/// Where a micro-tile's result goes: its corner in C, C's strides, how much of the 6 × 16
+/// tile is inside C, and what the store does besides `α·sum + β·c`.
 #[derive(Clone, Copy)]
 struct Tile {
     c: *mut f32,
@@ -605,17 +779,33 @@ struct Tile {
     csc: isize,
     rows: usize,
     cols: usize,
+    alpha: f32,
+    beta: f32,
+    /// The tile's columns of a row vector added to every row (a linear's bias, on the first
+    /// k block only), or null.
+    bias: *const f32,
+    /// What happens to the finished values as the last k block stores them (a residual
+    /// added, GELU applied).
+    finish: TileFinish,
 }
 
-/// `C[tile] ← α·Apanel·Bpanel + β·C[tile]` over `kc` steps (C not read when β = 0).
+/// `C[tile] ← α·(Apanel·Bpanel + tail) + β·C[tile]` over `kc` steps (C not read when β = 0),
+/// then the tile's bias and epilogue.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, alpha: f32, beta: f32, tile: Tile) {
-    kernel_rows::<MR>(kc, a, 1, MR as isize, b, alpha, beta, tile)
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, tail: TailSteps, tile: Tile) {
+    if tile.rows == MR {
+        kernel_rows::<MR>(kc, a, 1, MR as isize, b, tail, tile)
+    } else {
+        // Exactly the tile's rows: no FMAs on the panel's padding, and no reads of u's rows
+        // past the matrix by the low-rank steps.
+        kernel_for_rows(kc, a, 1, MR as isize, b, tail, tile)
+    }
 }
 
 /// [`kernel`] on the first `ROWS` rows of A read with any strides (step `p` of row `i` at
 /// `a + i·rsa + p·csa`): a packed panel (`1`, `MR`), or A in place (row- or column-major),
-/// where rows past the tile's must not be read.
+/// where rows past the tile's must not be read. The low-rank steps of `tail` continue each
+/// element's FMA chain after the k block's.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx2,fma")]
@@ -625,8 +815,7 @@ unsafe fn kernel_rows<const ROWS: usize>(
     rsa: isize,
     csa: isize,
     b: *const f32,
-    alpha: f32,
-    beta: f32,
+    tail: TailSteps,
     tile: Tile,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
@@ -648,15 +837,78 @@ unsafe fn kernel_rows<const ROWS: usize>(
             acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
         }
     }
+    // u's values of each row (row `i`, step `p` at `tail.a + i·rsa + p`) against the packed
+    // scale·v panel.
+    for p in 0..tail.steps {
+        let b0 = _mm256_load_ps(tail.b.add(NR * p));
+        let b1 = _mm256_load_ps(tail.b.add(NR * p + 8));
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let x = _mm256_broadcast_ss(&*tail.a.offset(i as isize * tail.rsa + p as isize));
+            acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+        }
+    }
+    store(&acc, tile);
+}
+
+/// [`kernel_rows`] for a tile of `tile.rows` rows.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_for_rows(
+    kc: usize,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    tail: TailSteps,
+    tile: Tile,
+) {
+    match tile.rows {
+        6 => kernel_rows::<6>(kc, a, rsa, csa, b, tail, tile),
+        5 => kernel_rows::<5>(kc, a, rsa, csa, b, tail, tile),
+        4 => kernel_rows::<4>(kc, a, rsa, csa, b, tail, tile),
+        3 => kernel_rows::<3>(kc, a, rsa, csa, b, tail, tile),
+        2 => kernel_rows::<2>(kc, a, rsa, csa, b, tail, tile),
+        _ => kernel_rows::<1>(kc, a, rsa, csa, b, tail, tile),
+    }
+}
+
+/// Writes a finished tile (its first `tile.rows` rows of `acc`): `α·acc + β·c`, then the
+/// bias and the residual — each with the bits of the separate pass it replaces. Vector
+/// stores along C's rows for whole 16-column tiles of a C with contiguous rows; otherwise
+/// element by element. (No GELU: see [`sgemm_low_rank`].)
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store<const ROWS: usize>(acc: &[[__m256; 2]; ROWS], tile: Tile) {
+    let Tile {
+        c,
+        rsc,
+        csc,
+        rows,
+        cols,
+        alpha,
+        beta,
+        bias,
+        finish,
+    } = tile;
+    debug_assert!(!finish.gelu, "sgemm_low_rank declines GELU");
     let alpha = _mm256_set1_ps(alpha);
-    if tile.cols == NR && tile.csc == 1 {
-        for (i, acc) in acc.iter().enumerate().take(tile.rows) {
-            let row = tile.c.offset(i as isize * tile.rsc);
+    if cols == NR && csc == 1 {
+        for (i, acc) in acc.iter().enumerate().take(rows) {
+            let row = c.offset(i as isize * rsc);
             for (h, &acc) in acc.iter().enumerate() {
                 let mut value = _mm256_mul_ps(alpha, acc);
                 if beta != 0.0 {
                     let old = _mm256_loadu_ps(row.add(8 * h));
                     value = _mm256_fmadd_ps(_mm256_set1_ps(beta), old, value);
+                }
+                if !bias.is_null() {
+                    value = _mm256_add_ps(value, _mm256_loadu_ps(bias.add(8 * h)));
+                }
+                if !finish.residual.is_null() {
+                    let from = finish
+                        .residual
+                        .offset(i as isize * finish.rsr + 8 * h as isize);
+                    value = _mm256_add_ps(value, _mm256_loadu_ps(from));
                 }
                 _mm256_storeu_ps(row.add(8 * h), value);
             }
@@ -664,42 +916,26 @@ unsafe fn kernel_rows<const ROWS: usize>(
         return;
     }
     let mut local = [[0.0f32; NR]; ROWS];
-    for (row, acc) in local.iter_mut().zip(&acc) {
+    for (row, acc) in local.iter_mut().zip(acc) {
         _mm256_storeu_ps(row.as_mut_ptr(), _mm256_mul_ps(alpha, acc[0]));
         _mm256_storeu_ps(row.as_mut_ptr().add(8), _mm256_mul_ps(alpha, acc[1]));
     }
-    for (i, row) in local.iter().enumerate().take(tile.rows) {
-        for (j, &value) in row.iter().enumerate().take(tile.cols) {
-            let out = tile.c.offset(i as isize * tile.rsc + j as isize * tile.csc);
-            *out = if beta != 0.0 {
+    for (i, row) in local.iter().enumerate().take(rows) {
+        for (j, &value) in row.iter().enumerate().take(cols) {
+            let out = c.offset(i as isize * rsc + j as isize * csc);
+            let mut value = if beta != 0.0 {
                 beta.mul_add(*out, value)
             } else {
                 value
             };
+            if !bias.is_null() {
+                value += *bias.add(j);
+            }
+            if !finish.residual.is_null() {
+                value += *finish.residual.offset(i as isize * finish.rsr + j as isize);
+            }
+            *out = value;
         }
-    }
-}
-
-/// [`kernel_rows`] for a tile of `tile.rows` rows with A read in place.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_in_place(
-    kc: usize,
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    b: *const f32,
-    alpha: f32,
-    beta: f32,
-    tile: Tile,
-) {
-    match tile.rows {
-        6 => kernel_rows::<6>(kc, a, rsa, csa, b, alpha, beta, tile),
-        5 => kernel_rows::<5>(kc, a, rsa, csa, b, alpha, beta, tile),
-        4 => kernel_rows::<4>(kc, a, rsa, csa, b, alpha, beta, tile),
-        3 => kernel_rows::<3>(kc, a, rsa, csa, b, alpha, beta, tile),
-        2 => kernel_rows::<2>(kc, a, rsa, csa, b, alpha, beta, tile),
-        _ => kernel_rows::<1>(kc, a, rsa, csa, b, alpha, beta, tile),
     }
 }
 
@@ -1258,6 +1494,44 @@ mod tests {
                 (13, 40, 2100),
             ],
         );
+    }
+
+    #[test]
+    fn the_bias_added_as_tiles_are_stored_gives_the_bits_of_writing_the_bias_rows_first() {
+        if !supported() {
+            return;
+        }
+        // Edges both ways, several k blocks, A read in place and packed, C row- or column-major.
+        for (m, k, n) in [(7, 17, 17), (29, 300, 45), (150, 513, 40)] {
+            let (a, b) = (values(m * k, 21), values(k * n, 22));
+            let bias = values(n, 23);
+            for layout in 0..18 {
+                let (a_layout, b_layout, c_layout) = (layout % 3, layout / 3 % 3, layout / 9);
+                let (a_store, rsa, csa) = stored(&a, m, k, a_layout);
+                let (b_store, rsb, csb) = stored(&b, k, n, b_layout);
+                let rows: Vec<f32> = (0..m * n).map(|e| bias[e % n]).collect();
+                let (mut two_pass, rsc, csc) = stored(&rows, m, n, c_layout);
+                let mut fused = vec![f32::NAN; two_pass.len()];
+                // SAFETY: the strides describe the stored matrices; the outputs are separate.
+                unsafe {
+                    let (a, b) = (a_store.as_ptr(), b_store.as_ptr());
+                    let c = two_pass.as_mut_ptr();
+                    sgemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 1.0, c, rsc, csc);
+                    let (bias, c) = (bias.as_ptr(), fused.as_mut_ptr());
+                    sgemm_bias(m, k, n, a, rsa, csa, b, rsb, csb, bias, c, rsc, csc);
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let e = i * rsc as usize + j * csc as usize;
+                        assert_eq!(
+                            fused[e].to_bits(),
+                            two_pass[e].to_bits(),
+                            "{m}×{k}×{n} layout {layout} at ({i}, {j})"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
