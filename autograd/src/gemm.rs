@@ -329,9 +329,9 @@ fn count_low_rank<T: Float>(
 /// inside the kernel's tiles and the residual added as they are stored
 /// ([`Float::gemm_low_rank`]): a LoRA linear's forward, or a layer's output projection onto
 /// the residual stream, writing its output once. `None` where that kernel does not apply (not
-/// f32 with AVX-512 or AVX2, a product under 32 wide, parts off 32-column boundaries (16 on
-/// AVX2), a residual with strided rows, a single row): the caller adds the parts and the
-/// residual itself then.
+/// f32 with AVX-512 or AVX2, a product under 32 wide, parts off 32-column boundaries, a
+/// residual with strided rows, a single row): the caller adds the parts and the residual
+/// itself then.
 pub fn gemm_new_low_rank<T: Float>(
     a: ArrayView2<T>,
     b: ArrayView2<T>,

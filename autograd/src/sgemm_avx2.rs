@@ -20,11 +20,15 @@
 //!       jr: 16-col panel    one B panel (16 KiB at kc = 256) stays in L1
 //!         ir: 6-row panel   micro-kernel: C[6×16] ← α·Apanel·Bpanel + β·C
 //! ```
-//!   Panels are zero-padded at the edges; an edge tile is computed whole and only its valid
-//!   part written. β applies on the first k block only; with β = 0, C is never read, so it
+//!   Panels are zero-padded at the edges; an edge tile runs the kernel for exactly its rows
+//!   and writes only its valid columns. β applies on the first k block only; with β = 0, C is never read, so it
 //!   may be uninitialised memory. A transposed operand is packed through 8×8 in-register
 //!   transposes. Products under 2²⁶ multiply-adds whose A has a stride of 1 skip A's packing:
 //!   each tile broadcasts from A in place, running the kernel for exactly its rows.
+//! * [`sgemm_bias`] and [`sgemm_low_rank`]: the same kernel with a linear's bias added as the
+//!   first k block's tiles are stored, and LoRA's low-rank terms (u's r values against the
+//!   part's scale·Bᵀ, as r more steps of the last k block) and a residual added before the
+//!   last ones are: a LoRA forward or a layer's output projection writes its output once.
 //! * [`sgemm_thin`]: products at most 16 wide (or tall, as Cᵀ = Bᵀ·Aᵀ) — LoRA's rank side
 //!   (x·Aᵀ, ∂u = G·B, ∂A, ∂B), where copying the wide operand into a packing buffer would cost
 //!   as much as the multiply-adds: that operand is read in place.
@@ -311,7 +315,8 @@ pub unsafe fn sgemm_bias(
 /// (+ a residual) into a row-major `m × n` output, each tile of a low-rank part taking u's r
 /// values of its rows against the part's scale·v as r more steps of its last k block before
 /// it is stored, and the bias and residual added as it is stored. Parts must start and end on
-/// multiples of 16 columns. Returns `false`, doing nothing, where it does not apply: as the
+/// multiples of 32 columns (the check shared with the AVX-512 kernel; GPT-2's widths are
+/// multiples of 64). Returns `false`, doing nothing, where it does not apply: as the
 /// AVX-512 one, a product under one tile, and GELU — applied in the store it made the
 /// nanogpt-cpu full step 1.7–2.2 % slower than the gelu op's separate pass (steps alternated
 /// in one process), where the low-rank terms and the residual made it 0–1 % quicker.
