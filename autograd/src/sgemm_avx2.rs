@@ -336,8 +336,7 @@ pub unsafe fn sgemm_low_rank(
     threads: usize,
     dynamic: bool,
 ) -> bool {
-    use crate::sgemm_avx512::low_rank_setup;
-    use rayon::prelude::*;
+    use crate::sgemm_avx512::{for_each_fixed_part, low_rank_setup};
     let ((m, k), n) = (a.dim(), b.ncols());
     if !takes(m, k, n) || matches!(epilogue, crate::gemm::Epilogue::Gelu(_)) {
         return false;
@@ -382,20 +381,7 @@ pub unsafe fn sgemm_low_rank(
             &out,
         );
     };
-    if threads <= 1 {
-        run_part(0..m, 0..n);
-    } else if m >= n {
-        let rows = m.div_ceil(threads);
-        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
-            run_part(i * rows..((i + 1) * rows).min(m), 0..n);
-        });
-    } else {
-        // Whole panels per part, so that every tile is in or out of each low-rank part.
-        let cols = n.div_ceil(threads).next_multiple_of(NR);
-        (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
-            run_part(0..m, i * cols..((i + 1) * cols).min(n));
-        });
-    }
+    for_each_fixed_part(m, n, threads, NR, run_part);
     true
 }
 

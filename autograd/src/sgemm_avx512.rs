@@ -409,7 +409,6 @@ pub unsafe fn sgemm_low_rank(
     product.bias = bias.map_or(std::ptr::null(), |bias| bias.as_ptr());
     #[cfg(target_arch = "x86_64")]
     {
-        use rayon::prelude::*;
         if dynamic {
             let (_panels, tail) = spec.pack(NR);
             let mut shared = product;
@@ -431,20 +430,7 @@ pub unsafe fn sgemm_low_rank(
             }
             product.run(rows, cols, None, None);
         };
-        if threads <= 1 {
-            run_part(0..m, 0..n);
-        } else if m >= n {
-            let rows = m.div_ceil(threads);
-            (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
-                run_part(i * rows..((i + 1) * rows).min(m), 0..n);
-            });
-        } else {
-            // Whole panels per part, so that every tile is in or out of each low-rank part.
-            let cols = n.div_ceil(threads).next_multiple_of(NR);
-            (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
-                run_part(0..m, i * cols..((i + 1) * cols).min(n));
-            });
-        }
+        for_each_fixed_part(m, n, threads, NR, run_part);
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -548,6 +534,33 @@ pub(crate) fn low_rank_setup<'a, 'v>(
         },
     };
     Some((spec, make_u))
+}
+
+/// Runs `run_part(rows, cols)` on each part of a low-rank product's fixed split: all of it on
+/// one thread, else `threads` parts of rows when `m ≥ n`, or of columns in whole `panel`s (so
+/// that every tile is in or out of each low-rank part).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn for_each_fixed_part(
+    m: usize,
+    n: usize,
+    threads: usize,
+    panel: usize,
+    run_part: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    use rayon::prelude::*;
+    if threads <= 1 {
+        run_part(0..m, 0..n);
+    } else if m >= n {
+        let rows = m.div_ceil(threads);
+        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
+            run_part(i * rows..((i + 1) * rows).min(m), 0..n);
+        });
+    } else {
+        let cols = n.div_ceil(threads).next_multiple_of(panel);
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
+            run_part(0..m, i * cols..((i + 1) * cols).min(n));
+        });
+    }
 }
 
 /// What each part of a [`sgemm_low_rank`] product needs to build its [`Tail`]: the parts
