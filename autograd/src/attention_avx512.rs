@@ -98,18 +98,18 @@ pub struct RowsMut {
 
 impl Rows {
     /// The same rows from column `j` on.
-    fn shifted(self, j: usize) -> Rows {
+    pub(crate) fn shifted(self, j: usize) -> Rows {
         Rows {
             ptr: self.ptr.wrapping_add(j),
             stride: self.stride,
         }
     }
 
-    fn row(self, i: usize) -> *const f32 {
+    pub(crate) fn row(self, i: usize) -> *const f32 {
         self.ptr.wrapping_offset(i as isize * self.stride)
     }
 
-    fn from(self, i: usize) -> Rows {
+    pub(crate) fn from(self, i: usize) -> Rows {
         Rows {
             ptr: self.row(i),
             stride: self.stride,
@@ -118,7 +118,7 @@ impl Rows {
 }
 
 impl RowsMut {
-    fn from(self, i: usize) -> RowsMut {
+    pub(crate) fn from(self, i: usize) -> RowsMut {
         RowsMut {
             ptr: self.ptr.wrapping_offset(i as isize * self.stride),
             stride: self.stride,
@@ -137,7 +137,12 @@ thread_local! {
 /// many (the products over keys read one row per step: rows a fused qkv's 3C apart, past 64
 /// of them, each step lands in another page), else with `x` itself.
 #[cfg(target_arch = "x86_64")]
-unsafe fn with_contiguous<R>(x: Rows, t: usize, d: usize, f: impl FnOnce(Rows) -> R) -> R {
+pub(crate) unsafe fn with_contiguous<R>(
+    x: Rows,
+    t: usize,
+    d: usize,
+    f: impl FnOnce(Rows) -> R,
+) -> R {
     if t <= MAX_T || x.stride == d as isize {
         return f(x);
     }
@@ -158,6 +163,22 @@ unsafe fn with_contiguous<R>(x: Rows, t: usize, d: usize, f: impl FnOnce(Rows) -
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn with_transposed<R>(x: Rows, t: usize, d: usize, f: impl FnOnce(Rows) -> R) -> R {
+    with_transposed_by(x, t, d, transpose, f)
+}
+
+/// A transpose of `t` rows of `d` channels into `d` rows of `stride` (zero past `t`).
+pub(crate) type Transpose = unsafe fn(Rows, usize, usize, *mut f32, usize);
+
+/// Runs `f` with `x`'s first `t` rows transposed by `transpose` into this thread's buffer
+/// (rows `stride = t` rounded up to 16 apart).
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn with_transposed_by<R>(
+    x: Rows,
+    t: usize,
+    d: usize,
+    transpose: Transpose,
+    f: impl FnOnce(Rows) -> R,
+) -> R {
     let stride = t.next_multiple_of(16);
     let mut buffer = TRANSPOSED.take();
     buffer.clear();
@@ -330,16 +351,17 @@ pub unsafe fn backward(
     crate::gemm::count_flops(flops);
 }
 
+/// One head's length, mask and score scale.
 #[derive(Clone, Copy)]
-struct Head {
-    t: usize,
-    causal: bool,
-    scale: f32,
+pub(crate) struct Head {
+    pub(crate) t: usize,
+    pub(crate) causal: bool,
+    pub(crate) scale: f32,
 }
 
 impl Head {
     /// Keys that rows before `end` see.
-    fn keys(self, end: usize) -> usize {
+    pub(crate) fn keys(self, end: usize) -> usize {
         if self.causal {
             end
         } else {
@@ -347,7 +369,8 @@ impl Head {
         }
     }
 
-    fn visible(self, i: usize) -> usize {
+    /// Keys row `i` sees.
+    pub(crate) fn visible(self, i: usize) -> usize {
         if self.causal {
             i + 1
         } else {
@@ -728,20 +751,40 @@ unsafe fn exp(x: __m512) -> __m512 {
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
-mod tests {
+pub(crate) mod tests {
+    use super::{Rows, RowsMut};
+
+    /// A head kernel's entry points (this module's or [`crate::attention_avx2`]'s) and the
+    /// longest sequence it takes, for the checks both modules run.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Kernel {
+        pub(crate) forward: Forward,
+        pub(crate) backward: Backward,
+        pub(crate) longest: usize,
+    }
+
+    /// The signature of the kernels' `forward`.
+    type Forward = unsafe fn(usize, usize, bool, f32, (Rows, Rows, Rows), *mut f32, RowsMut);
+
+    /// The gradients `backward` may write (∂q, ∂k, ∂v).
+    type Outputs = (Option<RowsMut>, Option<RowsMut>, Option<RowsMut>);
+
+    /// The signature of the kernels' `backward`.
+    type Backward = unsafe fn(usize, usize, bool, f32, Rows, (Rows, Rows, Rows), *mut f32, Outputs);
+
     /// One head, the last in every buffer it reads or writes (q, k, v in a fused `[t, 3C]`
     /// array, C = 2d; the output, ∂O and P exactly sized), its outputs and P prefilled with
     /// NaN. Returns P, the output, ∂q, ∂k, ∂v (NaN where not asked for) and the inputs q, k,
     /// v, ∂O as `[t, d]` blocks.
     #[allow(clippy::type_complexity)]
     fn run_last_head(
+        kernel: Kernel,
         t: usize,
         d: usize,
         causal: bool,
         needs: [bool; 3],
         inputs: Option<u64>,
     ) -> ([Vec<f32>; 5], [Vec<f64>; 4]) {
-        use super::{Rows, RowsMut};
         let (c, nan) = (2 * d, f32::NAN);
         let w = 3 * c;
         let random = |len: usize, seed: u64| -> Vec<f32> {
@@ -778,10 +821,10 @@ mod tests {
                 ptr: out[d..].as_mut_ptr(),
                 stride: c as isize,
             };
-            super::forward(t, d, causal, scale, (q, k, v), p.as_mut_ptr(), out);
+            (kernel.forward)(t, d, causal, scale, (q, k, v), p.as_mut_ptr(), out);
             let probs = p.clone();
             let g = rows(&g, d, c);
-            super::backward(
+            (kernel.backward)(
                 t,
                 d,
                 causal,
@@ -818,23 +861,31 @@ mod tests {
 
     #[test]
     fn heads_at_the_ends_of_their_buffers_match_an_f64_reference() {
-        // Every T from 1 to 384 that changes a block, tile or chunk boundary, heads of 16 to 64
-        // channels, causal or not, each gradient subset (past T = 130 only all three); outputs
-        // and P start as NaN and the per-thread buffers hold NaN from a previous head, so
-        // anything read before it is written shows. Gradients not asked for stay unwritten;
-        // masked probabilities are exactly +0.
-        if !super::takes(16, 16, 16) {
-            return;
+        if super::takes(16, 16, 16) {
+            check_heads_at_the_ends_of_their_buffers(Kernel {
+                forward: super::forward,
+                backward: super::backward,
+                longest: super::LONGEST,
+            });
         }
+    }
+
+    /// Every T up to `kernel.longest` (from 1 to 384) that changes a block, tile or chunk
+    /// boundary, heads of 16 to 64 channels, causal or not, each gradient subset (past T = 130
+    /// only all three), against an f64 reference; outputs and P start as NaN and the
+    /// per-thread buffers hold NaN from a previous head, so anything read before it is
+    /// written shows. Gradients not asked for stay unwritten; masked probabilities are
+    /// exactly +0.
+    pub(crate) fn check_heads_at_the_ends_of_their_buffers(kernel: Kernel) {
         for causal in [true, false] {
-            run_last_head(384, 64, causal, [true; 3], None);
+            run_last_head(kernel, kernel.longest, 64, causal, [true; 3], None);
         }
         let mut seed = 1000;
         let lengths = [
             1, 2, 5, 6, 7, 11, 12, 13, 15, 16, 17, 18, 31, 33, 47, 63, 64, 65, 66, 70, 79, 80, 96,
-            112, 127, 128, 129, 191, 200, 255, 257, 320, 383, 384,
+            112, 127, 128, 129, 191, 200, 255, 256, 257, 320, 383, 384,
         ];
-        for t in lengths {
+        for t in lengths.into_iter().filter(|&t| t <= kernel.longest) {
             for d in [16, 32, 48, 64] {
                 for causal in [true, false] {
                     for needs in [
@@ -850,7 +901,7 @@ mod tests {
                         }
                         seed += 10;
                         let ([p, out, dq, dk, dv], [q, k, v, g]) =
-                            run_last_head(t, d, causal, needs, Some(seed));
+                            run_last_head(kernel, t, d, causal, needs, Some(seed));
                         let at = |x: &[f64], i: usize, c: usize| x[i * d + c];
                         let scale = 1.0 / (d as f64).sqrt();
                         let visible = |i: usize| if causal { i + 1 } else { t };

@@ -1304,7 +1304,7 @@ unsafe fn shallow_row(
 /// `rows[r][c]` → `out[c][r]`: an 8 × 8 block transposed in registers.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn transpose8(rows: [__m256; 8]) -> [__m256; 8] {
+pub(crate) unsafe fn transpose8(rows: [__m256; 8]) -> [__m256; 8] {
     let [r0, r1, r2, r3, r4, r5, r6, r7] = rows;
     let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
     let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));

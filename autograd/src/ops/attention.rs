@@ -31,7 +31,8 @@
 //!
 //! In f32 on AVX-512, self-attention over at most 384 positions with heads of 16 to 64
 //! channels (nanogpt-cpu's T = 64, D = 32) skips all of that: each head runs in
-//! [`crate::attention_avx512`]'s register tiles, with the same bits for finite inputs.
+//! [`crate::attention_avx512`]'s register tiles, with the same bits for finite inputs. On
+//! AVX2 without AVX-512, [`crate::attention_avx2`] does the same for at most 256 positions.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -59,7 +60,8 @@ struct Dims {
     /// rows, and causal blocks are [`PACKED_BLOCK`] rows high.
     packed: bool,
     /// Whether each head runs in [`crate::attention_avx512`]'s register tiles (f32 on
-    /// AVX-512, self-attention of at most 384 positions, heads of 16 to 64 channels).
+    /// AVX-512, self-attention of at most 384 positions, heads of 16 to 64 channels) or
+    /// [`crate::attention_avx2`]'s (on AVX2, at most 256 positions).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     small: bool,
 }
@@ -80,7 +82,8 @@ impl Dims {
             && tk.min(d) >= PACKED_MIN_COLUMNS
             && PackedRight::<T>::packs(PACKED_MIN_COLUMNS);
         let small = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-            && crate::attention_avx512::takes(tq, tk, d);
+            && (crate::attention_avx512::takes(tq, tk, d)
+                || crate::attention_avx2::takes(tq, tk, d));
         Dims {
             batch,
             heads,
@@ -278,7 +281,7 @@ fn view3<T: Float>(x: &Tensor<T>) -> ArrayView3<'_, T> {
 /// ([`crate::simd::max_lanes`], [`crate::simd::sum_lanes`]): a running fold over them cost a
 /// T = 64 row as much as its exponentials.
 #[inline(always)]
-fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
+pub(crate) fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
     let (chunks, tail) = row.as_chunks_mut::<16>();
     let full = (visible / 16).min(chunks.len());
     let (full_chunks, rest) = chunks.split_at_mut(full);
@@ -356,10 +359,20 @@ fn softmax_masked_row<T: Float>(row: &mut [T], visible: usize) {
     }
 }
 
+/// ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) · scale in place of a row of P. Inlined so that it is
+/// compiled wide inside [`crate::simd::vectorized`].
+#[inline(always)]
+pub(crate) fn score_gradient_row<T: Float>(p_row: &mut [T], dp_row: &[T], scale: T) {
+    let dot = crate::simd::dot(p_row, dp_row);
+    for (p, &dp) in p_row.iter_mut().zip(dp_row) {
+        *p = *p * (dp - dot) * scale;
+    }
+}
+
 /// How much of a score row of `len` entries, `visible` of them unmasked, the row loops take:
 /// the visible entries rounded up to whole 16-lane chunks (the entries past `visible` are
 /// zero in P), so no row ends in a scalar tail unless the row itself does.
-fn row_span(visible: usize, len: usize) -> usize {
+pub(crate) fn row_span(visible: usize, len: usize) -> usize {
     visible.next_multiple_of(16).min(len)
 }
 
@@ -424,7 +437,12 @@ fn forward_heads<T: Float>(
                     // SAFETY: `small` holds only for f32 and what the kernel takes; the views
                     // are this head's t rows of d contiguous channels, P its own t × t block.
                     unsafe {
-                        crate::attention_avx512::forward(
+                        let forward = if crate::sgemm_avx512::available() {
+                            crate::attention_avx512::forward
+                        } else {
+                            crate::attention_avx2::forward
+                        };
+                        forward(
                             tq,
                             d,
                             dims.causal,
@@ -524,7 +542,12 @@ fn backward_heads<T: Float>(
                     // SAFETY: as in the forward; P holds this head's probabilities, and the
                     // gradient blocks are this head's own rows.
                     unsafe {
-                        crate::attention_avx512::backward(
+                        let backward = if crate::sgemm_avx512::available() {
+                            crate::attention_avx512::backward
+                        } else {
+                            crate::attention_avx2::backward
+                        };
+                        backward(
                             tq,
                             d,
                             dims.causal,
@@ -576,12 +599,11 @@ fn backward_heads<T: Float>(
                             // P is 0 past the visible keys (and ∂P finite), so those entries
                             // add nothing to the dot product and stay 0.
                             let seen = row_span(dims.visible(i), tk);
-                            let p_row = &mut p_row.into_slice().expect("contiguous rows")[..seen];
-                            let dp_row = &dp_row.to_slice().expect("contiguous rows")[..seen];
-                            let dot = crate::simd::dot(p_row, dp_row);
-                            for (p, &dp) in p_row.iter_mut().zip(dp_row) {
-                                *p = *p * (dp - dot) * scale;
-                            }
+                            score_gradient_row(
+                                &mut p_row.into_slice().expect("contiguous rows")[..seen],
+                                &dp_row.to_slice().expect("contiguous rows")[..seen],
+                                scale,
+                            );
                         }
                     },
                 );
@@ -944,14 +966,15 @@ mod tests {
 
     #[test]
     fn register_tile_heads_give_the_general_paths_bits() {
-        // Short self-attention in f32 on AVX-512 runs each head in `attention_avx512`'s
-        // register tiles. Against the general path (packed products, softmax over memory),
+        // Short self-attention in f32 on AVX-512 (AVX2) runs each head in
+        // `attention_avx512`'s (`attention_avx2`'s) register tiles. Against the general path (packed products, softmax over memory),
         // the same bits: 6-row tiles with 1–4 vectors of keys, a last tile of 4 rows at
         // T = 64 and of 2 at 32, ragged rows (T = 1, 5, 37, 50, 77); past 64 keys, scores
         // through memory in 64-column groups, v, k, ∂O and q rows copied side by side
         // (T = 80 … 384). Heads of 16, 32, 48, 64 channels; causal or not; subsets of the
         // gradients the tape may ask for.
-        if !crate::attention_avx512::takes(16, 16, 16) {
+        if !crate::attention_avx512::takes(16, 16, 16) && !crate::attention_avx2::takes(16, 16, 16)
+        {
             return;
         }
         let mut seed = 200;
@@ -979,6 +1002,10 @@ mod tests {
             (112, 48, 1),
             (144, 32, 2),
         ] {
+            let d = c / heads;
+            if !crate::attention_avx512::takes(t, t, d) && !crate::attention_avx2::takes(t, t, d) {
+                continue;
+            }
             for causal in [true, false] {
                 for needs in [
                     [true, true, true],

@@ -1,0 +1,344 @@
+//! One attention head of a short sequence (self-attention over T ≤ 256 positions, heads of
+//! 16, 32, 48 or 64 channels) in f32 on AVX2, from 6 × 16 register tiles.
+//!
+//! The AVX2 counterpart of [`crate::attention_avx512`]. At nanogpt-cpu's shape (T = 64,
+//! D = 32) a head's six products are a few thousand multiply-adds each, and the general path
+//! (a GEMM call per product, packing what it reads, the whole 64 × 64 score square at once)
+//! spent more on the calls than on the arithmetic. Here every product is one `tile`
+//! function — 6 rows × 16 columns, twelve 8-lane accumulators, the shape of
+//! [`crate::sgemm_avx2`]'s kernel — reading its operands in place:
+//!
+//! ```text
+//! forward, per tile of 6 query rows         backward
+//!   S  = q·kᵀ·scale  16 keys at a time       ∂v = Pᵀ·∂O   per 6 keys, over the queries that see them
+//!   P  = softmax(S, masked)  (the general    per tile of 6 query rows:
+//!        path's row loop, on the stored row)   ∂P = ∂O·vᵀ   16 keys at a time
+//!   O  = P·v         over the keys the         ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)) · scale
+//!                    tile sees                 ∂q = ∂S·k    over the keys the tile sees
+//!                                           ∂k = ∂Sᵀ·q   per 6 keys, as ∂v
+//! ```
+//! A causal tile stops at the last key its last row sees (scores rounded up to 16 keys), so
+//! most of the masked triangle is skipped even at T = 64, where the general path computes it
+//! whole (its blocks only pay from T = 128). Sixteen registers do not hold a row of 64 scores
+//! (AVX-512's tiles keep them), so scores and ∂P go to the row in memory, which stays in L1,
+//! and the softmax and ∂S rows are the general path's own functions
+//! ([`crate::ops::attention`]'s `softmax_masked_row`, `score_gradient_row`) compiled wide.
+//!
+//! Each accumulator adds its steps in order from zero, as the GEMM kernels do, and no product
+//! here is deeper than the kernel's 256-step k block ([`LONGEST`]), so for finite inputs the
+//! results are the bits of the general path (the tiles skip products with masked zeros of P
+//! that the general path computes, so an infinite or NaN input can differ there).
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+#[cfg(target_arch = "x86_64")]
+use crate::attention_avx512::{with_contiguous, with_transposed_by, Head, Rows, RowsMut};
+
+/// Longest sequence taken: the general path's products sum at most 256 steps in one chain
+/// (the AVX2 kernel's k block), so up to here the tiles' single chains give its bits.
+pub const LONGEST: usize = 256;
+
+/// Rows of a register tile (6 rows × 2 vectors of 8 lanes = 12 accumulators).
+const ROWS: usize = 6;
+
+/// Columns of a register tile.
+const COLUMNS: usize = 16;
+
+/// Whether [`forward`] and [`backward`] take a head of `d` channels over `tq` queries and `tk`
+/// keys: self-attention (`tq == tk`) of at most [`LONGEST`] positions, `d` a multiple of 16 up
+/// to 64, where [`crate::sgemm_avx2`]'s kernels run (an AVX2 CPU without AVX-512, not
+/// switched off with `TAPELORA_GEMM=matrixmultiply`).
+pub fn takes(tq: usize, tk: usize, d: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        tq == tk
+            && (1..=LONGEST).contains(&tk)
+            && d.is_multiple_of(16)
+            && (16..=64).contains(&d)
+            && crate::sgemm_avx2::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (tq, tk, d);
+        false
+    }
+}
+
+/// One head's scaled dot-product attention forward over `t` positions of `d` channels:
+/// writes the probabilities `p` (`t × t`, row-major, zero where masked) and the output rows.
+///
+/// # Safety
+/// [`takes`]`(t, t, d)` must hold; `q`, `k`, `v` must hold `t` readable rows of `d` floats,
+/// `p` `t·t` writable floats and `out` `t` writable rows of `d`, none overlapping the others.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn forward(
+    t: usize,
+    d: usize,
+    causal: bool,
+    scale: f32,
+    (q, k, v): (Rows, Rows, Rows),
+    p: *mut f32,
+    out: RowsMut,
+) {
+    let mut flops = 0;
+    let head = Head { t, causal, scale };
+    with_transposed_by(k, t, d, transpose, |k_t| {
+        with_contiguous(v, t, d, |v| {
+            for i0 in (0..t).step_by(ROWS) {
+                let rows = ROWS.min(t - i0);
+                let keys = head.keys(i0 + rows);
+                let probs = RowsMut {
+                    ptr: p.add(i0 * t),
+                    stride: t as isize,
+                };
+                scores(q.from(i0), rows, k_t, d, probs, (keys, t), scale);
+                crate::simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        for i in i0..i0 + rows {
+                            let row = std::slice::from_raw_parts_mut(p.add(i * t), t);
+                            let span = crate::ops::attention::row_span(head.visible(i), t);
+                            crate::ops::attention::softmax_masked_row(
+                                &mut row[..span],
+                                head.visible(i),
+                            );
+                            row[span..].fill(0.0);
+                        }
+                    },
+                );
+                let probs = Rows {
+                    ptr: probs.ptr,
+                    stride: t as isize,
+                };
+                weighted(probs, 1, v, keys, rows, out.from(i0), d);
+                flops += 2 * rows * (t.min(keys.next_multiple_of(COLUMNS)) + keys) * d;
+            }
+        })
+    });
+    crate::gemm::count_flops(flops);
+}
+
+/// One head's backward: from the output's gradient `g` and the probabilities `p` saved by
+/// [`forward`], writes whichever of ∂q, ∂k, ∂v is asked for. `p` is overwritten with ∂S.
+///
+/// # Safety
+/// As for [`forward`]; `p` must hold [`forward`]'s probabilities for these q, k.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn backward(
+    t: usize,
+    d: usize,
+    causal: bool,
+    scale: f32,
+    g: Rows,
+    (q, k, v): (Rows, Rows, Rows),
+    p: *mut f32,
+    (dq, dk, dv): (Option<RowsMut>, Option<RowsMut>, Option<RowsMut>),
+) {
+    let mut flops = 0;
+    // ∂v = Pᵀ·∂O, and at the end ∂k = ∂Sᵀ·q: per 6 keys, the queries that see them.
+    let transposed_product = |m: *const f32, x: Rows, out: RowsMut, flops: &mut usize| {
+        for j0 in (0..t).step_by(ROWS) {
+            let rows = ROWS.min(t - j0);
+            let first = if causal { j0 } else { 0 };
+            let columns = Rows {
+                ptr: m.add(first * t + j0),
+                stride: 1,
+            };
+            weighted(
+                columns,
+                t as isize,
+                x.from(first),
+                t - first,
+                rows,
+                out.from(j0),
+                d,
+            );
+            *flops += 2 * rows * (t - first) * d;
+        }
+    };
+    if let Some(dv) = dv {
+        with_contiguous(g, t, d, |g| transposed_product(p, g, dv, &mut flops));
+    }
+    if dq.is_none() && dk.is_none() {
+        crate::gemm::count_flops(flops);
+        return;
+    }
+    let head = Head { t, causal, scale };
+    let stride = t.next_multiple_of(COLUMNS);
+    let mut dp = [0.0f32; ROWS * LONGEST];
+    let dp_rows = RowsMut {
+        ptr: dp.as_mut_ptr(),
+        stride: stride as isize,
+    };
+    with_transposed_by(v, t, d, transpose, |v_t| {
+        with_contiguous(k, t, d, |k| {
+            for i0 in (0..t).step_by(ROWS) {
+                let rows = ROWS.min(t - i0);
+                let keys = head.keys(i0 + rows);
+                scores(g.from(i0), rows, v_t, d, dp_rows, (keys, t), 1.0);
+                crate::simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        for r in 0..rows {
+                            let i = i0 + r;
+                            let seen = crate::ops::attention::row_span(head.visible(i), t);
+                            crate::ops::attention::score_gradient_row(
+                                std::slice::from_raw_parts_mut(p.add(i * t), seen),
+                                std::slice::from_raw_parts(dp_rows.ptr.add(r * stride), seen),
+                                scale,
+                            );
+                        }
+                    },
+                );
+                flops += 2 * rows * t.min(keys.next_multiple_of(COLUMNS)) * d;
+                if let Some(dq) = dq {
+                    let ds = Rows {
+                        ptr: p.add(i0 * t),
+                        stride: t as isize,
+                    };
+                    weighted(ds, 1, k, keys, rows, dq.from(i0), d);
+                    flops += 2 * rows * keys * d;
+                }
+            }
+        })
+    });
+    if let Some(dk) = dk {
+        with_contiguous(q, t, d, |q| transposed_product(p, q, dk, &mut flops));
+    }
+    crate::gemm::count_flops(flops);
+}
+
+/// `acc[r] = Σ_s m(r, s) · y(s)[0..16]` for `s` in `0..steps`, where row `r` of `m` starts
+/// at `m.row(r)` (rows past `rows` repeat the last one) and steps `m_step` apart, and
+/// `y(s) = y.row(s)`. Each accumulator adds its steps in order from zero, as the GEMM kernels
+/// do.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile(m: Rows, m_step: isize, rows: usize, y: Rows, steps: usize) -> [[__m256; 2]; ROWS] {
+    let starts: [*const f32; ROWS] = std::array::from_fn(|r| m.row(r.min(rows - 1)));
+    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+    let mut y_row = y.ptr;
+    for s in 0..steps as isize {
+        let (y0, y1) = (_mm256_loadu_ps(y_row), _mm256_loadu_ps(y_row.add(8)));
+        for r in 0..ROWS {
+            let a = _mm256_set1_ps(*starts[r].offset(s * m_step));
+            acc[r][0] = _mm256_fmadd_ps(a, y0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, y1, acc[r][1]);
+        }
+        // Wrapping: after the last step the row pointer may point past the buffer (unread).
+        y_row = y_row.wrapping_offset(y.stride);
+    }
+    acc
+}
+
+/// `out[r] = Σ_s m(r, s)·x(s)` for `rows` rows of `d` channels, tile by tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted(
+    m: Rows,
+    m_step: isize,
+    x: Rows,
+    steps: usize,
+    rows: usize,
+    out: RowsMut,
+    d: usize,
+) {
+    for r0 in (0..rows).step_by(ROWS) {
+        let (m, n, out) = (m.from(r0), (rows - r0).min(ROWS), out.from(r0));
+        for c0 in (0..d).step_by(COLUMNS) {
+            let acc = tile(m, m_step, n, x.shifted(c0), steps);
+            for (r, [low, high]) in acc.into_iter().enumerate().take(n) {
+                let row = out.ptr.offset(r as isize * out.stride).add(c0);
+                _mm256_storeu_ps(row, low);
+                _mm256_storeu_ps(row.add(8), high);
+            }
+        }
+    }
+}
+
+/// Scaled scores (or ∂P, with `scale` 1) of `rows` rows against the first `keys` columns of
+/// `k_t`, 16 at a time, written into `out`'s rows: whole 16-column groups up to `keys`, never
+/// past column `t`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores(
+    a: Rows,
+    rows: usize,
+    k_t: Rows,
+    d: usize,
+    out: RowsMut,
+    (keys, t): (usize, usize),
+    scale: f32,
+) {
+    let scale = _mm256_set1_ps(scale);
+    for j0 in (0..keys).step_by(COLUMNS) {
+        let acc = tile(a, 1, rows, k_t.shifted(j0), d);
+        for (r, halves) in acc.iter().enumerate().take(rows) {
+            let row = out.ptr.offset(r as isize * out.stride).add(j0);
+            for (h, x) in halves.iter().enumerate() {
+                let lanes = (t - j0).saturating_sub(8 * h).min(8);
+                store_first(row.add(8 * h), _mm256_mul_ps(scale, *x), lanes);
+            }
+        }
+    }
+}
+
+/// Stores the first `lanes` lanes of `x` at `ptr`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_first(ptr: *mut f32, x: __m256, lanes: usize) {
+    if lanes >= 8 {
+        _mm256_storeu_ps(ptr, x);
+    } else if lanes > 0 {
+        let index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), index);
+        _mm256_maskstore_ps(ptr, mask, x);
+    }
+}
+
+/// `x`'s first `t` rows of `d` channels as `out[c][j]`, zero for `t ≤ j < stride` (what the
+/// tiles read); 8 × 8 blocks transposed in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose(x: Rows, t: usize, d: usize, out: *mut f32, stride: usize) {
+    for j0 in (0..stride).step_by(8) {
+        for c0 in (0..d).step_by(8) {
+            let block: [__m256; 8] = std::array::from_fn(|j| {
+                if j0 + j < t {
+                    _mm256_loadu_ps(x.row(j0 + j).add(c0))
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            for (c, column) in crate::sgemm_avx2::transpose8(block).iter().enumerate() {
+                _mm256_storeu_ps(out.add((c0 + c) * stride + j0), *column);
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    #[test]
+    fn heads_at_the_ends_of_their_buffers_match_an_f64_reference() {
+        // The AVX-512 module's check: T = 1 … 256 across every tile and 16-key boundary,
+        // exactly sized buffers prefilled with NaN, gradient subsets, causal or not.
+        if super::takes(16, 16, 16) {
+            use crate::attention_avx512::tests::{
+                check_heads_at_the_ends_of_their_buffers, Kernel,
+            };
+            check_heads_at_the_ends_of_their_buffers(Kernel {
+                forward: super::forward,
+                backward: super::backward,
+                longest: super::LONGEST,
+            });
+        }
+    }
+}
