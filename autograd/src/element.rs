@@ -303,6 +303,15 @@ impl Float for f32 {
                     );
                 }
                 if m <= THIN_MAX {
+                    // From 9 rows against at least 32 columns (a 16-token prompt's layers,
+                    // LoRA's ∂A = ∂uᵀ·x with q and v side by side), the 6×16 kernel's two or
+                    // three row tiles beat the thin kernel, which reads its wide operand once
+                    // per 8 rows (docs/BENCHMARKS.md, session 29).
+                    if m > avx2::THIN_ONLY_MAX_ROWS && n >= 32 && k > avx2::SHALLOW_MAX {
+                        return avx2::sgemm(
+                            m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc,
+                        );
+                    }
                     return avx2::sgemm_thin(
                         n, k, m, alpha, b, csb, rsb, a, csa, rsa, beta, c, csc, rsc,
                     );

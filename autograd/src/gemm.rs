@@ -1224,6 +1224,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn few_rows_against_many_columns_match_the_naive_product() {
+        // 1–16 rows (thin kernel up to 8, the 6×16 kernel from 9 on AVX2), row- and
+        // column-major A, shallow and deep.
+        for (m, k, n) in [
+            (8, 40, 100),
+            (9, 40, 100),
+            (12, 17, 64),
+            (16, 300, 70),
+            (13, 600, 33),
+        ] {
+            let a = Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 - 5.0);
+            let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 13) as f32 - 6.0);
+            let want = naive(&a.mapv(f64::from), &b.mapv(f64::from));
+            let a_t = a.t().as_standard_layout().into_owned();
+            for a in [a.view(), a_t.t()] {
+                let mut c = Array2::from_elem((m, n), f32::NAN);
+                gemm(1.0, a, b.view(), 0.0, c.view_mut());
+                assert_eq!(c.mapv(f64::from), want, "{m}×{k}×{n}");
+            }
+        }
+    }
+
+    #[test]
     fn single_rows_take_the_gemv_path_for_both_weight_layouts() {
         let a = Array2::from_shape_fn((1, 300), |(_, j)| (j % 7) as f64 - 3.0);
         let b = Array2::from_shape_fn((300, 1000), |(i, j)| ((i * 3 + j) % 5) as f64 - 2.0);

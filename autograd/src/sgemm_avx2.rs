@@ -77,6 +77,11 @@ thread_local! {
 
 pub const THIN_MAX: usize = 16;
 
+/// Most rows a thin product with at least 32 columns takes on the thin kernel; from 9 rows
+/// the 6×16 kernel is quicker there (one thread, fastest of 200 alternated calls: 10 × 768 ×
+/// 3072 2.7×, 16 × 768 × 2304 1.6×, 16 × 1024 × 768 1.17×; 8 rows 0.78–0.96×, so 8 stay).
+pub const THIN_ONLY_MAX_ROWS: usize = 8;
+
 /// Whether [`sgemm`] takes a product of this shape: at least one full tile each way (smaller
 /// ones waste most of a padded tile), and some depth.
 pub fn takes(m: usize, k: usize, n: usize) -> bool {
