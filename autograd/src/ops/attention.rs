@@ -1001,6 +1001,9 @@ mod tests {
             (96, 32, 1),
             (112, 48, 1),
             (144, 32, 2),
+            (30, 64, 2),
+            (20, 48, 1),
+            (24, 128, 4),
         ] {
             let d = c / heads;
             if !crate::attention_avx512::takes(t, t, d) && !crate::attention_avx2::takes(t, t, d) {
