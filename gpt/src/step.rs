@@ -8,9 +8,10 @@
 //! by side on the thread pool — keeps every thread on long runs of its own work: 1.07–1.12×
 //! on nanogpt-cpu's forward + backward called from a worker of the pool, as the CLI calls it
 //! (1.12–1.22× from a plain main thread, where one tape is slower too; full and LoRA, medians
-//! of 200 alternated steps in one process), and no gain on GPT-2 124M at B4×T256, whose products are large enough to split well
-//! ([`shards_for`] picks one group there, and wherever the groups' extra gradient copies would
-//! pass 64 MiB). Inside a group every product runs whole on the group's thread
+//! of 200 alternated steps in one process), and no gain on GPT-2 124M at B4×T256 trained
+//! whole, whose backward already runs ∂x and ∂W side by side ([`shards_for`] picks one group
+//! there, and wherever the groups' extra gradient copies would pass 64 MiB) — but 1.12× for
+//! its LoRA step, whose frozen layers have no ∂W to pair ∂x with. Inside a group every product runs whole on the group's thread
 //! ([`products_on_this_thread`]): split in halves, each half packed all of B again, and the
 //! halves ran one after the other anyway. Anomaly detection and a hook reading the tape (the first group's) do not
 //! change the groups, so they do not change the numbers.
@@ -28,8 +29,12 @@ use tapelora_nn::{Ctx, Module};
 use crate::{Gpt, GptError, Result};
 
 /// Multiply-adds of the MLP's first product for the whole batch (tokens × C × 4C) below which
-/// a step runs in groups: nanogpt-cpu's B12×T64 is 50 M (grouped: 1.07–1.12×), GPT-2's B4×T256
-/// 2.4 G (0.98–1.03×).
+/// a step that trains most of the weights runs in groups: nanogpt-cpu's B12×T64 is 50 M
+/// (grouped: 1.07–1.12×), GPT-2's B4×T256 2.4 G (0.98–1.03×: its backward already runs each
+/// layer's ∂x and ∂W side by side, one whole product per thread). A step whose weights are
+/// mostly frozen (LoRA) has no ∂W to pair ∂x with, so each of its products splits across the
+/// threads; there groups pay at any size (GPT-2 LoRA at B4×T256 on an AVX2 machine: 1.12×,
+/// three alternated pairs, docs/BENCHMARKS.md session 29).
 const GROUPED_MAX_MLP_MACS: usize = 1 << 27;
 
 /// Most floats of gradients the extra groups may hold at once (each group holds a gradient
@@ -43,8 +48,9 @@ type GroupResult = Result<(f64, Gradients<f32>)>;
 type Observer<'a> = Option<&'a mut (dyn FnMut(&Tape<f32>) + Send)>;
 
 /// How many groups of sequences a training step of `model` on `batch × block` tokens runs
-/// side by side: one per thread of the current pool for a small model (see the module docs)
-/// whose extra gradient copies stay small, else 1.
+/// side by side: one per thread of the current pool when the extra gradient copies stay small
+/// and either the model is small (see the module docs) or most of its weights are frozen
+/// ([`GROUPED_MAX_MLP_MACS`]), else 1.
 pub fn shards_for(model: &Gpt, batch: usize, block: usize) -> usize {
     let config = &model.config;
     let threads = rayon::current_num_threads().min(batch);
@@ -52,11 +58,11 @@ pub fn shards_for(model: &Gpt, batch: usize, block: usize) -> usize {
         .saturating_mul(block)
         .saturating_mul(config.n_embd)
         .saturating_mul(config.n_inner);
-    let extra_gradients = threads
-        .saturating_sub(1)
-        .saturating_mul(model.num_trainable_params());
+    let trainable = model.num_trainable_params();
+    let extra_gradients = threads.saturating_sub(1).saturating_mul(trainable);
+    let mostly_trainable = 2 * trainable >= model.num_params();
     if threads < 2
-        || mlp_macs >= GROUPED_MAX_MLP_MACS
+        || (mlp_macs >= GROUPED_MAX_MLP_MACS && mostly_trainable)
         || extra_gradients > GROUPED_MAX_EXTRA_GRADIENT_FLOATS
     {
         1
@@ -332,12 +338,14 @@ mod tests {
         });
         pool(3).install(|| assert_eq!(shards_for(&nano, 2, 64), 2));
         pool(1).install(|| assert_eq!(shards_for(&nano, 12, 64), 1));
-        // GPT-2: its products are large enough at B4×T256; at a tiny batch, full training's
-        // extra gradient copy (124 M floats) is too large, a frozen model's is not.
+        // GPT-2: trained whole, its products are large enough at B4×T256 (and at a tiny batch
+        // the extra gradient copy, 124 M floats, is too large); frozen (as under LoRA), its
+        // backward has no ∂W products to pair ∂x with, and it runs in groups at any size.
         let (gpt2_full, gpt2_frozen) = (built("gpt2", true), built("gpt2", false));
         pool(2).install(|| {
-            assert_eq!(shards_for(&gpt2_frozen, 4, 256), 1);
+            assert_eq!(shards_for(&gpt2_full, 4, 256), 1);
             assert_eq!(shards_for(&gpt2_full, 2, 16), 1);
+            assert_eq!(shards_for(&gpt2_frozen, 4, 256), 2);
             assert_eq!(shards_for(&gpt2_frozen, 2, 16), 2);
         });
     }
