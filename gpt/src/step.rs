@@ -175,7 +175,7 @@ pub fn loss_and_gradients_observed(
     // Each group's products run whole on its thread while the other threads have groups of
     // their own; the last group still running splits them over the idle threads again (see
     // `tapelora_autograd::gemm::products_on_this_thread_while_others_run`).
-    let running = AtomicUsize::new(if tests::split_from_the_start() { 1 } else { n });
+    let running = AtomicUsize::new(if split_from_the_start() { 1 } else { n });
     let run = |g: usize, observe: Observer<'_>| {
         let result = products_on_this_thread_while_others_run(&running, || run(g, observe));
         let one_less = |running: usize| Some(running.saturating_sub(1));
@@ -239,12 +239,16 @@ fn record(
     Ok((value * share, grads))
 }
 
-/// Outside tests, groups hold their products until the others are done.
+/// Whether every group splits its products from the start, as the last group running does:
+/// never, except in a test that compares the two ways bit for bit.
 #[cfg(not(test))]
-mod tests {
-    pub(super) fn split_from_the_start() -> bool {
-        false
-    }
+fn split_from_the_start() -> bool {
+    false
+}
+
+#[cfg(test)]
+fn split_from_the_start() -> bool {
+    tests::SPLIT_FROM_THE_START.with(|flag| flag.get())
 }
 
 #[cfg(test)]
@@ -252,14 +256,12 @@ mod tests {
     use super::*;
 
     thread_local! {
-        /// Set by a test: every group splits its products from the start, as the last group
-        /// running does (the groups are started from the test's thread).
-        static SPLIT_FROM_THE_START: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Set by a test on the thread that starts a step's groups (see
+        /// `split_from_the_start`).
+        pub(super) static SPLIT_FROM_THE_START: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
     }
 
-    pub(super) fn split_from_the_start() -> bool {
-        SPLIT_FROM_THE_START.with(|flag| flag.get())
-    }
     use crate::GptConfig;
     use rand::SeedableRng;
     use tapelora_nn::Module;
