@@ -17,9 +17,10 @@
 //! again, and the halves ran one after the other anyway. Once the other groups are done, the
 //! last group's products split over the idle threads again: groups rarely end together (a
 //! core slowed by another process), and the step waited for the slower one with a thread
-//! idle (nanogpt-cpu full 1.12×, LoRA 1.03×, GPT-2 LoRA 1.06–1.14×). Anomaly detection and a
-//! hook reading the tape (the first group's) do not change the groups, so they do not change
-//! the numbers.
+//! idle (medians of alternated runs on an AVX2 machine: nanogpt-cpu full 1.10–1.12×, LoRA
+//! 1.01–1.15×; GPT-2 LoRA 0.97× and 1.14×, 6 of 7 pairs quicker). Anomaly detection and a hook
+//! reading the tape (the first group's) do not change the groups, so they do not change the
+//! numbers.
 //!
 //! The loss is the whole batch's mean: each group's mean is weighted by its share of the
 //! batch's counted targets (`n_g / N`, targets of −1 are not counted), before backward, so the
