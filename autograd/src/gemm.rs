@@ -12,8 +12,8 @@
 //! except a linear's bias product, which measured faster in halves there (threads take
 //! shrinking chunks of rows or columns from a counter, so a core slowed by another process does not hold the other one up), the
 //! rest in fixed row (or column) halves, each a single-threaded GEMM. Neither split changes
-//! the order of the inner (k) sum, so results are deterministic for a given thread count (the
-//! dynamic one gives the serial bits on any thread count). Products far deeper than wide
+//! the order of the inner (k) sum, and no fixed block is narrower than [`MIN_PART`] (so each
+//! takes the kernel the whole product would): both give the serial bits on any thread count. Products far deeper than wide
 //! (GPT-2's tied lm_head ∂x, k = 50 257) are cut along k instead ([`gemm_depth_split`]): fixed
 //! chunks taken by threads as they come free, their partial products added in chunk order —
 //! the same bits on any thread count, one read of each operand.
@@ -999,8 +999,33 @@ fn gemm_depth_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta
     });
 }
 
+/// The narrowest block [`in_fixed_parts`] cuts (rows or columns). The kernel a product takes
+/// depends on its shape — from 32 wide the register-tile kernels, narrower ones the thin
+/// kernels or matrixmultiply — and their sums round differently: a block narrower than this
+/// could take another kernel than the whole product, and the result would depend on the
+/// thread count and, in a grouped training step, on when the other groups finish (the last
+/// one splits its products again). From 32 on, a block takes the whole product's kernel.
+const MIN_PART: usize = 32;
+
+/// The rows (or columns) per block when [`in_fixed_parts`] cuts `len` of them on `threads`
+/// threads: one block per thread, fewer where a block (the last) would be narrower than
+/// [`MIN_PART`].
+fn fixed_part_len(len: usize, threads: usize) -> usize {
+    let mut blocks = threads.min(len / MIN_PART).max(1);
+    while blocks > 1 {
+        let step = len.div_ceil(blocks);
+        let last = len - (len.div_ceil(step) - 1) * step;
+        if last >= MIN_PART {
+            break;
+        }
+        blocks -= 1;
+    }
+    len.div_ceil(blocks)
+}
+
 /// Calls `part(rows, cols)` for each of `threads` equal blocks of an m × n output, in
-/// parallel: blocks of rows when `m ≥ n`, else of columns (the fixed-halves split).
+/// parallel: blocks of rows when `m ≥ n`, else of columns (the fixed-halves split), none
+/// narrower than [`MIN_PART`] (fewer blocks, or the whole product, instead).
 fn in_fixed_parts(
     m: usize,
     n: usize,
@@ -1008,12 +1033,12 @@ fn in_fixed_parts(
     part: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
 ) {
     if m >= n {
-        let rows = m.div_ceil(threads);
+        let rows = fixed_part_len(m, threads);
         (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
             part(i * rows..((i + 1) * rows).min(m), 0..n);
         });
     } else {
-        let cols = n.div_ceil(threads);
+        let cols = fixed_part_len(n, threads);
         (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
             part(0..m, i * cols..((i + 1) * cols).min(n));
         });
@@ -1529,6 +1554,39 @@ pub(crate) mod tests {
             assert!(panicked.is_err());
             assert_eq!(split_threads(), 2, "put back after a panic");
         });
+    }
+
+    #[test]
+    fn fixed_parts_are_never_narrower_than_a_kernel_tile_so_any_thread_count_gives_the_same_bits() {
+        assert_eq!(fixed_part_len(384, 2), 192);
+        assert_eq!(fixed_part_len(64, 2), 32);
+        assert_eq!(fixed_part_len(63, 2), 63);
+        assert_eq!(fixed_part_len(90, 3), 45);
+        assert_eq!(fixed_part_len(97, 3), 49, "33 + 33 + 31 would end narrow");
+        assert_eq!(fixed_part_len(20, 4), 20);
+        // Products whose halves used to be narrower than 32: 6×16 kernel whole, matrixmultiply
+        // or the thin kernel in halves (rows of a square-ish product, columns against 9–16
+        // rows deeper than the shallow kernel's reach, a linear's bias product).
+        for (m, k, n) in [(40, 300, 40), (12, 600, 40), (50, 270, 33), (48, 200, 60)] {
+            let a =
+                Array2::from_shape_fn((m, k), |(i, j)| ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5);
+            let b = Array2::from_shape_fn((k, n), |(i, j)| ((i * 5 + j) % 13) as f32 * 0.1 - 0.6);
+            let bias: Vec<f32> = (0..n).map(|j| (j % 7) as f32 * 0.01).collect();
+            let all = || {
+                (
+                    gemm_new(1.0, a.view(), b.view()),
+                    gemm_new_bias(a.view(), b.view(), &bias),
+                )
+            };
+            let whole = on_threads(1, all);
+            for threads in [2, 3] {
+                assert_eq!(
+                    on_threads(threads, all),
+                    whole,
+                    "{m}×{k}×{n} on {threads} threads"
+                );
+            }
+        }
     }
 
     #[test]
