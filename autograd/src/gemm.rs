@@ -1007,23 +1007,13 @@ fn gemm_depth_split<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta
 /// one splits its products again). From 32 on, a block takes the whole product's kernel.
 const MIN_PART: usize = 32;
 
-/// The rows (or columns) per block when [`in_fixed_parts`] cuts `len` of them on `threads`
-/// threads: one block per thread, fewer where a block (the last) would be narrower than
-/// [`MIN_PART`].
-fn fixed_part_len(len: usize, threads: usize) -> usize {
-    let mut blocks = threads.min(len / MIN_PART).max(1);
-    while blocks > 1 {
-        let step = len.div_ceil(blocks);
-        let last = len - (len.div_ceil(step) - 1) * step;
-        if last >= MIN_PART {
-            break;
-        }
-        blocks -= 1;
-    }
-    len.div_ceil(blocks)
+/// How many blocks [`in_fixed_parts`] cuts `len` rows (or columns) into on `threads` threads:
+/// one per thread, fewer where a block would be narrower than [`MIN_PART`].
+fn fixed_blocks(len: usize, threads: usize) -> usize {
+    threads.min(len / MIN_PART).max(1)
 }
 
-/// Calls `part(rows, cols)` for each of `threads` equal blocks of an m × n output, in
+/// Calls `part(rows, cols)` for each of about `threads` equal blocks of an m × n output, in
 /// parallel: blocks of rows when `m ≥ n`, else of columns (the fixed-halves split), none
 /// narrower than [`MIN_PART`] (fewer blocks, or the whole product, instead).
 fn in_fixed_parts(
@@ -1032,16 +1022,18 @@ fn in_fixed_parts(
     threads: usize,
     part: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
 ) {
+    // Block i of `blocks` is [i·len/blocks, (i+1)·len/blocks): at least len/blocks ≥ MIN_PART.
+    let cut = |len: usize, blocks: usize, i: usize| i * len / blocks..(i + 1) * len / blocks;
     if m >= n {
-        let rows = fixed_part_len(m, threads);
-        (0..m.div_ceil(rows)).into_par_iter().for_each(|i| {
-            part(i * rows..((i + 1) * rows).min(m), 0..n);
-        });
+        let blocks = fixed_blocks(m, threads);
+        (0..blocks)
+            .into_par_iter()
+            .for_each(|i| part(cut(m, blocks, i), 0..n));
     } else {
-        let cols = fixed_part_len(n, threads);
-        (0..n.div_ceil(cols)).into_par_iter().for_each(|i| {
-            part(0..m, i * cols..((i + 1) * cols).min(n));
-        });
+        let blocks = fixed_blocks(n, threads);
+        (0..blocks)
+            .into_par_iter()
+            .for_each(|i| part(0..m, cut(n, blocks, i)));
     }
 }
 
@@ -1558,12 +1550,12 @@ pub(crate) mod tests {
 
     #[test]
     fn fixed_parts_are_never_narrower_than_a_kernel_tile_so_any_thread_count_gives_the_same_bits() {
-        assert_eq!(fixed_part_len(384, 2), 192);
-        assert_eq!(fixed_part_len(64, 2), 32);
-        assert_eq!(fixed_part_len(63, 2), 63);
-        assert_eq!(fixed_part_len(90, 3), 45);
-        assert_eq!(fixed_part_len(97, 3), 49, "33 + 33 + 31 would end narrow");
-        assert_eq!(fixed_part_len(20, 4), 20);
+        assert_eq!(fixed_blocks(384, 2), 2);
+        assert_eq!(fixed_blocks(64, 2), 2);
+        assert_eq!(fixed_blocks(63, 2), 1);
+        assert_eq!(fixed_blocks(90, 3), 2);
+        assert_eq!(fixed_blocks(97, 3), 3, "32 + 32 + 33");
+        assert_eq!(fixed_blocks(20, 4), 1);
         // Products whose halves used to be narrower than 32: 6×16 kernel whole, matrixmultiply
         // or the thin kernel in halves (rows of a square-ish product, columns against 9–16
         // rows deeper than the shallow kernel's reach, a linear's bias product).
