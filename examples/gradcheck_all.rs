@@ -226,7 +226,7 @@ fn cases() -> Vec<Case> {
 }
 
 /// Runs every case, prints the table, and returns the number of failing ops.
-pub fn run() -> usize {
+fn run() -> usize {
     let opts = GradcheckOptions::default();
     println!(
         "gradcheck: central differences in f64, eps={:e}, pass iff |analytic − numeric| ≤ {:e} + {:e}·|numeric|\n",
@@ -272,7 +272,6 @@ pub fn run() -> usize {
     failures
 }
 
-#[allow(dead_code)] // the smoke test includes this file and calls `run`
 fn main() {
     let failures = run();
     if failures > 0 {

@@ -147,7 +147,7 @@ fn loss_of(y: &ArrayD<f32>, t: &ArrayD<f32>) -> f64 {
 }
 
 /// Runs the lesson; `Err` names the first check that failed.
-pub fn run() -> Result<(), String> {
+fn run() -> Result<(), String> {
     lesson().map_err(|e| e.to_string())
 }
 
@@ -440,7 +440,6 @@ fn lesson() -> Res<()> {
     Ok(())
 }
 
-#[allow(dead_code)]
 fn main() {
     if let Err(e) = run() {
         eprintln!("lora_by_hand: check failed: {e}");

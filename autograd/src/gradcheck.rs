@@ -53,6 +53,9 @@ pub struct GradcheckReport {
     pub first_failure: Option<(usize, usize, f64, f64)>,
 }
 
+/// The function a gradient check differentiates: input variables in, one output out.
+pub type CheckedFn<'f> = dyn for<'t> Fn(&[Var<'t, f64>]) -> Result<Var<'t, f64>> + 'f;
+
 /// Checks the tape's gradients of `f` at `inputs` against central differences.
 pub fn gradcheck<F>(
     f: F,
@@ -62,6 +65,16 @@ pub fn gradcheck<F>(
 where
     F: for<'t> Fn(&[Var<'t, f64>]) -> Result<Var<'t, f64>>,
 {
+    // One compiled body for every caller: a copy per closure type cost the test crates
+    // minutes of compiling, and a call through a pointer is nothing next to a tape.
+    gradcheck_dyn(&f, inputs, opts)
+}
+
+fn gradcheck_dyn(
+    f: &CheckedFn<'_>,
+    inputs: &[ArrayD<f64>],
+    opts: &GradcheckOptions,
+) -> Result<GradcheckReport> {
     // Analytic: backward of L = Σ f(x) ⊙ R.
     let tape = Tape::<f64>::new();
     let vars: Vec<Var<'_, f64>> = inputs
