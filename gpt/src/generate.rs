@@ -3,6 +3,7 @@
 use ndarray::{ArrayD, ArrayView1, IxDyn};
 use rand::{Rng, SeedableRng};
 
+use crate::greedy::{self, GreedyHead};
 use crate::model::{Gpt, KvCache};
 use crate::{GptError, Result};
 
@@ -112,6 +113,15 @@ pub fn sample(logits: ArrayView1<f32>, cfg: &SamplingConfig, rng: &mut impl Rng)
     *order.last().expect("at least one candidate")
 }
 
+/// The bfloat16 lm_head [`generate`] searches with ([`GreedyHead`]: the same tokens as every
+/// logit's argmax, for half the table's bytes), where it applies: greedy runs of at least
+/// [`greedy::MIN_NEW_TOKENS`] new tokens on a model whose token table has no adapter.
+pub fn greedy_head_for(model: &Gpt, cfg: &SamplingConfig) -> Option<GreedyHead> {
+    (cfg.temperature == 0.0 && cfg.max_new_tokens >= greedy::MIN_NEW_TOKENS)
+        .then(|| GreedyHead::new(model))
+        .flatten()
+}
+
 /// Continues `prompt` by up to `max_new_tokens` tokens; returns only the new tokens.
 pub fn generate(model: &Gpt, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec<u32>> {
     cfg.validate()?;
@@ -127,6 +137,7 @@ pub fn generate(model: &Gpt, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec
     let mut cache = KvCache::new(&model.config, 1);
     // Tokens already in the cache are tokens[fed_from .. fed_from + cache.len()].
     let mut pending: Vec<u32> = tokens[tokens.len().saturating_sub(context)..].to_vec();
+    let greedy_head = greedy_head_for(model, cfg);
     for _ in 0..cfg.max_new_tokens {
         if !cfg.use_cache {
             cache = KvCache::new(&model.config, 1);
@@ -145,8 +156,14 @@ pub fn generate(model: &Gpt, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec
             pending.iter().map(|&t| t as usize).collect(),
         )
         .expect("1×T");
-        let logits = model.forward_cached(&ids, &mut cache)?;
-        let next = sample(logits.row(0), cfg, &mut rng) as u32;
+        let next = match &greedy_head {
+            Some(head) => head.argmax(model.forward_cached_hidden(&ids, &mut cache)?.row(0))?,
+            None => sample(
+                model.forward_cached(&ids, &mut cache)?.row(0),
+                cfg,
+                &mut rng,
+            ),
+        } as u32;
         tokens.push(next);
         out.push(next);
         pending = vec![next];
@@ -192,6 +209,53 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn greedy_generation_with_the_bf16_head_picks_every_logits_argmax() {
+        let cfg = GptConfig {
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 32,
+            n_positions: 64,
+            vocab_size: 700,
+            n_inner: 64,
+            layer_norm_epsilon: 1e-5,
+            bias: true,
+            dropout: 0.0,
+        };
+        let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(11)).unwrap();
+        let greedy = SamplingConfig {
+            max_new_tokens: 40,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        assert!(greedy_head_for(&model, &greedy).is_some());
+        let with_head = generate(&model, &[5, 600, 7], &greedy).unwrap();
+        // Every logit, token by token, as before the head existed.
+        let mut cache = KvCache::new(&model.config, 1);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let mut pending = vec![5usize, 600, 7];
+        let mut every_logit = Vec::new();
+        for _ in 0..40 {
+            let ids = ArrayD::from_shape_vec(IxDyn(&[1, pending.len()]), pending).unwrap();
+            let logits = model.forward_cached(&ids, &mut cache).unwrap();
+            let next = sample(logits.row(0), &greedy, &mut rng);
+            every_logit.push(next as u32);
+            pending = vec![next];
+        }
+        assert_eq!(with_head, every_logit);
+        // Sampling and short runs compute every logit.
+        let sampled = SamplingConfig {
+            temperature: 0.8,
+            ..greedy.clone()
+        };
+        assert!(greedy_head_for(&model, &sampled).is_none());
+        let short = SamplingConfig {
+            max_new_tokens: greedy::MIN_NEW_TOKENS - 1,
+            ..greedy
+        };
+        assert!(greedy_head_for(&model, &short).is_none());
     }
 
     #[test]

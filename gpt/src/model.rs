@@ -306,6 +306,28 @@ impl Gpt {
         })
     }
 
+    /// As [`Gpt::forward_cached`], but stops before the lm_head: the last new position's
+    /// hidden state after `ln_f`, `[B, C]` (greedy decoding finds the top logit from it
+    /// without computing them all).
+    pub fn forward_cached_hidden(
+        &self,
+        ids: &ArrayD<usize>,
+        cache: &mut KvCache,
+    ) -> Result<Array2<f32>> {
+        let tape = Tape::new();
+        tape.no_grad(|| {
+            let ctx = Ctx::eval(&tape);
+            let x = self.trunk(&ctx, ids, Some(cache))?;
+            let t = x.shape()[1];
+            let last = self.ln_f.forward(&ctx, &x.narrow(1, t - 1, 1)?)?;
+            let v = last.value();
+            Ok(v.index_axis(Axis(1), 0)
+                .to_owned()
+                .into_dimensionality()
+                .expect("[B, C]"))
+        })
+    }
+
     /// Embeddings and blocks: the hidden states `[B, T, C]` before `ln_f`.
     fn trunk<'t>(
         &self,

@@ -622,7 +622,12 @@ impl ModelBench {
                 .filter_map(|p| p.value.as_slice())
                 .collect()
         };
-        let bytes_per_token = 4.0 * weights.iter().map(|w| w.len()).sum::<usize>() as f64;
+        let mut bytes_per_token = 4.0 * weights.iter().map(|w| w.len()).sum::<usize>() as f64;
+        // Greedy search reads the tied lm_head's table as bfloat16 (`GreedyHead`): 2 bytes an
+        // entry of the 4 counted above.
+        if let Some(head) = tapelora_gpt::generate::greedy_head_for(&model, &cfg) {
+            bytes_per_token -= head.bytes_per_step() as f64;
+        }
         let mut stream_rates = vec![streaming_rate(&weights)];
         let start = Instant::now();
         let out =
