@@ -8,8 +8,11 @@
 //!
 //! * rounding a weight to bfloat16 moves it by at most 2⁻⁸ of itself, and float32 sums of
 //!   `C` products are within γ_C = C·2⁻²⁴/(1 − C·2⁻²⁴) of exact (twice: the estimate and the
-//!   full product), so `|ã_v − l_v| ≤ (2⁻⁸ + 3γ_C)·Σ|h_i·w_vi| ≤ (2⁻⁸ + 3γ_C)·‖h‖·‖w_v‖`
-//!   (Cauchy–Schwarz), padded by 1 % and a tiny absolute term for underflow;
+//!   full product), so `|ã_v − l_v| ≤ (2⁻⁸ + 3γ_C)·Σ|h_i·w_vi|`, and that sum is at most
+//!   both ‖h‖₂·‖w_v‖₂ (Cauchy–Schwarz) and ‖h‖₁·max|w_v| — the first the tighter for a state
+//!   spread over many entries, the second for one with a few large entries, as trained
+//!   models' final states have. The margin `m_v` is the smaller, padded by 1 % and a tiny
+//!   absolute term for underflow; the rows' norms and largest entries are found with the copy;
 //! * with `τ = max_v (ã_v − m_v)`, every row whose `ã_v + m_v < τ` has `l_v < τ ≤ l_u` for
 //!   the row `u` attaining τ, so it cannot be the argmax; the few rows left (the candidates)
 //!   get their float32 logits from the same product as the full lm_head — the same op on
@@ -38,13 +41,17 @@ pub const MAX_CANDIDATES: usize = 4096;
 /// Rows per rayon task of the estimate pass (≈ 1.5 MB of GPT-2's bfloat16 table).
 const ROWS_PER_TASK: usize = 1024;
 
-/// A bfloat16 copy of a tied lm_head's table and its rows' norms.
+/// A bfloat16 copy of a tied lm_head's table.
 pub struct GreedyHead {
     /// The float32 table itself (shared with the model, not copied): `[V, C]`.
     table: Tensor<f32>,
+    vocab: usize,
     dim: usize,
     table_bf16: Vec<u16>,
-    row_norms: Vec<f64>,
+    /// Each row's ‖w_v‖₂ and max|w_v|, for the bound.
+    row_norms: Vec<(f64, f64)>,
+    /// Searches that computed every logit (the bound did not narrow them enough).
+    fallbacks: std::cell::Cell<usize>,
 }
 
 impl GreedyHead {
@@ -63,9 +70,7 @@ impl GreedyHead {
             return None;
         }
         let mut table_bf16 = vec![0u16; flat.len()];
-        let mut row_norms = vec![0f64; vocab];
-        // One pass: each row rounded, its norm summed in float64 (no square underflows; the
-        // sum's rounding is far inside the bound's 1 % pad), non-finite entries counted.
+        let mut row_norms = vec![(0.0, 0.0); vocab];
         let not_finite: usize = table_bf16
             .par_chunks_mut(ROWS_PER_TASK * dim)
             .zip(row_norms.par_chunks_mut(ROWS_PER_TASK))
@@ -75,7 +80,7 @@ impl GreedyHead {
                     #[inline(always)]
                     || {
                         let mut not_finite = 0;
-                        for ((out, norm), row) in out
+                        for ((out, norms), row) in out
                             .chunks_exact_mut(dim)
                             .zip(norms.iter_mut())
                             .zip(rows.chunks_exact(dim))
@@ -84,7 +89,7 @@ impl GreedyHead {
                                 *b = to_bf16(w);
                                 not_finite += usize::from(*b & 0x7f80 == 0x7f80);
                             }
-                            *norm = norm_f64(row);
+                            *norms = norms_f64(row);
                         }
                         not_finite
                     },
@@ -93,9 +98,11 @@ impl GreedyHead {
             .sum();
         (not_finite == 0).then_some(GreedyHead {
             table,
+            vocab,
             dim,
             table_bf16,
             row_norms,
+            fallbacks: std::cell::Cell::new(0),
         })
     }
 
@@ -112,8 +119,17 @@ impl GreedyHead {
                 let logits = self.exact_logits(hidden, Some(&rows))?;
                 Ok(rows[first_max(logits.view())])
             }
-            None => Ok(first_max(self.exact_logits(hidden, None)?.view())),
+            None => {
+                self.fallbacks.set(self.fallbacks.get() + 1);
+                Ok(first_max(self.exact_logits(hidden, None)?.view()))
+            }
         }
+    }
+
+    /// How many searches so far computed every logit after all (each then cost the estimate
+    /// pass on top of the full product).
+    pub fn fallbacks(&self) -> usize {
+        self.fallbacks.get()
     }
 
     /// The rows the bound cannot rule out, in increasing order; `None` if it cannot be used.
@@ -125,35 +141,50 @@ impl GreedyHead {
             return None;
         }
         let estimates = self.estimates(h);
-        if !estimates.iter().all(|v| v.is_finite()) {
+        if !estimates.iter().all(|e| e.is_finite()) {
             return None;
         }
-        let h_norm = norm_f64(h);
+        let h_l1 = h.iter().map(|&v| f64::from(v.abs())).sum::<f64>();
+        let h_l2 = norms_f64(h).0;
         let unit = dim as f64 * f64::from(f32::EPSILON) / 2.0;
         let gamma = unit / (1.0 - unit);
         let factor = (2f64.powi(-8) + 3.0 * gamma) * 1.01;
-        let margin = |v: usize| factor * h_norm * self.row_norms[v] + 1e-30;
-        let floor = (0..estimates.len())
-            .map(|v| f64::from(estimates[v]) - margin(v))
+        let bounds = |v: usize| {
+            let (l2, max) = self.row_norms[v];
+            let margin = factor * (h_l2 * l2).min(h_l1 * max) + 1e-30;
+            let e = f64::from(estimates[v]);
+            (e - margin, e + margin)
+        };
+        let floor = (0..self.vocab)
+            .map(|v| bounds(v).0)
             .fold(f64::NEG_INFINITY, f64::max);
-        let rows: Vec<usize> = (0..estimates.len())
-            .filter(|&v| f64::from(estimates[v]) + margin(v) >= floor)
-            .collect();
+        let rows: Vec<usize> = (0..self.vocab).filter(|&v| bounds(v).1 >= floor).collect();
         (rows.len() <= MAX_CANDIDATES).then_some(rows)
     }
 
     /// `ã_v = h · bf16(table[v])` for every row, in float32.
     fn estimates(&self, h: &[f32]) -> Vec<f32> {
         let dim = h.len();
-        let mut out = vec![0.0f32; self.row_norms.len()];
+        let mut out = vec![0.0f32; self.vocab];
         out.par_chunks_mut(ROWS_PER_TASK)
             .zip(self.table_bf16.par_chunks(ROWS_PER_TASK * dim))
             .for_each(|(out, rows)| {
                 tapelora_autograd::simd::vectorized(
                     #[inline(always)]
                     || {
-                        for (o, row) in out.iter_mut().zip(rows.chunks_exact(dim)) {
-                            *o = dot_bf16(h, row);
+                        // Four rows a quarter of the block apart per pass: four sequential
+                        // streams keep more of the memory's bandwidth busy than one.
+                        let q = out.len() / 4;
+                        let row = |i: usize| &rows[i * dim..(i + 1) * dim];
+                        for t in 0..q {
+                            let dots =
+                                dot4_bf16(h, [row(t), row(t + q), row(t + 2 * q), row(t + 3 * q)]);
+                            for (k, dot) in dots.into_iter().enumerate() {
+                                out[t + k * q] = dot;
+                            }
+                        }
+                        for (i, o) in out.iter_mut().enumerate().skip(4 * q) {
+                            *o = dot_bf16(h, row(i));
                         }
                     },
                 )
@@ -219,9 +250,9 @@ fn from_bf16(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
 }
 
-/// `‖a‖₂`, its squares summed in eight float64 lanes.
+/// `(‖a‖₂, max|a|)`, the squares summed in eight float64 lanes (none underflows).
 #[inline(always)]
-fn norm_f64(a: &[f32]) -> f64 {
+fn norms_f64(a: &[f32]) -> (f64, f64) {
     let mut lanes = [0.0f64; 8];
     let (a8, a_tail) = a.as_chunks::<8>();
     for x in a8 {
@@ -229,12 +260,37 @@ fn norm_f64(a: &[f32]) -> f64 {
             lanes[l] += f64::from(x[l]) * f64::from(x[l]);
         }
     }
-    a_tail
-        .iter()
-        .fold(lanes.iter().sum::<f64>(), |s, &x| {
-            s + f64::from(x) * f64::from(x)
-        })
-        .sqrt()
+    let squares = a_tail.iter().fold(lanes.iter().sum::<f64>(), |s, &x| {
+        s + f64::from(x) * f64::from(x)
+    });
+    let max = a.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
+    (squares.sqrt(), f64::from(max))
+}
+
+/// [`dot_bf16`] of four rows at once, each with its bits.
+#[inline(always)]
+fn dot4_bf16(h: &[f32], w: [&[u16]; 4]) -> [f32; 4] {
+    let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
+    let (h16, h_tail) = h.as_chunks::<16>();
+    let [w0, w1, w2, w3] = w.map(|w| w.as_chunks::<16>().0);
+    for ((((x, y0), y1), y2), y3) in h16.iter().zip(w0).zip(w1).zip(w2).zip(w3) {
+        for l in 0..16 {
+            a0[l] += x[l] * from_bf16(y0[l]);
+            a1[l] += x[l] * from_bf16(y1[l]);
+            a2[l] += x[l] * from_bf16(y2[l]);
+            a3[l] += x[l] * from_bf16(y3[l]);
+        }
+    }
+    let lanes = [a0, a1, a2, a3];
+    std::array::from_fn(|k| {
+        let tail = &w[k][h16.len() * 16..];
+        h_tail
+            .iter()
+            .zip(tail)
+            .fold(lanes[k].iter().sum::<f32>(), |s, (&x, &y)| {
+                s + x * from_bf16(y)
+            })
+    })
 }
 
 /// `h · w` with `w` in bfloat16, in sixteen float32 lanes.
@@ -367,13 +423,15 @@ mod tests {
                 narrowed += usize::from(rows.len() < vocab / 10);
             }
             // The estimates stay within their bound of the full logits.
-            let h = hidden.as_slice().unwrap();
-            let estimates = head.estimates(h);
-            let h_norm = h.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
-            for v in 0..vocab {
-                let gap = (f64::from(estimates[v]) - f64::from(logits[v])).abs();
-                let norm = head.row_norms[v];
-                assert!(gap <= 2f64.powi(-8) * 1.01 * h_norm * norm + 1e-6);
+            let estimates = head.estimates(hidden.as_slice().unwrap());
+            for (v, &estimate) in estimates.iter().enumerate() {
+                let gap = (f64::from(estimate) - f64::from(logits[v])).abs();
+                let exact_abs_sum = hidden
+                    .iter()
+                    .zip(table.row(v))
+                    .map(|(&h, &w)| f64::from(h).abs() * f64::from(w).abs())
+                    .sum::<f64>();
+                assert!(gap <= 2f64.powi(-8) * 1.01 * exact_abs_sum + 1e-6);
             }
         }
         assert!(
@@ -393,5 +451,19 @@ mod tests {
             head.argmax(hidden.view()).unwrap(),
             first_max(head.exact_logits(hidden.view(), None).unwrap().view())
         );
+        assert_eq!(head.fallbacks(), 1);
+        // So does a table of more than MAX_CANDIDATES equal rows: every logit is a candidate.
+        let mut wide = model(MAX_CANDIDATES + 10, 16, 2);
+        wide.wte.weight.value =
+            ArrayD::from_elem(IxDyn(&[MAX_CANDIDATES + 10, 16]), 0.25).into_shared();
+        let head = GreedyHead::new(&wide).unwrap();
+        let hidden = ndarray::Array1::from_elem(16, 0.5f32);
+        assert!(head.candidates(hidden.view()).is_none());
+        assert_eq!(
+            head.argmax(hidden.view()).unwrap(),
+            0,
+            "the first of equal logits"
+        );
+        assert_eq!(head.fallbacks(), 1);
     }
 }
