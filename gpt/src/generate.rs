@@ -63,21 +63,8 @@ impl SamplingConfig {
 
 /// Picks the next token from one row of logits.
 pub fn sample(logits: ArrayView1<f32>, cfg: &SamplingConfig, rng: &mut impl Rng) -> usize {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                if v > best.1 {
-                    (i, v)
-                } else {
-                    best
-                }
-            })
-            .0
-    };
     if cfg.temperature == 0.0 {
-        return argmax();
+        return greedy::first_max(logits);
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));

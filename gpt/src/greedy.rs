@@ -117,11 +117,11 @@ impl GreedyHead {
         match self.candidates(hidden) {
             Some(rows) => {
                 let logits = self.exact_logits(hidden, Some(&rows))?;
-                Ok(rows[first_max(logits.view())])
+                Ok(rows[first_max(&logits)])
             }
             None => {
                 self.fallbacks.set(self.fallbacks.get() + 1);
-                Ok(first_max(self.exact_logits(hidden, None)?.view()))
+                Ok(first_max(&self.exact_logits(hidden, None)?))
             }
         }
     }
@@ -220,10 +220,10 @@ impl GreedyHead {
     }
 }
 
-/// The first position of the largest value (NaN never wins), as greedy sampling picks it.
-fn first_max(values: ndarray::ArrayViewD<f32>) -> usize {
+/// The first position of the largest value (NaN never wins): greedy sampling's pick.
+pub(crate) fn first_max<'a>(values: impl IntoIterator<Item = &'a f32>) -> usize {
     values
-        .iter()
+        .into_iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
             if v > best.1 {
@@ -412,7 +412,7 @@ mod tests {
                 ndarray::Array1::from_shape_fn(dim, |_| rng.random_range(-3.0f32..3.0))
             };
             let logits = head.exact_logits(hidden.view(), None).unwrap();
-            let expected = first_max(logits.view());
+            let expected = first_max(&logits);
             assert_eq!(
                 head.argmax(hidden.view()).unwrap(),
                 expected,
@@ -449,7 +449,7 @@ mod tests {
         assert!(head.candidates(hidden.view()).is_none());
         assert_eq!(
             head.argmax(hidden.view()).unwrap(),
-            first_max(head.exact_logits(hidden.view(), None).unwrap().view())
+            first_max(&head.exact_logits(hidden.view(), None).unwrap())
         );
         assert_eq!(head.fallbacks(), 1);
         // So does a table of more than MAX_CANDIDATES equal rows: every logit is a candidate.

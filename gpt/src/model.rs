@@ -294,15 +294,10 @@ impl Gpt {
         let tape = Tape::new();
         tape.no_grad(|| {
             let ctx = Ctx::eval(&tape);
-            let x = self.trunk(&ctx, ids, Some(cache))?;
-            let t = x.shape()[1];
-            let last = x.narrow(1, t - 1, 1)?;
-            let logits = self.lm_head(&ctx, &last)?;
-            let v = logits.value();
-            Ok(v.index_axis(Axis(1), 0)
-                .to_owned()
-                .into_dimensionality()
-                .expect("[B, V]"))
+            let last = self.last_position_normed(&ctx, ids, cache)?;
+            Ok(rows_of_one_position(
+                self.wte.forward_tied_output(&ctx, &last)?,
+            ))
         })
     }
 
@@ -317,15 +312,22 @@ impl Gpt {
         let tape = Tape::new();
         tape.no_grad(|| {
             let ctx = Ctx::eval(&tape);
-            let x = self.trunk(&ctx, ids, Some(cache))?;
-            let t = x.shape()[1];
-            let last = self.ln_f.forward(&ctx, &x.narrow(1, t - 1, 1)?)?;
-            let v = last.value();
-            Ok(v.index_axis(Axis(1), 0)
-                .to_owned()
-                .into_dimensionality()
-                .expect("[B, C]"))
+            Ok(rows_of_one_position(
+                self.last_position_normed(&ctx, ids, cache)?,
+            ))
         })
+    }
+
+    /// The cached trunk's last new position after `ln_f`: `[B, 1, C]`.
+    fn last_position_normed<'t>(
+        &self,
+        ctx: &Ctx<'t>,
+        ids: &ArrayD<usize>,
+        cache: &mut KvCache,
+    ) -> Result<Var<'t, f32>> {
+        let x = self.trunk(ctx, ids, Some(cache))?;
+        let t = x.shape()[1];
+        Ok(self.ln_f.forward(ctx, &x.narrow(1, t - 1, 1)?)?)
     }
 
     /// Embeddings and blocks: the hidden states `[B, T, C]` before `ln_f`.
@@ -364,6 +366,15 @@ impl Gpt {
         let x = self.ln_f.forward(ctx, x)?;
         Ok(self.wte.forward_tied_output(ctx, &x)?)
     }
+}
+
+/// `[B, 1, X]` → `[B, X]`.
+fn rows_of_one_position(x: Var<'_, f32>) -> Array2<f32> {
+    x.value()
+        .index_axis(Axis(1), 0)
+        .to_owned()
+        .into_dimensionality()
+        .expect("[B, X]")
 }
 
 impl Module for Gpt {
