@@ -45,8 +45,6 @@ const ROWS_PER_TASK: usize = 1024;
 pub struct GreedyHead {
     /// The float32 table itself (shared with the model, not copied): `[V, C]`.
     table: Tensor<f32>,
-    vocab: usize,
-    dim: usize,
     table_bf16: Vec<u16>,
     /// Each row's ‖w_v‖₂ and max|w_v|, for the bound.
     row_norms: Vec<(f64, f64)>,
@@ -98,8 +96,6 @@ impl GreedyHead {
             .sum();
         (not_finite == 0).then_some(GreedyHead {
             table,
-            vocab,
-            dim,
             table_bf16,
             row_norms,
             fallbacks: std::cell::Cell::new(0),
@@ -134,7 +130,7 @@ impl GreedyHead {
 
     /// The rows the bound cannot rule out, in increasing order; `None` if it cannot be used.
     fn candidates(&self, hidden: ArrayView1<f32>) -> Option<Vec<usize>> {
-        let dim = self.dim;
+        let dim = self.table.shape()[1];
         let h = hidden.as_standard_layout();
         let h = h.as_slice().expect("standard layout");
         if h.len() != dim || !h.iter().all(|v| v.is_finite()) {
@@ -155,17 +151,19 @@ impl GreedyHead {
             let e = f64::from(estimates[v]);
             (e - margin, e + margin)
         };
-        let floor = (0..self.vocab)
+        let floor = (0..self.row_norms.len())
             .map(|v| bounds(v).0)
             .fold(f64::NEG_INFINITY, f64::max);
-        let rows: Vec<usize> = (0..self.vocab).filter(|&v| bounds(v).1 >= floor).collect();
+        let rows: Vec<usize> = (0..self.row_norms.len())
+            .filter(|&v| bounds(v).1 >= floor)
+            .collect();
         (rows.len() <= MAX_CANDIDATES).then_some(rows)
     }
 
     /// `ã_v = h · bf16(table[v])` for every row, in float32.
     fn estimates(&self, h: &[f32]) -> Vec<f32> {
         let dim = h.len();
-        let mut out = vec![0.0f32; self.vocab];
+        let mut out = vec![0.0f32; self.row_norms.len()];
         out.par_chunks_mut(ROWS_PER_TASK)
             .zip(self.table_bf16.par_chunks(ROWS_PER_TASK * dim))
             .for_each(|(out, rows)| {
@@ -184,7 +182,7 @@ impl GreedyHead {
                             }
                         }
                         for (i, o) in out.iter_mut().enumerate().skip(4 * q) {
-                            *o = dot_bf16(h, row(i));
+                            *o = dot4_bf16(h, [row(i); 4])[0];
                         }
                     },
                 )
@@ -195,7 +193,7 @@ impl GreedyHead {
     /// The full lm_head's logits for `rows` (all rows if `None`): the op the model's tied
     /// output runs, `h · Wᵀ` on the tape, on those rows of the table.
     fn exact_logits(&self, hidden: ArrayView1<f32>, rows: Option<&[usize]>) -> Result<ArrayD<f32>> {
-        let dim = self.dim;
+        let dim = self.table.shape()[1];
         let table = match rows {
             Some(rows) => self.table.select(Axis(0), rows).into_shared(),
             None => self.table.clone(),
@@ -267,7 +265,7 @@ fn norms_f64(a: &[f32]) -> (f64, f64) {
     (squares.sqrt(), f64::from(max))
 }
 
-/// [`dot_bf16`] of four rows at once, each with its bits.
+/// `h · w` for four rows `w` in bfloat16 at once, each in sixteen float32 lanes.
 #[inline(always)]
 fn dot4_bf16(h: &[f32], w: [&[u16]; 4]) -> [f32; 4] {
     let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
@@ -291,24 +289,6 @@ fn dot4_bf16(h: &[f32], w: [&[u16]; 4]) -> [f32; 4] {
                 s + x * from_bf16(y)
             })
     })
-}
-
-/// `h · w` with `w` in bfloat16, in sixteen float32 lanes.
-#[inline(always)]
-fn dot_bf16(h: &[f32], w: &[u16]) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    let ((h16, h_tail), (w16, w_tail)) = (h.as_chunks::<16>(), w.as_chunks::<16>());
-    for (x, y) in h16.iter().zip(w16) {
-        for l in 0..16 {
-            lanes[l] += x[l] * from_bf16(y[l]);
-        }
-    }
-    h_tail
-        .iter()
-        .zip(w_tail)
-        .fold(lanes.iter().sum::<f32>(), |s, (&x, &y)| {
-            s + x * from_bf16(y)
-        })
 }
 
 #[cfg(test)]
