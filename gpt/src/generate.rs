@@ -100,8 +100,8 @@ pub fn sample(logits: ArrayView1<f32>, cfg: &SamplingConfig, rng: &mut impl Rng)
     *order.last().expect("at least one candidate")
 }
 
-/// The bfloat16 lm_head [`generate`] searches with ([`GreedyHead`]: the same tokens as every
-/// logit's argmax, for half the table's bytes), where it applies: greedy runs of at least
+/// The int8 lm_head [`generate`] searches with ([`GreedyHead`]: the same tokens as every
+/// logit's argmax, for a quarter of the table's bytes), where it applies: greedy runs of at least
 /// [`greedy::MIN_NEW_TOKENS`] new tokens on a model whose token table has no adapter.
 pub fn greedy_head_for(model: &Gpt, cfg: &SamplingConfig) -> Option<GreedyHead> {
     (cfg.temperature == 0.0 && cfg.max_new_tokens >= greedy::MIN_NEW_TOKENS)
@@ -207,7 +207,7 @@ mod tests {
     }
 
     #[test]
-    fn greedy_generation_with_the_bf16_head_picks_every_logits_argmax() {
+    fn greedy_generation_with_the_int8_head_picks_every_logits_argmax() {
         let cfg = GptConfig {
             n_layer: 2,
             n_head: 2,

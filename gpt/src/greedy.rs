@@ -1,18 +1,26 @@
-//! Greedy decoding's lm_head at half the bytes, with the same token as the full product.
+//! Greedy decoding's lm_head from an int8 copy of the table, with the same token as the
+//! full product.
 //!
 //! At batch 1 a decoding step is bound by reading the weights, and GPT-2's tied lm_head (the
 //! `[V, C]` token table, 154 MB of its 497) is a third of them. Greedy search needs only the
-//! position of the largest logit, so [`GreedyHead`] reads a bfloat16 copy of the table (half
-//! the bytes) for an estimate `ã_v` of every logit, with a proven bound `m_v` on how far the
-//! float32 logit `l_v` of the full product can be from it:
+//! position of the largest logit, so [`GreedyHead`] reads an 8-bit copy of the table (a
+//! quarter of the bytes) for an estimate `ã_v` of every logit, with a proven bound `m_v` on
+//! how far the float32 logit `l_v` of the full product can be from it:
 //!
-//! * rounding a weight to bfloat16 moves it by at most 2⁻⁸ of itself, and float32 sums of
-//!   `C` products are within γ_C = C·2⁻²⁴/(1 − C·2⁻²⁴) of exact (twice: the estimate and the
-//!   full product), so `|ã_v − l_v| ≤ (2⁻⁸ + 3γ_C)·Σ|h_i·w_vi|`, and that sum is at most
-//!   both ‖h‖₂·‖w_v‖₂ (Cauchy–Schwarz) and ‖h‖₁·max|w_v| — the first the tighter for a state
-//!   spread over many entries, the second for one with a few large entries, as trained
-//!   models' final states have. The margin `m_v` is the smaller, padded by 1 % and a tiny
-//!   absolute term for underflow; the rows' norms and largest entries are found with the copy;
+//! * each entry is stored as `w_vi ≈ w̃_vi = s_v·c_i·q_vi` with an integer `q_vi ∈ [−127, 127]`,
+//!   a scale `c_i` per column (the column's largest magnitude in a sample of rows: trained
+//!   token tables have a few channels much larger than the rest, which would otherwise set
+//!   every row's step) and a scale `s_v` per row. The copy keeps, per row, the quantisation
+//!   error `e_v = w_v − w̃_v`'s ‖e_v‖₂ and `max_i |e_vi|/c_i` (computed in float64, within
+//!   2⁻⁵² of exact), so `|Σ h_i·e_vi|` is at most
+//!   `S_e = min(‖h‖₂·‖e_v‖₂, ‖h∘c‖₁·max_i |e_vi|/c_i)`;
+//! * the estimate is `ã_v = s_v · Σ (h_i·c_i)·q_vi` in float32. Float32 sums of `C` products
+//!   are within γ_C = C·2⁻²⁴/(1 − C·2⁻²⁴) of exact, for the estimate and for the full product,
+//!   and the two extra roundings (`h_i·c_i`, `s_v·…`) are within 2⁻²⁴ each, so
+//!   `|ã_v − l_v| ≤ S_e + 3γ_C·(S_w + S_e)` with `S_w = min(‖h‖₂·‖w_v‖₂, ‖h‖₁·max|w_v|)`
+//!   (Cauchy–Schwarz, and the bound for a state with a few large entries, as trained models'
+//!   final states have). The margin `m_v` is that, padded by 1 % (for the float64 work of the
+//!   statistics and norms) and a tiny absolute term for underflow;
 //! * with `τ = max_v (ã_v − m_v)`, every row whose `ã_v + m_v < τ` has `l_v < τ ≤ l_u` for
 //!   the row `u` attaining τ, so it cannot be the argmax; the few rows left (the candidates)
 //!   get their float32 logits from the same product as the full lm_head — the same op on
@@ -21,9 +29,9 @@
 //!
 //! When the bound cannot be used (a non-finite hidden state or estimate, or more than
 //! [`MAX_CANDIDATES`] candidates), [`GreedyHead::argmax`] computes every logit as the full
-//! lm_head does. The copy costs 2 bytes per table entry while generating and one pass over
-//! the table to make, so [`crate::generate::generate`] builds it only for greedy runs of
-//! at least [`MIN_NEW_TOKENS`] tokens.
+//! lm_head does. The copy costs a byte per table entry while generating and a pass over the
+//! table to make (≈ 60 ms for GPT-2 on two threads), so [`crate::generate::generate`] builds it only for greedy runs of at
+//! least [`MIN_NEW_TOKENS`] tokens.
 
 use ndarray::{ArrayD, ArrayView1, Axis, IxDyn};
 use rayon::prelude::*;
@@ -38,24 +46,43 @@ pub const MIN_NEW_TOKENS: usize = 16;
 /// More candidates than this (nearly equal logits everywhere) and every logit is computed.
 pub const MAX_CANDIDATES: usize = 4096;
 
-/// Rows per rayon task of the estimate pass (≈ 1.5 MB of GPT-2's bfloat16 table).
+/// Rows per rayon task of the estimate pass (≈ 0.8 MB of GPT-2's int8 table).
 const ROWS_PER_TASK: usize = 1024;
 
-/// A bfloat16 copy of a tied lm_head's table.
+/// The column scales are taken from every this-many-th row (a sixteenth of the reading).
+const COLUMN_SAMPLE: usize = 16;
+
+/// The largest code: symmetric, so −127…127.
+const CODE_MAX: f64 = 127.0;
+
+/// What the bound needs of one row `w_v` and its error `e_v = w_v − w̃_v`.
+#[derive(Clone, Copy, Default)]
+struct RowStats {
+    w_l2: f64,
+    w_max: f64,
+    e_l2: f64,
+    /// `max_i |e_vi| / c_i`.
+    e_max_per_column_scale: f64,
+}
+
+/// An int8 copy of a tied lm_head's table.
 pub struct GreedyHead {
     /// The float32 table itself (shared with the model, not copied): `[V, C]`.
     table: Tensor<f32>,
-    table_bf16: Vec<u16>,
-    /// Each row's ‖w_v‖₂ and max|w_v|, for the bound.
-    row_norms: Vec<(f64, f64)>,
+    /// `q_vi`, row-major `[V, C]`.
+    codes: Vec<i8>,
+    /// `s_v`.
+    row_scales: Vec<f32>,
+    /// `c_i`.
+    column_scales: Vec<f32>,
+    row_stats: Vec<RowStats>,
     /// Searches that computed every logit (the bound did not narrow them enough).
     fallbacks: std::cell::Cell<usize>,
 }
 
 impl GreedyHead {
     /// The copy of `model`'s token table, or `None` where the head does not apply: an adapter
-    /// on the table (its output has a term of its own), or a weight that is not finite or
-    /// would not be in bfloat16.
+    /// on the table (its output has a term of its own), or a weight that is not finite.
     pub fn new(model: &Gpt) -> Option<GreedyHead> {
         if model.wte.adapter.is_some() {
             return None;
@@ -67,44 +94,74 @@ impl GreedyHead {
         if vocab == 0 || dim == 0 {
             return None;
         }
-        let mut table_bf16 = vec![0u16; flat.len()];
-        let mut row_norms = vec![(0.0, 0.0); vocab];
-        let not_finite: usize = table_bf16
+        // Each column's scale: its largest magnitude over every COLUMN_SAMPLE-th row (any
+        // positive scales give a valid code and bound; the row scales absorb the rest), 1 for
+        // a column of zeros or of subnormal numbers, so every reciprocal below is finite.
+        let column_scales: Vec<f32> = tapelora_autograd::simd::vectorized(
+            #[inline(always)]
+            || {
+                let mut max = vec![0.0f32; dim];
+                for row in flat.chunks_exact(dim).step_by(COLUMN_SAMPLE) {
+                    for (m, &w) in max.iter_mut().zip(row) {
+                        *m = m.max(w.abs());
+                    }
+                }
+                max
+            },
+        )
+        .into_iter()
+        .map(|c| if c.is_normal() { c } else { 1.0 })
+        .collect();
+        let inverse_columns: Vec<f32> = column_scales.iter().map(|&c| 1.0 / c).collect();
+        let mut codes = vec![0i8; flat.len()];
+        let mut row_scales = vec![0.0f32; vocab];
+        let mut row_stats = vec![RowStats::default(); vocab];
+        let finite = codes
             .par_chunks_mut(ROWS_PER_TASK * dim)
-            .zip(row_norms.par_chunks_mut(ROWS_PER_TASK))
+            .zip(row_scales.par_chunks_mut(ROWS_PER_TASK))
+            .zip(row_stats.par_chunks_mut(ROWS_PER_TASK))
             .zip(flat.par_chunks(ROWS_PER_TASK * dim))
-            .map(|((out, norms), rows)| {
+            .map(|(((codes, scales), stats), rows)| {
+                let mut levels = vec![0.0f32; dim];
                 tapelora_autograd::simd::vectorized(
                     #[inline(always)]
                     || {
-                        let mut not_finite = 0;
-                        for ((out, norms), row) in out
+                        let mut finite = true;
+                        for (((codes, scale), stats), row) in codes
                             .chunks_exact_mut(dim)
-                            .zip(norms.iter_mut())
+                            .zip(scales.iter_mut())
+                            .zip(stats.iter_mut())
                             .zip(rows.chunks_exact(dim))
                         {
-                            for (b, &w) in out.iter_mut().zip(row) {
-                                *b = to_bf16(w);
-                                not_finite += usize::from(*b & 0x7f80 == 0x7f80);
+                            match quantize_row(
+                                row,
+                                &column_scales,
+                                &inverse_columns,
+                                codes,
+                                &mut levels,
+                            ) {
+                                Some(quantized) => (*scale, *stats) = quantized,
+                                None => finite = false,
                             }
-                            *norms = norms_f64(row);
                         }
-                        not_finite
+                        finite
                     },
                 )
             })
-            .sum();
-        (not_finite == 0).then_some(GreedyHead {
+            .reduce(|| true, |a, b| a && b);
+        finite.then_some(GreedyHead {
             table,
-            table_bf16,
-            row_norms,
+            codes,
+            row_scales,
+            column_scales,
+            row_stats,
             fallbacks: std::cell::Cell::new(0),
         })
     }
 
-    /// Bytes one decoding step reads from the table through this head (the bfloat16 copy).
+    /// Bytes one decoding step reads through this head (the codes and the row scales).
     pub fn bytes_per_step(&self) -> usize {
-        2 * self.table_bf16.len()
+        self.codes.len() + 4 * self.row_scales.len()
     }
 
     /// The first position of the largest logit `hidden · table[v]`, as the full lm_head's
@@ -130,43 +187,69 @@ impl GreedyHead {
 
     /// The rows the bound cannot rule out, in increasing order; `None` if it cannot be used.
     fn candidates(&self, hidden: ArrayView1<f32>) -> Option<Vec<usize>> {
-        let dim = self.table.shape()[1];
         let h = hidden.as_standard_layout();
         let h = h.as_slice().expect("standard layout");
-        if h.len() != dim || !h.iter().all(|v| v.is_finite()) {
-            return None;
-        }
-        let estimates = self.estimates(h);
-        if !estimates.iter().all(|e| e.is_finite()) {
-            return None;
-        }
-        let h_l1 = h.iter().map(|&v| f64::from(v.abs())).sum::<f64>();
-        let h_l2 = norms_f64(h).0;
-        let unit = dim as f64 * f64::from(f32::EPSILON) / 2.0;
-        let gamma = unit / (1.0 - unit);
-        let factor = (2f64.powi(-8) + 3.0 * gamma) * 1.01;
-        let bounds = |v: usize| {
-            let (l2, max) = self.row_norms[v];
-            let margin = factor * (h_l2 * l2).min(h_l1 * max) + 1e-30;
-            let e = f64::from(estimates[v]);
-            (e - margin, e + margin)
-        };
-        let floor = (0..self.row_norms.len())
-            .map(|v| bounds(v).0)
+        let (estimates, margins) = self.estimates_and_margins(h)?;
+        let floor = estimates
+            .iter()
+            .zip(&margins)
+            .map(|(&e, &m)| f64::from(e) - m)
             .fold(f64::NEG_INFINITY, f64::max);
-        let rows: Vec<usize> = (0..self.row_norms.len())
-            .filter(|&v| bounds(v).1 >= floor)
+        let rows: Vec<usize> = (0..estimates.len())
+            .filter(|&v| f64::from(estimates[v]) + margins[v] >= floor)
             .collect();
         (rows.len() <= MAX_CANDIDATES).then_some(rows)
     }
 
-    /// `ã_v = h · bf16(table[v])` for every row, in float32.
-    fn estimates(&self, h: &[f32]) -> Vec<f32> {
-        let dim = h.len();
-        let mut out = vec![0.0f32; self.row_norms.len()];
+    /// Every row's estimate `ã_v` and margin `m_v ≥ |ã_v − l_v|` (see the module docs), or
+    /// `None` for a state or estimate that is not finite (the bound needs finite numbers).
+    fn estimates_and_margins(&self, h: &[f32]) -> Option<(Vec<f32>, Vec<f64>)> {
+        let dim = self.column_scales.len();
+        if h.len() != dim || !h.iter().all(|v| v.is_finite()) {
+            return None;
+        }
+        let scaled: Vec<f32> = h
+            .iter()
+            .zip(&self.column_scales)
+            .map(|(&x, &c)| x * c)
+            .collect();
+        let h_l1 = h.iter().map(|&v| f64::from(v.abs())).sum::<f64>();
+        let h_l2 = l2_norm_f64(h);
+        let hc_l1 = h
+            .iter()
+            .zip(&self.column_scales)
+            .map(|(&v, &c)| f64::from(v.abs()) * f64::from(c))
+            .sum::<f64>();
+        let unit = dim as f64 * f64::from(f32::EPSILON) / 2.0;
+        let gamma = unit / (1.0 - unit);
+        let margin = |r: &RowStats| {
+            let error = (h_l2 * r.e_l2).min(hc_l1 * r.e_max_per_column_scale);
+            let weights = (h_l2 * r.w_l2).min(h_l1 * r.w_max);
+            1.01 * (error + 3.0 * gamma * (weights + error)) + 1e-30
+        };
+        let (estimates, margins) = self.estimates(&scaled, margin);
+        estimates
+            .iter()
+            .all(|e| e.is_finite())
+            .then_some((estimates, margins))
+    }
+
+    /// `ã_v = s_v · Σ_i scaled_i·q_vi` for every row, in float32 (`scaled = h∘c`), and
+    /// `margin` of each row's statistics, in the same parallel pass.
+    fn estimates(
+        &self,
+        scaled: &[f32],
+        margin: impl Fn(&RowStats) -> f64 + Sync,
+    ) -> (Vec<f32>, Vec<f64>) {
+        let dim = scaled.len();
+        let mut out = vec![0.0f32; self.row_scales.len()];
+        let mut margins = vec![0.0f64; self.row_scales.len()];
         out.par_chunks_mut(ROWS_PER_TASK)
-            .zip(self.table_bf16.par_chunks(ROWS_PER_TASK * dim))
-            .for_each(|(out, rows)| {
+            .zip(margins.par_chunks_mut(ROWS_PER_TASK))
+            .zip(self.codes.par_chunks(ROWS_PER_TASK * dim))
+            .zip(self.row_scales.par_chunks(ROWS_PER_TASK))
+            .zip(self.row_stats.par_chunks(ROWS_PER_TASK))
+            .for_each(|((((out, margins), rows), scales), stats)| {
                 tapelora_autograd::simd::vectorized(
                     #[inline(always)]
                     || {
@@ -175,19 +258,24 @@ impl GreedyHead {
                         let q = out.len() / 4;
                         let row = |i: usize| &rows[i * dim..(i + 1) * dim];
                         for t in 0..q {
-                            let dots =
-                                dot4_bf16(h, [row(t), row(t + q), row(t + 2 * q), row(t + 3 * q)]);
+                            let dots = dot4_i8(
+                                scaled,
+                                [row(t), row(t + q), row(t + 2 * q), row(t + 3 * q)],
+                            );
                             for (k, dot) in dots.into_iter().enumerate() {
-                                out[t + k * q] = dot;
+                                out[t + k * q] = scales[t + k * q] * dot;
                             }
                         }
                         for (i, o) in out.iter_mut().enumerate().skip(4 * q) {
-                            *o = dot4_bf16(h, [row(i); 4])[0];
+                            *o = scales[i] * dot4_i8(scaled, [row(i); 4])[0];
                         }
                     },
-                )
+                );
+                for (m, r) in margins.iter_mut().zip(stats) {
+                    *m = margin(r);
+                }
             });
-        out
+        (out, margins)
     }
 
     /// The full lm_head's logits for `rows` (all rows if `None`): the op the model's tied
@@ -233,24 +321,110 @@ pub(crate) fn first_max<'a>(values: impl IntoIterator<Item = &'a f32>) -> usize 
         .0
 }
 
-/// float32 → bfloat16, rounding to nearest even (so |error| ≤ 2⁻⁸·|w|).
-fn to_bf16(w: f32) -> u16 {
-    let bits = w.to_bits();
-    if w.is_nan() {
-        return 0x7fc0;
+/// One finite row's codes (written into `codes`), its scale `s_v`, and the statistics of it
+/// and of its error `w − s_v·c∘q` that the bound needs. Codes are `w_i/(s_v·c_i)` rounded to
+/// the nearest integer (found through reciprocals: a code off by one at a tie would only
+/// loosen the bound, which is taken from the codes as stored); the error is computed in
+/// float64 from the float32 scales the estimate uses (`s_v·c_i·q_vi` has up to 55 bits, so
+/// within 2⁻⁵² of exact). A row too small for a normal float32 scale gets
+/// `s_v = 1` (codes of 0, so its error is the row itself, and the bound says so).
+#[inline(always)]
+fn quantize_row(
+    row: &[f32],
+    column_scales: &[f32],
+    inverse_columns: &[f32],
+    codes: &mut [i8],
+    levels: &mut [f32],
+) -> Option<(f32, RowStats)> {
+    // Eight lanes of the running maximum, so the loop vectorises.
+    let (w8, w_tail) = row.as_chunks::<8>();
+    let (inv8, inv_tail) = inverse_columns.as_chunks::<8>();
+    let mut lanes = [0.0f32; 8];
+    let mut finite = true;
+    for (w, inv) in w8.iter().zip(inv8) {
+        for l in 0..8 {
+            // NaN fails the comparison.
+            finite &= w[l].abs() <= f32::MAX;
+            lanes[l] = lanes[l].max(w[l].abs() * inv[l]);
+        }
     }
-    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
-    (rounded >> 16) as u16
+    finite &= w_tail.iter().all(|w| w.is_finite());
+    if !finite {
+        return None;
+    }
+    let largest = w_tail.iter().zip(inv_tail).fold(
+        lanes.iter().fold(0.0f32, |m, &x| m.max(x)),
+        |m, (&w, &inv)| m.max(w.abs() * inv),
+    );
+    let scale = (f64::from(largest) / CODE_MAX) as f32;
+    let scale = if scale.is_normal() { scale } else { 1.0 };
+    let inverse_scale = 1.0 / scale;
+    // Codes first: adding 1.5·2²³ rounds to the nearest integer and leaves it in the low
+    // bits (the code straight from the bits, where a float-to-integer cast would be a
+    // saturating one that stops the loop vectorising). `levels` keeps each code as a float.
+    const ROUND: f32 = 12_582_912.0;
+    for ((code, level), (&w, &inv)) in codes
+        .iter_mut()
+        .zip(levels.iter_mut())
+        .zip(row.iter().zip(inverse_columns))
+    {
+        let shifted = (w * inv * inverse_scale).clamp(-CODE_MAX as f32, CODE_MAX as f32) + ROUND;
+        *level = shifted - ROUND;
+        *code = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i8;
+    }
+    // Then the error of each entry, exactly, in float64, in four lanes. (Maxima by comparison:
+    // `f64::max`'s NaN rule costs a compare and blend per lane, and nothing here is NaN.)
+    const L: usize = 8;
+    let (mut w_squares, mut e_squares) = ([0.0f64; L], [0.0f64; L]);
+    let (mut w_max, mut e_max) = ([0.0f64; L], [0.0f64; L]);
+    let mut add = |l: usize, w: f32, c: f32, inv: f32, q: f32| {
+        let (w, q) = (f64::from(w), f64::from(q));
+        let e = w - f64::from(scale) * f64::from(c) * q;
+        let e_per_c = e.abs() * f64::from(inv);
+        w_squares[l] += w * w;
+        e_squares[l] += e * e;
+        w_max[l] = if w.abs() > w_max[l] {
+            w.abs()
+        } else {
+            w_max[l]
+        };
+        e_max[l] = if e_per_c > e_max[l] {
+            e_per_c
+        } else {
+            e_max[l]
+        };
+    };
+    let (w4, w_tail) = row.as_chunks::<L>();
+    let (c4, c_tail) = column_scales.as_chunks::<L>();
+    let (inv4, inv_tail) = inverse_columns.as_chunks::<L>();
+    let (q4, q_tail) = levels.as_chunks::<L>();
+    for (((w, c), inv), q) in w4.iter().zip(c4).zip(inv4).zip(q4) {
+        for l in 0..L {
+            add(l, w[l], c[l], inv[l], q[l]);
+        }
+    }
+    for (l, (((&w, &c), &inv), &q)) in w_tail
+        .iter()
+        .zip(c_tail)
+        .zip(inv_tail)
+        .zip(q_tail)
+        .enumerate()
+    {
+        add(l, w, c, inv, q);
+    }
+    let stats = RowStats {
+        w_l2: w_squares.iter().sum::<f64>().sqrt(),
+        w_max: w_max.iter().fold(0.0f64, |m, &x| m.max(x)),
+        e_l2: e_squares.iter().sum::<f64>().sqrt(),
+        // |e|/c against |e|·fl(1/c), which is within 2⁻²⁴ of it: padded so it stays a bound.
+        e_max_per_column_scale: e_max.iter().fold(0.0f64, |m, &x| m.max(x)) * (1.0 + 1e-6),
+    };
+    Some((scale, stats))
 }
 
+/// ‖a‖₂, the squares summed in eight float64 lanes (none underflows).
 #[inline(always)]
-fn from_bf16(b: u16) -> f32 {
-    f32::from_bits(u32::from(b) << 16)
-}
-
-/// `(‖a‖₂, max|a|)`, the squares summed in eight float64 lanes (none underflows).
-#[inline(always)]
-fn norms_f64(a: &[f32]) -> (f64, f64) {
+fn l2_norm_f64(a: &[f32]) -> f64 {
     let mut lanes = [0.0f64; 8];
     let (a8, a_tail) = a.as_chunks::<8>();
     for x in a8 {
@@ -258,25 +432,26 @@ fn norms_f64(a: &[f32]) -> (f64, f64) {
             lanes[l] += f64::from(x[l]) * f64::from(x[l]);
         }
     }
-    let squares = a_tail.iter().fold(lanes.iter().sum::<f64>(), |s, &x| {
-        s + f64::from(x) * f64::from(x)
-    });
-    let max = a.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
-    (squares.sqrt(), f64::from(max))
+    a_tail
+        .iter()
+        .fold(lanes.iter().sum::<f64>(), |s, &x| {
+            s + f64::from(x) * f64::from(x)
+        })
+        .sqrt()
 }
 
-/// `h · w` for four rows `w` in bfloat16 at once, each in sixteen float32 lanes.
+/// `h · q` for four rows of codes `q` at once, each in sixteen float32 lanes.
 #[inline(always)]
-fn dot4_bf16(h: &[f32], w: [&[u16]; 4]) -> [f32; 4] {
+fn dot4_i8(h: &[f32], w: [&[i8]; 4]) -> [f32; 4] {
     let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
     let (h16, h_tail) = h.as_chunks::<16>();
     let [w0, w1, w2, w3] = w.map(|w| w.as_chunks::<16>().0);
     for ((((x, y0), y1), y2), y3) in h16.iter().zip(w0).zip(w1).zip(w2).zip(w3) {
         for l in 0..16 {
-            a0[l] += x[l] * from_bf16(y0[l]);
-            a1[l] += x[l] * from_bf16(y1[l]);
-            a2[l] += x[l] * from_bf16(y2[l]);
-            a3[l] += x[l] * from_bf16(y3[l]);
+            a0[l] += x[l] * f32::from(y0[l]);
+            a1[l] += x[l] * f32::from(y1[l]);
+            a2[l] += x[l] * f32::from(y2[l]);
+            a3[l] += x[l] * f32::from(y3[l]);
         }
     }
     let lanes = [a0, a1, a2, a3];
@@ -286,7 +461,7 @@ fn dot4_bf16(h: &[f32], w: [&[u16]; 4]) -> [f32; 4] {
             .iter()
             .zip(tail)
             .fold(lanes[k].iter().sum::<f32>(), |s, (&x, &y)| {
-                s + x * from_bf16(y)
+                s + x * f32::from(y)
             })
     })
 }
@@ -314,19 +489,95 @@ mod tests {
     }
 
     #[test]
-    fn bf16_rounding_is_to_nearest_and_within_its_bound() {
+    fn quantized_rows_come_back_within_their_recorded_error() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        for _ in 0..10_000 {
-            let w: f32 = rng.random_range(-3.0..3.0) * 10f32.powi(rng.random_range(-20..20));
-            let b = from_bf16(to_bf16(w));
-            assert!((b - w).abs() <= w.abs() * 2f32.powi(-8), "{w} → {b}");
+        let dim = 48;
+        // Column scales as a trained table's: most near 0.1, two channels 30× larger.
+        let columns: Vec<f32> = (0..dim)
+            .map(|i| {
+                if i == 5 || i == 31 {
+                    3.0
+                } else {
+                    rng.random_range(0.05..0.15)
+                }
+            })
+            .collect();
+        let mut rows: Vec<Vec<f32>> = (0..300)
+            .map(|_| {
+                columns
+                    .iter()
+                    .map(|&c| {
+                        c * rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-3..1))
+                    })
+                    .collect()
+            })
+            .collect();
+        rows.push(vec![0.0; dim]);
+        let inverse: Vec<f32> = columns.iter().map(|&c| 1.0 / c).collect();
+        rows.push((0..dim).map(|i| if i == 7 { 1e-42 } else { 0.0 }).collect());
+        for row in &rows {
+            let mut codes = vec![0i8; dim];
+            let (scale, stats) =
+                quantize_row(row, &columns, &inverse, &mut codes, &mut vec![0.0; dim]).unwrap();
+            assert!(scale.is_normal() && scale > 0.0);
+            let (mut e_squares, mut w_squares) = (0.0f64, 0.0f64);
+            for i in 0..dim {
+                assert!(codes[i] != i8::MIN, "codes stay within ±127");
+                let step = f64::from(scale) * f64::from(columns[i]);
+                let e = f64::from(row[i]) - step * f64::from(codes[i]);
+                // Rounded to the nearest step, unless the row is too small for a scale.
+                if row.iter().any(|w| w.abs() > 1e-30) {
+                    assert!(
+                        e.abs() <= 0.5 * step * (1.0 + 1e-4),
+                        "{e} against a step of {step}"
+                    );
+                }
+                assert!(
+                    e.abs() <= stats.e_max_per_column_scale * f64::from(columns[i]) * (1.0 + 1e-12)
+                );
+                e_squares += e * e;
+                w_squares += f64::from(row[i]).powi(2);
+            }
+            assert!((e_squares.sqrt() - stats.e_l2).abs() <= 1e-12 * stats.e_l2.max(1e-300));
+            assert!((w_squares.sqrt() - stats.w_l2).abs() <= 1e-12 * stats.w_l2.max(1e-300));
+            assert_eq!(
+                stats.w_max,
+                row.iter().fold(0.0f64, |m, &w| m.max(f64::from(w.abs())))
+            );
         }
-        assert_eq!(from_bf16(to_bf16(1.0)), 1.0);
-        assert_eq!(
-            to_bf16(1.0 + 2f32.powi(-8)),
-            to_bf16(1.0),
-            "a tie rounds to even"
+        // The error is about a 250th of the row's size, not of the two large channels'.
+        let mut codes = vec![0i8; dim];
+        let typical: Vec<f32> = columns.iter().map(|&c| 0.8 * c).collect();
+        let (_, stats) = quantize_row(
+            &typical,
+            &columns,
+            &inverse,
+            &mut codes,
+            &mut vec![0.0; dim],
+        )
+        .unwrap();
+        assert!(
+            stats.e_l2 <= stats.w_l2 / 200.0,
+            "{} against {}",
+            stats.e_l2,
+            stats.w_l2
         );
+        // A row with a NaN or an infinity has no codes (and a table with one, no head).
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 13, dim - 1] {
+                let mut row = typical.clone();
+                row[at] = bad;
+                assert!(
+                    quantize_row(&row, &columns, &inverse, &mut codes, &mut vec![0.0; dim])
+                        .is_none()
+                );
+            }
+        }
+        let mut m = model(40, 16, 5);
+        let mut table = m.wte.weight.value.to_owned();
+        table[[39, 15]] = f32::NAN;
+        m.wte.weight.value = table.into_shared();
+        assert!(GreedyHead::new(&m).is_none());
     }
 
     #[test]
@@ -402,21 +653,55 @@ mod tests {
                 assert!(rows.contains(&expected));
                 narrowed += usize::from(rows.len() < vocab / 10);
             }
-            // The estimates stay within their bound of the full logits.
-            let estimates = head.estimates(hidden.as_slice().unwrap());
-            for (v, &estimate) in estimates.iter().enumerate() {
+            // The estimates stay within their margins of the full logits.
+            let (estimates, margins) = head
+                .estimates_and_margins(hidden.as_slice().unwrap())
+                .unwrap();
+            for (v, (&estimate, &margin)) in estimates.iter().zip(&margins).enumerate() {
                 let gap = (f64::from(estimate) - f64::from(logits[v])).abs();
-                let exact_abs_sum = hidden
-                    .iter()
-                    .zip(table.row(v))
-                    .map(|(&h, &w)| f64::from(h).abs() * f64::from(w).abs())
-                    .sum::<f64>();
-                assert!(gap <= 2f64.powi(-8) * 1.01 * exact_abs_sum + 1e-6);
+                assert!(gap <= margin, "row {v}: {gap} > {margin}");
             }
         }
         assert!(
             narrowed >= 150,
             "the bound narrows most searches: {narrowed} of 200"
+        );
+    }
+
+    #[test]
+    fn a_table_with_large_channels_still_narrows_the_search() {
+        // Like trained token tables (and final states): a few channels far larger than the
+        // rest. Per-column scales keep the codes' step at the scale of each channel.
+        let (vocab, dim) = (4000, 64);
+        let mut m = model(vocab, dim, 11);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let large = [3usize, 40];
+        m.wte.weight.value = ndarray::Array2::from_shape_fn((vocab, dim), |(_, i)| {
+            let spread = if large.contains(&i) { 2.0 } else { 0.1 };
+            spread * rng.random_range(-1.0f32..1.0)
+        })
+        .into_dyn()
+        .into_shared();
+        let head = GreedyHead::new(&m).unwrap();
+        let mut narrowed = 0;
+        for trial in 0..100 {
+            let hidden = ndarray::Array1::from_shape_fn(dim, |i| {
+                let spread = if i == large[trial % 2] { 20.0 } else { 1.0 };
+                spread * rng.random_range(-1.0f32..1.0)
+            });
+            let logits = head.exact_logits(hidden.view(), None).unwrap();
+            assert_eq!(
+                head.argmax(hidden.view()).unwrap(),
+                first_max(&logits),
+                "trial {trial}"
+            );
+            let rows = head.candidates(hidden.view()).unwrap();
+            narrowed += usize::from(rows.len() <= 20);
+        }
+        assert_eq!(head.fallbacks(), 0);
+        assert!(
+            narrowed >= 90,
+            "few candidates in most searches: {narrowed} of 100"
         );
     }
 

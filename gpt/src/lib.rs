@@ -8,7 +8,7 @@
 //! | [`train`] | the training loop (AdamW, warmup + cosine, clipping, evaluation) and `evaluate` |
 //! | [`step`] | one step's loss and gradients; a small model's batch as groups of sequences side by side |
 //! | [`generate`] | sampling (temperature, top-k, top-p) with the KV cache |
-//! | [`greedy`] | greedy search's lm_head from a bfloat16 copy of the table, with a proven bound, so the token is the full product's argmax |
+//! | [`greedy`] | greedy search's lm_head from an int8 copy of the table (per-row and per-column scales), with a proven bound, so the token is the full product's argmax |
 //! | [`tokenizer`] | char-level and GPT-2 byte-level BPE (built in, or vocab.json + merges.txt) |
 //! | [`hf`] | Hugging Face GPT-2 folders: load (with or without `transformer.`), save atomically |
 //! | [`error`] | [`GptError`] |

@@ -623,10 +623,11 @@ impl ModelBench {
                 .collect()
         };
         let mut bytes_per_token = 4.0 * weights.iter().map(|w| w.len()).sum::<usize>() as f64;
-        // Greedy search reads the tied lm_head's table as bfloat16 (`GreedyHead`): 2 bytes an
-        // entry of the 4 counted above.
+        // Greedy search reads the tied lm_head's table through its int8 copy (`GreedyHead`):
+        // those bytes in place of the float32 table counted above.
         if let Some(head) = tapelora_gpt::generate::greedy_head_for(&model, &cfg) {
-            bytes_per_token -= head.bytes_per_step() as f64;
+            bytes_per_token +=
+                head.bytes_per_step() as f64 - 4.0 * model.wte.weight.value.len() as f64;
         }
         let mut stream_rates = vec![streaming_rate(&weights)];
         let start = Instant::now();
