@@ -25,6 +25,27 @@ pub struct GptConfig {
 }
 
 impl GptConfig {
+    /// A small test model's config: two heads, a 4× MLP, biases, no dropout.
+    #[cfg(test)]
+    pub(crate) fn small(
+        n_layer: usize,
+        n_embd: usize,
+        n_positions: usize,
+        vocab_size: usize,
+    ) -> Self {
+        GptConfig {
+            n_layer,
+            n_head: 2,
+            n_embd,
+            n_positions,
+            vocab_size,
+            n_inner: 4 * n_embd,
+            layer_norm_epsilon: 1e-5,
+            bias: true,
+            dropout: 0.0,
+        }
+    }
+
     /// A config of the named preset: `nanogpt-cpu` (4 layers, 4 heads, 128 wide, block 64, no
     /// biases; its vocabulary comes from the char tokenizer), `gpt2` (124M), `gpt2-medium`.
     pub fn preset(name: &str, vocab_size: Option<usize>) -> Result<Self> {

@@ -208,17 +208,7 @@ mod tests {
 
     #[test]
     fn greedy_generation_with_the_int8_head_picks_every_logits_argmax() {
-        let cfg = GptConfig {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 32,
-            n_positions: 64,
-            vocab_size: 700,
-            n_inner: 64,
-            layer_norm_epsilon: 1e-5,
-            bias: true,
-            dropout: 0.0,
-        };
+        let cfg = GptConfig::small(2, 32, 64, 700);
         let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(11)).unwrap();
         let greedy = SamplingConfig {
             max_new_tokens: 40,
@@ -255,17 +245,7 @@ mod tests {
 
     #[test]
     fn cached_and_uncached_generation_agree_even_past_the_context() {
-        let cfg = GptConfig {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 8,
-            n_positions: 10,
-            vocab_size: 13,
-            n_inner: 32,
-            layer_norm_epsilon: 1e-5,
-            bias: true,
-            dropout: 0.0,
-        };
+        let cfg = GptConfig::small(2, 8, 10, 13);
         let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5)).unwrap();
         let base = SamplingConfig {
             max_new_tokens: 6,

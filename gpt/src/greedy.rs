@@ -474,17 +474,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     fn model(vocab: usize, dim: usize, seed: u64) -> Gpt {
-        let cfg = GptConfig {
-            n_layer: 1,
-            n_head: 2,
-            n_embd: dim,
-            n_positions: 64,
-            vocab_size: vocab,
-            n_inner: 4 * dim,
-            layer_norm_epsilon: 1e-5,
-            bias: true,
-            dropout: 0.0,
-        };
+        let cfg = GptConfig::small(1, dim, 64, vocab);
         Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed)).unwrap()
     }
 

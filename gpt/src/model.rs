@@ -413,17 +413,7 @@ mod tests {
     use rand::SeedableRng;
 
     fn tiny() -> Gpt {
-        let cfg = GptConfig {
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 8,
-            n_positions: 12,
-            vocab_size: 11,
-            n_inner: 32,
-            layer_norm_epsilon: 1e-5,
-            bias: true,
-            dropout: 0.0,
-        };
+        let cfg = GptConfig::small(2, 8, 12, 11);
         Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0)).unwrap()
     }
 
