@@ -147,10 +147,6 @@ fn loss_of(y: &ArrayD<f32>, t: &ArrayD<f32>) -> f64 {
 }
 
 /// Runs the lesson; `Err` names the first check that failed.
-fn run() -> Result<(), String> {
-    lesson().map_err(|e| e.to_string())
-}
-
 fn lesson() -> Res<()> {
     let s = ALPHA / R as f64;
     println!("== LoRA by hand: one Linear layer, d_in = {D_IN}, d_out = {D_OUT}, r = {R}, α = {ALPHA}, s = α/r = {s}, batch N = {BATCH}, SGD lr = {LR}\n");
@@ -441,7 +437,7 @@ fn lesson() -> Res<()> {
 }
 
 fn main() {
-    if let Err(e) = run() {
+    if let Err(e) = lesson() {
         eprintln!("lora_by_hand: check failed: {e}");
         std::process::exit(1);
     }
