@@ -844,7 +844,10 @@ unsafe fn kernel_rows<const ROWS: usize>(
             acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
         }
     }
-    store(&acc, tile);
+    // The store reads a copy: with `acc` itself borrowed there, the accumulators lived on
+    // the stack and the low-rank loop stored all twelve on every step.
+    let finished = acc;
+    store(&finished, tile);
 }
 
 /// [`kernel_rows`] for a tile of `tile.rows` rows.
