@@ -337,7 +337,9 @@ unsafe fn softmax_rows(p: *mut f32, t: usize, i0: usize, rows: usize, head: Head
         let mut sum = [_mm256_setzero_ps(); 2];
         for c in 0..chunks {
             let at = row.add(16 * c);
-            let e = exp([0, 8].map(|h| _mm256_sub_ps(_mm256_loadu_ps(at.add(h)), max)));
+            let e = crate::simd::exp_avx2(
+                [0, 8].map(|h| _mm256_sub_ps(_mm256_loadu_ps(at.add(h)), max)),
+            );
             for (h, mut e) in e.into_iter().enumerate() {
                 if c + 1 == chunks {
                     e = _mm256_and_ps(e, edge[h]);
@@ -373,48 +375,6 @@ unsafe fn lanes(x: [__m256; 2]) -> [f32; 16] {
     _mm256_storeu_ps(lanes.as_mut_ptr(), x[0]);
     _mm256_storeu_ps(lanes.as_mut_ptr().add(8), x[1]);
     lanes
-}
-
-/// [`crate::element::exp_f32_fused`] on `N` vectors of eight lanes, operation for operation
-/// (the same bits), each step taken for every vector before the next: the vectors' chains
-/// of dependent steps then run side by side.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp<const N: usize>(x: [__m256; N]) -> [__m256; N] {
-    const ROUND: f32 = 12_582_912.0;
-    let (low, high) = (_mm256_set1_ps(-87.3), _mm256_set1_ps(88.3));
-    let clamped = x.map(|x| _mm256_min_ps(_mm256_max_ps(x, low), high));
-    let (log2e, round) = (
-        _mm256_set1_ps(std::f32::consts::LOG2_E),
-        _mm256_set1_ps(ROUND),
-    );
-    let shifted = clamped.map(|x| _mm256_fmadd_ps(x, log2e, round));
-    let round_bits = _mm256_set1_epi32(ROUND.to_bits() as i32);
-    let n_int = shifted.map(|s| _mm256_sub_epi32(_mm256_castps_si256(s), round_bits));
-    let n = shifted.map(|s| _mm256_sub_ps(s, round));
-    let (ln2_high, ln2_low) = (_mm256_set1_ps(0.693_145_75), _mm256_set1_ps(1.428_606_8e-6));
-    let g: [__m256; N] = std::array::from_fn(|i| _mm256_fnmadd_ps(n[i], ln2_high, clamped[i]));
-    let g: [__m256; N] = std::array::from_fn(|i| _mm256_fnmadd_ps(n[i], ln2_low, g[i]));
-    let mut p = [_mm256_set1_ps(1.0 / 5040.0); N];
-    for coefficient in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        let coefficient = _mm256_set1_ps(coefficient);
-        p = std::array::from_fn(|i| _mm256_fmadd_ps(p[i], g[i], coefficient));
-    }
-    let bias = _mm256_set1_epi32(127);
-    std::array::from_fn(|i| {
-        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(n_int[i], bias));
-        let y = _mm256_mul_ps(p[i], _mm256_castsi256_ps(scale));
-        _mm256_blendv_ps(y, x[i], _mm256_cmp_ps::<_CMP_UNORD_Q>(x[i], x[i]))
-    })
 }
 
 /// Stores the first `lanes` lanes of `x` at `ptr`.
@@ -489,7 +449,8 @@ mod tests {
             let mut got = [0.0f32; 16];
             // SAFETY: takes() checked AVX2 and FMA.
             unsafe {
-                let e = super::exp([0, 8].map(|h| _mm256_loadu_ps(chunk.as_ptr().add(h))));
+                let e =
+                    crate::simd::exp_avx2([0, 8].map(|h| _mm256_loadu_ps(chunk.as_ptr().add(h))));
                 _mm256_storeu_ps(got.as_mut_ptr(), e[0]);
                 _mm256_storeu_ps(got.as_mut_ptr().add(8), e[1]);
             }

@@ -389,6 +389,54 @@ unsafe fn sum_half(half: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(low, high))
 }
 
+/// [`crate::element::exp_f32_fused`] on `N` vectors of eight lanes, operation for operation
+/// (the same bits), each step taken for every vector before the next: the vectors' chains
+/// of dependent steps then run side by side.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn exp_avx2<const N: usize>(
+    x: [std::arch::x86_64::__m256; N],
+) -> [std::arch::x86_64::__m256; N] {
+    use std::arch::x86_64::*;
+    const ROUND: f32 = 12_582_912.0;
+    let (low, high) = (_mm256_set1_ps(-87.3), _mm256_set1_ps(88.3));
+    let clamped = x.map(|x| _mm256_min_ps(_mm256_max_ps(x, low), high));
+    let (log2e, round) = (
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+        _mm256_set1_ps(ROUND),
+    );
+    let shifted = clamped.map(|x| _mm256_fmadd_ps(x, log2e, round));
+    let round_bits = _mm256_set1_epi32(ROUND.to_bits() as i32);
+    let n_int = shifted.map(|s| _mm256_sub_epi32(_mm256_castps_si256(s), round_bits));
+    let n = shifted.map(|s| _mm256_sub_ps(s, round));
+    let (ln2_high, ln2_low) = (_mm256_set1_ps(0.693_145_75), _mm256_set1_ps(1.428_606_8e-6));
+    let g: [__m256; N] = std::array::from_fn(|i| _mm256_fnmadd_ps(n[i], ln2_high, clamped[i]));
+    let g: [__m256; N] = std::array::from_fn(|i| _mm256_fnmadd_ps(n[i], ln2_low, g[i]));
+    let mut p = [_mm256_set1_ps(1.0 / 5040.0); N];
+    for coefficient in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        let coefficient = _mm256_set1_ps(coefficient);
+        p = std::array::from_fn(|i| _mm256_fmadd_ps(p[i], g[i], coefficient));
+    }
+    let bias = _mm256_set1_epi32(127);
+    std::array::from_fn(|i| {
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(n_int[i], bias));
+        let y = _mm256_mul_ps(p[i], _mm256_castsi256_ps(scale));
+        _mm256_blendv_ps(y, x[i], _mm256_cmp_ps::<_CMP_UNORD_Q>(x[i], x[i]))
+    })
+}
+
 /// [`dot_lanes`] with eight-lane AVX2 registers: sixteen-lane row `r` is registers `2r` (lanes
 /// 0–7) and `2r + 1` (lanes 8–15); the same multiplications and additions in the same order,
 /// so the same bits. Without it `Float::dot` and `Float::dot8` ran the portable code, which

@@ -693,7 +693,7 @@ impl<'t, T: Float> Var<'t, T> {
             fused.unwrap_or_else(|| {
                 let pre = linear_value(x2.view(), w2.view(), bias_value).into_dyn();
                 if keeps_backward {
-                    let (y, d) = super::map_pair(&pre, super::gelu_and_derivative);
+                    let (y, d) = super::unary::gelu_pair(&pre);
                     (y, Some(d))
                 } else {
                     (super::map(&pre, super::unary::gelu_scalar), None)

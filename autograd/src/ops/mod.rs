@@ -179,10 +179,7 @@ pub(crate) fn map_pair<T: Float, S: Data<Elem = T>>(
     a: &ArrayBase<S, IxDyn>,
     f: impl Fn(T) -> (T, T) + Sync + Send,
 ) -> (ArrayD<T>, ArrayD<T>) {
-    let a = a.as_standard_layout();
-    let src = a.as_slice().expect("standard layout");
-    let (mut first, mut second) = (Vec::with_capacity(src.len()), Vec::with_capacity(src.len()));
-    let run = |x: &mut [MaybeUninit<T>], y: &mut [MaybeUninit<T>], a: &[T]| {
+    map_pair_slices(a, |x, y, a| {
         crate::simd::vectorized(
             #[inline(always)]
             || {
@@ -193,7 +190,18 @@ pub(crate) fn map_pair<T: Float, S: Data<Elem = T>>(
                 }
             },
         )
-    };
+    })
+}
+
+/// [`map_pair`] with the loop given: `run(first, second, a)` writes every element of both
+/// outputs for a chunk of the input (chunks in parallel from [`PARALLEL_MIN_LEN`] up).
+pub(crate) fn map_pair_slices<T: Float, S: Data<Elem = T>>(
+    a: &ArrayBase<S, IxDyn>,
+    run: impl Fn(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>], &[T]) + Sync + Send,
+) -> (ArrayD<T>, ArrayD<T>) {
+    let a = a.as_standard_layout();
+    let src = a.as_slice().expect("standard layout");
+    let (mut first, mut second) = (Vec::with_capacity(src.len()), Vec::with_capacity(src.len()));
     let (x, y) = (
         &mut first.spare_capacity_mut()[..src.len()],
         &mut second.spare_capacity_mut()[..src.len()],

@@ -4,7 +4,7 @@
 //! (exp′ = y, tanh′ = 1 − y², log′ = 1/x, …) and computes the input gradient in the incoming
 //! gradient's buffer.
 
-use super::{map, map_pair, zip_inplace};
+use super::{map, zip_inplace};
 use crate::error::Result;
 use crate::tape::{OpRecord, Tensor, Var};
 use crate::Float;
@@ -65,6 +65,96 @@ pub(crate) fn gelu_and_derivative<T: Float>(x: T) -> (T, T) {
         x * s,
         s + x * s * (T::one() - s) * two_c * (T::one() + three_k * x * x),
     )
+}
+
+/// [`gelu_scalar`] and [`gelu_derivative`] at every value of `x` (what a GELU forward keeps
+/// for backward), with the bits of [`gelu_and_derivative`]. f32 on AVX2 without AVX-512 takes
+/// [`gelu_pairs_avx2`]: the compiler's build of the scalar function ran a step at 1.5 ns a
+/// value (35 cycles a vector of eight, waiting on each vector's chain of dependent steps).
+pub(crate) fn gelu_pair<T: Float, S: ndarray::Data<Elem = T>>(
+    x: &ndarray::ArrayBase<S, ndarray::IxDyn>,
+) -> (ndarray::ArrayD<T>, ndarray::ArrayD<T>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && crate::simd::width() == crate::simd::Width::Avx2
+    {
+        return super::map_pair_slices(x, |y, d, x| {
+            let cast = |s: &mut [std::mem::MaybeUninit<T>]| {
+                // SAFETY: T is f32 (checked above), so the slices have the same layout.
+                unsafe {
+                    std::slice::from_raw_parts_mut(
+                        s.as_mut_ptr().cast::<std::mem::MaybeUninit<f32>>(),
+                        s.len(),
+                    )
+                }
+            };
+            // SAFETY: as above; width() found AVX2 and FMA on this CPU.
+            unsafe {
+                let x = std::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len());
+                gelu_pairs_avx2(x, cast(y), cast(d));
+            }
+        });
+    }
+    super::map_pair(x, gelu_and_derivative)
+}
+
+/// [`gelu_and_derivative`] of each value of `x` into `y` and `d`, in intrinsics with the same
+/// operations in the same order (the same bits), four vectors side by side: each step taken
+/// for all four before the next, so that their chains of dependent steps (the exponential's
+/// polynomial, the division) overlap. A pass over nanogpt-cpu's 384 × 512 activations on
+/// one thread: 200–230 µs against 270–320 µs for the scalar function compiled wide.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `y` and `d` are as long as `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_pairs_avx2(
+    x: &[f32],
+    y: &mut [std::mem::MaybeUninit<f32>],
+    d: &mut [std::mem::MaybeUninit<f32>],
+) {
+    use std::arch::x86_64::*;
+    const VECTORS: usize = 4;
+    assert!(y.len() == x.len() && d.len() == x.len());
+    let one = _mm256_set1_ps(1.0);
+    let minus_two_c = _mm256_set1_ps((-2.0 * SQRT_2_OVER_PI) as f32);
+    let k = _mm256_set1_ps(GELU_CUBIC as f32);
+    let cap = _mm256_set1_ps(80.0);
+    let two_c = _mm256_set1_ps((2.0 * SQRT_2_OVER_PI) as f32);
+    let three_k = _mm256_set1_ps((3.0 * GELU_CUBIC) as f32);
+    let whole = x.len() / (8 * VECTORS) * (8 * VECTORS);
+    let (yp, dp) = (y.as_mut_ptr().cast::<f32>(), d.as_mut_ptr().cast::<f32>());
+    for i in (0..whole).step_by(8 * VECTORS) {
+        let x: [__m256; VECTORS] =
+            std::array::from_fn(|v| _mm256_loadu_ps(x.as_ptr().add(i + 8 * v)));
+        // gelu_gate: u = −2c·x·(1 + k·x·x), capped at 80, then 1/(1 + eᵘ) (0 past the cap).
+        let u = x.map(|x| {
+            let cubic = _mm256_add_ps(one, _mm256_mul_ps(_mm256_mul_ps(k, x), x));
+            _mm256_mul_ps(_mm256_mul_ps(minus_two_c, x), cubic)
+        });
+        let over = u.map(|u| _mm256_cmp_ps::<_CMP_GT_OQ>(u, cap));
+        let capped: [__m256; VECTORS] =
+            std::array::from_fn(|v| _mm256_blendv_ps(u[v], cap, over[v]));
+        let e = crate::simd::exp_avx2(capped);
+        let gate = e.map(|e| _mm256_div_ps(one, _mm256_add_ps(one, e)));
+        let s: [__m256; VECTORS] = std::array::from_fn(|v| _mm256_andnot_ps(over[v], gate[v]));
+        for v in 0..VECTORS {
+            // y = x·s; d = s + x·s·(1 − s)·2c·(1 + 3k·x·x), multiplied left to right.
+            let value = _mm256_mul_ps(x[v], s[v]);
+            let slope = _mm256_mul_ps(_mm256_mul_ps(value, _mm256_sub_ps(one, s[v])), two_c);
+            let cubic = _mm256_add_ps(one, _mm256_mul_ps(_mm256_mul_ps(three_k, x[v]), x[v]));
+            _mm256_storeu_ps(yp.add(i + 8 * v), value);
+            _mm256_storeu_ps(
+                dp.add(i + 8 * v),
+                _mm256_add_ps(s[v], _mm256_mul_ps(slope, cubic)),
+            );
+        }
+    }
+    for i in whole..x.len() {
+        let (value, slope) = gelu_and_derivative(x[i]);
+        y[i].write(value);
+        d[i].write(slope);
+    }
 }
 
 impl<'t, T: Float> Var<'t, T> {
@@ -142,7 +232,7 @@ impl<'t, T: Float> Var<'t, T> {
         if !record.keeps_backward() {
             return record.finish(map(self.value(), gelu_scalar), |_, _| vec![None]);
         }
-        let (out, derivative) = map_pair(self.value(), gelu_and_derivative);
+        let (out, derivative) = gelu_pair(self.value());
         let saved: Tensor<T> = derivative.into_shared();
         record.saves("gelu′(x)", &saved).finish(out, move |g, _| {
             vec![Some(zip_inplace(g, &saved, |g, d| g * d))]
@@ -154,6 +244,56 @@ impl<'t, T: Float> Var<'t, T> {
 mod tests {
     use super::*;
     use crate::ops::test_util::{assert_gradcheck, rand_array};
+
+    #[test]
+    fn gelu_pair_has_the_scalar_bits() {
+        // Whatever path this CPU takes (four-vector intrinsics on AVX2): every value and
+        // derivative as gelu_scalar and gelu_derivative give them, over ±12 in fine steps,
+        // the cap's edge (x ≈ −9.2), zeros, tiny and huge values, infinities and NaN, at
+        // lengths that end inside and after a block of 32.
+        let mut xs: Vec<f32> = (0..20_000)
+            .map(|i| (i as f32 - 10_000.0) * 0.0012)
+            .collect();
+        xs.extend([
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -1e30,
+            1e30,
+            0.0,
+            -0.0,
+        ]);
+        xs.extend([
+            -9.2,
+            -9.25,
+            -9.3,
+            1e-30,
+            -1e-30,
+            f32::MIN_POSITIVE,
+            3e4,
+            -3e4,
+        ]);
+        xs.extend((0..3000).map(|i| f32::from_bits(0x3000_0000u32.wrapping_add(i * 97_003))));
+        for len in [xs.len(), 31, 33, 64, 7] {
+            let x = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[len]), xs[..len].to_vec())
+                .expect("a vector");
+            let (y, d) = gelu_pair(&x);
+            for ((&x, &y), &d) in x.iter().zip(&y).zip(&d) {
+                let same =
+                    |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                assert!(
+                    same(y, gelu_scalar(x)),
+                    "gelu({x}) = {y}, not {}",
+                    gelu_scalar(x)
+                );
+                assert!(
+                    same(d, gelu_derivative(x)),
+                    "gelu′({x}) = {d}, not {}",
+                    gelu_derivative(x)
+                );
+            }
+        }
+    }
 
     #[test]
     fn gradcheck_unary_ops() {
