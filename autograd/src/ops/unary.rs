@@ -69,8 +69,9 @@ pub(crate) fn gelu_and_derivative<T: Float>(x: T) -> (T, T) {
 
 /// [`gelu_scalar`] and [`gelu_derivative`] at every value of `x` (what a GELU forward keeps
 /// for backward), with the bits of [`gelu_and_derivative`]. f32 on AVX2 without AVX-512 takes
-/// [`gelu_pairs_avx2`]: the compiler's build of the scalar function ran a step at 1.5 ns a
-/// value (35 cycles a vector of eight, waiting on each vector's chain of dependent steps).
+/// [`gelu_pairs_avx2`]: the compiler's wide build of the scalar function took 1.5–1.7 ns a
+/// value there (≈ 35 cycles a vector of eight, each vector waiting on its own chain of
+/// dependent steps).
 pub(crate) fn gelu_pair<T: Float, S: ndarray::Data<Elem = T>>(
     x: &ndarray::ArrayBase<S, ndarray::IxDyn>,
 ) -> (ndarray::ArrayD<T>, ndarray::ArrayD<T>) {
@@ -101,8 +102,9 @@ pub(crate) fn gelu_pair<T: Float, S: ndarray::Data<Elem = T>>(
 /// [`gelu_and_derivative`] of each value of `x` into `y` and `d`, in intrinsics with the same
 /// operations in the same order (the same bits), four vectors side by side: each step taken
 /// for all four before the next, so that their chains of dependent steps (the exponential's
-/// polynomial, the division) overlap. A pass over nanogpt-cpu's 384 × 512 activations on
-/// one thread: 200–230 µs against 270–320 µs for the scalar function compiled wide.
+/// polynomial, the division) overlap. The `gelu` op on a nanogpt-cpu group's 384 × 512
+/// activations, one thread: 236–287 µs against 332–340 µs with the scalar function compiled
+/// wide; at that size the pass then moves about as many bytes a second as one core reads.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `y` and `d` are as long as `x`.
