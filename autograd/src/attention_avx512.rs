@@ -710,9 +710,7 @@ unsafe fn sum_of_lanes(x: __m512) -> f32 {
 #[target_feature(enable = "avx512f")]
 unsafe fn exp(x: __m512) -> __m512 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
+    use crate::element::{EXP_LN2_HI as LN2_HI, EXP_LN2_LO as LN2_LO, EXP_ROUND as ROUND};
     let xc = _mm512_min_ps(
         _mm512_max_ps(x, _mm512_set1_ps(-87.3)),
         _mm512_set1_ps(88.3),
@@ -728,16 +726,8 @@ unsafe fn exp(x: __m512) -> __m512 {
         _mm512_set1_ps(LN2_LO),
         _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc),
     );
-    let mut p = _mm512_set1_ps(1.0 / 5040.0);
-    for c in [
-        1.0f32 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let mut p = _mm512_set1_ps(crate::element::EXP_TAYLOR_LEADING);
+    for c in crate::element::EXP_TAYLOR_REST {
         p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(c));
     }
     let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(

@@ -526,6 +526,25 @@ impl Float for f64 {
     }
 }
 
+/// [`exp_f32`]'s constants, shared with its vector copies ([`crate::simd::exp_avx2`],
+/// `attention_avx512`'s `exp`) so that every copy computes the same bits: adding `EXP_ROUND`
+/// (1.5·2²³) rounds to an integer; ln2 split in two (Cody–Waite) so x − n·ln2 is exact
+/// enough (n·`EXP_LN2_HI` has few bits); the degree-7 Taylor polynomial's leading
+/// coefficient and the rest in Horner's order.
+pub(crate) const EXP_ROUND: f32 = 12_582_912.0;
+pub(crate) const EXP_LN2_HI: f32 = 0.693_145_75;
+pub(crate) const EXP_LN2_LO: f32 = 1.428_606_8e-6;
+pub(crate) const EXP_TAYLOR_LEADING: f32 = 1.0 / 5040.0;
+pub(crate) const EXP_TAYLOR_REST: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// eˣ = 2ⁿ·eᵍ with n = round(x·log₂e) and g = x − n·ln2, |g| ≤ ln2/2: eᵍ by its degree-7
 /// Taylor polynomial (truncation error below 1e-8 there), 2ⁿ by writing the exponent bits. No branches
 /// and no table, so a loop of these vectorises. Inputs are clamped to [-87.3, 88.3] (eˣ stays a
@@ -546,10 +565,10 @@ pub fn exp_f32_fused(x: f32) -> f32 {
 fn exp_f32_with(x: f32, multiply_add: impl Fn(f32, f32, f32) -> f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // Rounds to nearest without SSE4.1's roundps: adding 1.5·2²³ pushes the fraction out.
-    const ROUND: f32 = 12_582_912.0;
+    const ROUND: f32 = EXP_ROUND;
     // ln2 split in two (Cody–Waite) so x − n·ln2 is exact enough: n·LN2_HI has few bits.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
+    const LN2_HI: f32 = EXP_LN2_HI;
+    const LN2_LO: f32 = EXP_LN2_LO;
     let xc = x.clamp(-87.3, 88.3);
     let shifted = multiply_add(xc, LOG2E, ROUND);
     // n as an integer straight from the bits (|n| ≤ 128 sits in the low mantissa bits); an
@@ -557,16 +576,8 @@ fn exp_f32_with(x: f32, multiply_add: impl Fn(f32, f32, f32) -> f32) -> f32 {
     let n_int = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let n = shifted - ROUND;
     let g = multiply_add(-n, LN2_LO, multiply_add(-n, LN2_HI, xc)); // in about [-ln2/2, ln2/2]
-    let mut p = 1.0 / 5040.0;
-    for coefficient in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let mut p = EXP_TAYLOR_LEADING;
+    for coefficient in EXP_TAYLOR_REST {
         p = multiply_add(p, g, coefficient);
     }
     let scale = f32::from_bits(((n_int + 127) as u32) << 23);

@@ -401,8 +401,9 @@ unsafe fn sum_half(half: std::arch::x86_64::__m256) -> f32 {
 pub unsafe fn exp_avx2<const N: usize>(
     x: [std::arch::x86_64::__m256; N],
 ) -> [std::arch::x86_64::__m256; N] {
+    use crate::element::{EXP_LN2_HI, EXP_LN2_LO, EXP_ROUND as ROUND};
+    use crate::element::{EXP_TAYLOR_LEADING, EXP_TAYLOR_REST};
     use std::arch::x86_64::*;
-    const ROUND: f32 = 12_582_912.0;
     let (low, high) = (_mm256_set1_ps(-87.3), _mm256_set1_ps(88.3));
     let clamped = x.map(|x| _mm256_min_ps(_mm256_max_ps(x, low), high));
     let (log2e, round) = (
@@ -413,19 +414,11 @@ pub unsafe fn exp_avx2<const N: usize>(
     let round_bits = _mm256_set1_epi32(ROUND.to_bits() as i32);
     let n_int = shifted.map(|s| _mm256_sub_epi32(_mm256_castps_si256(s), round_bits));
     let n = shifted.map(|s| _mm256_sub_ps(s, round));
-    let (ln2_high, ln2_low) = (_mm256_set1_ps(0.693_145_75), _mm256_set1_ps(1.428_606_8e-6));
+    let (ln2_high, ln2_low) = (_mm256_set1_ps(EXP_LN2_HI), _mm256_set1_ps(EXP_LN2_LO));
     let g: [__m256; N] = std::array::from_fn(|i| _mm256_fnmadd_ps(n[i], ln2_high, clamped[i]));
     let g: [__m256; N] = std::array::from_fn(|i| _mm256_fnmadd_ps(n[i], ln2_low, g[i]));
-    let mut p = [_mm256_set1_ps(1.0 / 5040.0); N];
-    for coefficient in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
+    let mut p = [_mm256_set1_ps(EXP_TAYLOR_LEADING); N];
+    for coefficient in EXP_TAYLOR_REST {
         let coefficient = _mm256_set1_ps(coefficient);
         p = std::array::from_fn(|i| _mm256_fmadd_ps(p[i], g[i], coefficient));
     }
