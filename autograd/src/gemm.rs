@@ -106,7 +106,7 @@ pub fn products_on_this_thread_while_others_run<R>(
 /// Threads a product may be split over: the pool's, or 1 inside
 /// [`products_on_this_thread`] (unless this is the last group running, see
 /// [`products_on_this_thread_while_others_run`]).
-fn split_threads() -> usize {
+pub(crate) fn split_threads() -> usize {
     if !ON_THIS_THREAD.with(|flag| flag.get()) {
         return rayon::current_num_threads();
     }
@@ -841,27 +841,41 @@ fn axpy_rows<T: Float>(a: &[T], b: ArrayView2<T>, acc: &mut [T]) {
     let q = k / 8;
     for t in 0..q {
         let x: [T; 8] = std::array::from_fn(|i| a[t + i * q]);
-        let rows = row(t)
-            .iter()
-            .zip(row(t + q))
-            .zip(row(t + 2 * q))
-            .zip(row(t + 3 * q))
-            .zip(row(t + 4 * q))
-            .zip(row(t + 5 * q))
-            .zip(row(t + 6 * q))
-            .zip(row(t + 7 * q));
-        for (acc, (((((((&r0, &r1), &r2), &r3), &r4), &r5), &r6), &r7)) in acc.iter_mut().zip(rows)
-        {
-            let low = (x[0] * r0 + x[1] * r1) + (x[2] * r2 + x[3] * r3);
-            let high = (x[4] * r4 + x[5] * r5) + (x[6] * r6 + x[7] * r7);
-            *acc += low + high;
-        }
+        axpy_step(x, std::array::from_fn(|i| row(t + i * q)), acc);
     }
     for (p, &ap) in a.iter().enumerate().skip(8 * q) {
         for (acc, &x) in acc.iter_mut().zip(row(p)) {
             *acc += ap * x;
         }
     }
+}
+
+/// One step of [`axpy_rows`]: `acc[j] += Σ_i x_i·rows_i[j]` over eight rows, the products
+/// added in pairs, then the pairs, then the halves, then onto `acc`. Decoding's one-query
+/// attention takes the same steps over all heads at once, for the same bits.
+#[inline(always)]
+pub(crate) fn axpy_step<T: Float>(x: [T; 8], rows: [&[T]; 8], acc: &mut [T]) {
+    let [r0, r1, r2, r3, r4, r5, r6, r7] = rows;
+    let rows = r0
+        .iter()
+        .zip(r1)
+        .zip(r2)
+        .zip(r3)
+        .zip(r4)
+        .zip(r5)
+        .zip(r6)
+        .zip(r7);
+    for (acc, (((((((&r0, &r1), &r2), &r3), &r4), &r5), &r6), &r7)) in acc.iter_mut().zip(rows) {
+        let low = (x[0] * r0 + x[1] * r1) + (x[2] * r2 + x[3] * r3);
+        let high = (x[4] * r4 + x[5] * r5) + (x[6] * r6 + x[7] * r7);
+        *acc += low + high;
+    }
+}
+
+/// Whether a [`gemv`] over a `k × n` weight runs as one block on the calling thread (below
+/// the parallel size: a row-major weight's partial sums are then a single block's).
+pub(crate) fn gemv_runs_whole(k: usize, n: usize) -> bool {
+    k * n < PARALLEL_MIN_MACS
 }
 
 /// `acc[j] = a · b[:, j]` for a `b` with contiguous columns (a transposed weight): eight
