@@ -417,7 +417,6 @@ fn rows_of_mut<T: Float>(
 /// `gemm::axpy_rows`' order (the row GEMV's single block). `None` — the general path — for
 /// more than one query, a GEMV large enough to be split across threads (its partial sums
 /// would be added in another order), or channels that are not contiguous.
-#[allow(clippy::type_complexity)]
 fn one_query_heads<T: Float>(
     (q3, q_off): (ArrayView3<T>, usize),
     (k3, k_off): (ArrayView3<T>, usize),
