@@ -767,7 +767,7 @@ impl<T: Float> Out<T> {
 /// shape, so results are the same for every thread count.
 fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<T>) {
     let (k, n) = b.dim();
-    let parallel = k * n >= PARALLEL_MIN_MACS;
+    let parallel = !gemv_runs_whole(k, n);
     let a_vec: Vec<T> = a.row(0).iter().copied().collect();
     let mut acc = vec![T::zero(); n];
     if b.strides()[1] == 1 {
@@ -873,7 +873,8 @@ pub(crate) fn axpy_step<T: Float>(x: [T; 8], rows: [&[T]; 8], acc: &mut [T]) {
 }
 
 /// Whether a [`gemv`] over a `k × n` weight runs as one block on the calling thread (below
-/// the parallel size: a row-major weight's partial sums are then a single block's).
+/// the parallel size: a row-major weight's partial sums are then a single block's). The
+/// GEMV's own test, which decoding's one-query attention asks too (to take its bits).
 pub(crate) fn gemv_runs_whole(k: usize, n: usize) -> bool {
     k * n < PARALLEL_MIN_MACS
 }
