@@ -13,6 +13,7 @@
 //! | `display` | the tape as a text table (`Display`) and as Graphviz DOT ([`Tape::to_dot`]) |
 //! | [`sgemm_avx512`] | the f32 GEMM used where AVX-512 is present (12×32 FMA micro-kernel; the thin kernel for LoRA's rank side; LoRA's low-rank terms summed inside a linear's tiles) |
 //! | `sgemm_avx2` | the f32 GEMM on x86-64 CPUs with AVX2 but not AVX-512: a 6×16 FMA micro-kernel and its two-thread driver (one shared packed operand, dynamic chunks) for products at least 32 wide, small ones reading A in place, the bias, a residual and LoRA's low-rank terms added in its tiles; LoRA's thin products (at most 16 wide or tall; 9–16 rows against 32 or more columns go to the 6×16 kernel) and rank-r updates of a wide output (at most 16 deep), read in place |
+//! | [`frozen_packs`] | frozen weights' GEMM panels packed once and kept across products and steps (registered by [`Tape::frozen`], read by `sgemm_avx2`; copy on write keeps them from going stale) |
 //! | [`attention_avx512`] | one attention head of a short sequence (T ≤ 384) in f32 from register tiles; for T ≤ 64 its scores, softmax and ∂S stay in registers (nanogpt-cpu's heads) |
 //! | [`attention_avx2`] | the same on AVX2 (T ≤ 256): 6 × 16 register tiles for every product of a head, causal tiles stopping at the keys their rows see; scores and ∂P through the row in L1, the general path's softmax and ∂S rows |
 //! | [`simd`] | run-time choice of AVX-512 / AVX2 builds for the elementwise loops |
@@ -56,6 +57,7 @@ pub mod attention_avx512;
 pub mod display;
 pub mod element;
 pub mod error;
+pub mod frozen_packs;
 pub mod gemm;
 pub mod gradcheck;
 pub mod ops;

@@ -139,18 +139,27 @@ unsafe fn sgemm_into(
         let packed_a = floats(a_buffer, MC.min(m.next_multiple_of(MR)) * kc_most);
         let packed_b = floats(b_buffer, NC.min(n.next_multiple_of(NR)) * kc_most);
         let in_place = reads_a_in_place(m, k, n, rsa, csa);
+        let width = n.next_multiple_of(NR);
+        let frozen = frozen_panels(k, n, b, rsb, csb);
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             for pc in (0..k).step_by(KC) {
                 let kc = KC.min(k - pc);
-                pack_b(
-                    kc,
-                    nc,
-                    b.offset(pc as isize * rsb + jc as isize * csb),
-                    rsb,
-                    csb,
-                    packed_b,
-                );
+                let packed_b = match &frozen {
+                    // Block (jc, pc) of B whole-packed: its first panel.
+                    Some(panels) => panels.as_ptr().add(pc * width + jc * kc),
+                    None => {
+                        pack_b(
+                            kc,
+                            nc,
+                            b.offset(pc as isize * rsb + jc as isize * csb),
+                            rsb,
+                            csb,
+                            packed_b,
+                        );
+                        packed_b.cast_const()
+                    }
+                };
                 for ic in (0..m).step_by(MC) {
                     let mc = MC.min(m - ic);
                     if in_place {
@@ -497,21 +506,35 @@ unsafe fn sgemm_parallel_into(
         return false;
     }
     let threads = rayon::current_num_threads().max(1);
+    // A frozen weight's B is packed already, in this layout.
+    let frozen = if split_rows {
+        frozen_panels(k, n, b, rsb, csb)
+    } else {
+        None
+    };
     // Taken out of the cell while in use: a product this thread runs in the meantime (rayon
     // may hand it one while it waits) finds the cell empty and packs into its own buffer.
     let mut buffer = SHARED_PACK.take();
-    let packed = Shared(floats(&mut buffer, width * k));
+    let packed = match &frozen {
+        Some(panels) => Shared(panels.as_ptr()),
+        None => Shared(floats(&mut buffer, width * k).cast_const()),
+    };
     let (a, b) = (Shared(a), Shared(b));
     // Block pc (KC steps from `pc`) of the shared operand starts at `pc·width`, its panel
     // from column (row) `j` at `pc·width + j·kc`.
-    let groups: Vec<(usize, usize)> = (0..k)
-        .step_by(KC)
-        .flat_map(|pc| (0..width).step_by(16 * panel).map(move |j| (pc, j)))
-        .collect();
+    let groups: Vec<(usize, usize)> = if frozen.is_some() {
+        Vec::new()
+    } else {
+        (0..k)
+            .step_by(KC)
+            .flat_map(|pc| (0..width).step_by(16 * panel).map(move |j| (pc, j)))
+            .collect()
+    };
     groups.par_iter().for_each(|&(pc, j)| {
         let kc = KC.min(k - pc);
-        let out = packed.get().add(pc * width + j * kc);
-        // SAFETY: each group writes its own panels of the buffer; the operands are read.
+        let out = packed.get().add(pc * width + j * kc).cast_mut();
+        // SAFETY: each group writes its own panels of the buffer (ours, not a frozen weight's:
+        // there are no groups then); the operands are read.
         if split_rows {
             let cols = (16 * panel).min(n - j.min(n));
             if cols > 0 {
@@ -642,6 +665,42 @@ unsafe fn columns_chunk(
                     }
                 }
             }
+        }
+    })
+}
+
+/// B's panels kept by [`crate::frozen_packs`] when B is a view of a frozen weight: all of B
+/// packed as [`sgemm_parallel`] packs it (block `pc` at `pc·width`, the panel from column `j`
+/// at `pc·width + j·kc`, `width` = n rounded up to 16), by this call if it is the first.
+///
+/// # Safety
+/// `b`, `rsb`, `csb` describe a readable `k × n` matrix the caller holds for the call.
+unsafe fn frozen_panels(
+    k: usize,
+    n: usize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+) -> Option<std::sync::Arc<crate::frozen_packs::Panels>> {
+    let width = n.next_multiple_of(NR);
+    let key = crate::frozen_packs::Key {
+        b: b as usize,
+        k,
+        n,
+        rsb,
+        csb,
+    };
+    crate::frozen_packs::panels(key, width * k, |out| {
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            pack_b(
+                kc,
+                n,
+                b.offset(pc as isize * rsb),
+                rsb,
+                csb,
+                out.add(pc * width),
+            );
         }
     })
 }
@@ -1531,6 +1590,103 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_frozen_weights_kept_panels_give_the_bits_of_packing_it_each_time() {
+        if !supported() {
+            return;
+        }
+        // B = W (k × n, two k blocks, n not a multiple of 16) and B = Wᵀ, each serial and on
+        // the parallel driver (rows split, B shared), twice: packed by the first product,
+        // read from the kept panels by the second.
+        let (k, n) = (300, 70);
+        let weight = ndarray::Array2::from_shape_vec((k, n), values(k * n, 21))
+            .unwrap()
+            .into_dyn()
+            .into_shared();
+        assert!(crate::frozen_packs::register(&weight));
+        let copy = weight.to_owned().into_shared();
+        let product = |b: &crate::Tensor<f32>, transposed: bool, m: usize, parallel: bool| {
+            let (kk, nn, rsb, csb) = if transposed {
+                (n, k, 1, n as isize)
+            } else {
+                (k, n, n as isize, 1)
+            };
+            let a = values(m * kk, 22);
+            let mut c = vec![0.0f32; m * nn];
+            // SAFETY: row-major a and c; b is the k × n weight or its transpose.
+            unsafe {
+                let args = (
+                    m,
+                    kk,
+                    nn,
+                    1.0,
+                    a.as_ptr(),
+                    kk as isize,
+                    1,
+                    b.as_ptr(),
+                    rsb,
+                    csb,
+                );
+                if parallel {
+                    assert!(sgemm_parallel(
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        args.5,
+                        args.6,
+                        args.7,
+                        args.8,
+                        args.9,
+                        0.0,
+                        c.as_mut_ptr(),
+                        nn as isize,
+                        1,
+                    ));
+                } else {
+                    sgemm(
+                        args.0,
+                        args.1,
+                        args.2,
+                        args.3,
+                        args.4,
+                        args.5,
+                        args.6,
+                        args.7,
+                        args.8,
+                        args.9,
+                        0.0,
+                        c.as_mut_ptr(),
+                        nn as isize,
+                        1,
+                    );
+                }
+            }
+            c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        for transposed in [false, true] {
+            for (m, parallel) in [(50, false), (400, true)] {
+                let expected = product(&copy, transposed, m, parallel);
+                for round in 0..2 {
+                    assert!(
+                        product(&weight, transposed, m, parallel) == expected,
+                        "transposed {transposed}, {m} rows, parallel {parallel}, round {round}"
+                    );
+                }
+            }
+        }
+        assert_eq!(crate::frozen_packs::packs_of(&weight), 2);
+        // Written through another handle, the weight is copied first: the product reads the
+        // new values, not the kept panels of the old ones.
+        let mut written = weight.clone();
+        written[[0, 0]] = 9.0;
+        let mut written_copy = copy.clone();
+        written_copy[[0, 0]] = 9.0;
+        assert_ne!(written.as_ptr(), weight.as_ptr());
+        assert!(product(&written, false, 50, false) == product(&written_copy, false, 50, false));
     }
 
     #[test]

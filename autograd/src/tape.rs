@@ -235,9 +235,17 @@ impl<T: Float> Tape<T> {
     }
 
     /// A named leaf that does not require grad (a frozen weight): no gradient is ever computed
-    /// for it, nor for anything that depends only on frozen leaves.
+    /// for it, nor for anything that depends only on frozen leaves. On a tape that records for
+    /// backward, an f32 matrix is also registered with [`crate::frozen_packs`], so that the
+    /// GEMM packs its panels once instead of in every product of every step.
     pub fn frozen(&self, name: impl Into<String>, value: impl Into<Tensor<T>>) -> Var<'_, T> {
-        self.leaf("frozen", name.into(), value.into(), false)
+        let value = value.into();
+        if self.grad_enabled.get() {
+            if let Some(weight) = (&value as &dyn std::any::Any).downcast_ref::<Tensor<f32>>() {
+                crate::frozen_packs::register(weight);
+            }
+        }
+        self.leaf("frozen", name.into(), value, false)
     }
 
     /// An unnamed leaf that does not require grad (input data).
