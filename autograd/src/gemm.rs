@@ -760,7 +760,8 @@ impl<T: Float> Out<T> {
 
 /// `c ← α·a·b + β·c` for a single row `a` (`1 × k`): one pass over `b` with no packing, the
 /// memory-bound shape of token-by-token generation. `b` is cut into blocks of about
-/// [`GEMV_BLOCK_FLOATS`] that rayon hands out as threads come free (a fixed 50/50 split made
+/// [`GEMV_BLOCK_FLOATS`] that rayon (or, while decoding, [`crate::partner`]) hands out as
+/// threads come free (a fixed 50/50 split made
 /// every product wait for the slower core, and a shared machine always has one): for a
 /// row-major `b` blocks of rows, whose partial sums are added in block order; for a
 /// column-major `b` (a transposed weight) blocks of columns. The blocks depend only on the
@@ -776,19 +777,16 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
         } else {
             k
         };
-        let partials: Vec<Vec<T>> = (0..k.div_ceil(rows))
-            .into_par_iter()
-            .map(|i| {
-                let range = i * rows..((i + 1) * rows).min(k);
-                let mut part = vec![T::zero(); n];
-                let b = b.slice(ndarray::s![range.clone(), ..]);
-                crate::simd::vectorized(
-                    #[inline(always)]
-                    || axpy_rows(&a_vec[range], b, &mut part),
-                );
-                part
-            })
-            .collect();
+        let partials: Vec<Vec<T>> = crate::partner::map(k.div_ceil(rows), |i| {
+            let range = i * rows..((i + 1) * rows).min(k);
+            let mut part = vec![T::zero(); n];
+            let b = b.slice(ndarray::s![range.clone(), ..]);
+            crate::simd::vectorized(
+                #[inline(always)]
+                || axpy_rows(&a_vec[range], b, &mut part),
+            );
+            part
+        });
         for part in partials {
             crate::simd::vectorized(
                 #[inline(always)]
@@ -801,13 +799,27 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
         } else {
             n
         };
-        acc.par_chunks_mut(cols).enumerate().for_each(|(i, acc)| {
+        let columns = |i: usize, acc: &mut [T]| {
             let b = b.slice(ndarray::s![.., i * cols..i * cols + acc.len()]);
             crate::simd::vectorized(
                 #[inline(always)]
                 || dot_columns(&a_vec, b, acc),
             );
-        });
+        };
+        if crate::partner::serving() {
+            let parts = crate::partner::map(n.div_ceil(cols), |i| {
+                let mut part = vec![T::zero(); cols.min(n - i * cols)];
+                columns(i, &mut part);
+                part
+            });
+            for (acc, part) in acc.chunks_mut(cols).zip(parts) {
+                acc.copy_from_slice(&part);
+            }
+        } else {
+            acc.par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(i, acc)| columns(i, acc));
+        }
     }
     for (j, acc) in acc.into_iter().enumerate() {
         // SAFETY: c is 1 × n and this thread owns it; it is read only when β ≠ 0.

@@ -143,14 +143,24 @@ pub fn generate(model: &Gpt, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec
             pending.iter().map(|&t| t as usize).collect(),
         )
         .expect("1×T");
-        let next = match &greedy_head {
-            Some(head) => head.argmax(model.forward_cached_hidden(&ids, &mut cache)?.row(0))?,
-            None => sample(
-                model.forward_cached(&ids, &mut cache)?.row(0),
-                cfg,
-                &mut rng,
-            ),
-        } as u32;
+        let mut step_token = || -> Result<u32> {
+            Ok(match &greedy_head {
+                Some(head) => head.argmax(model.forward_cached_hidden(&ids, &mut cache)?.row(0))?,
+                None => sample(
+                    model.forward_cached(&ids, &mut cache)?.row(0),
+                    cfg,
+                    &mut rng,
+                ),
+            } as u32)
+        };
+        // A one-token step is ≈ 60 short parallel sections: the pool's other thread spins
+        // through it instead of falling asleep between them (a prompt's products are large
+        // enough for rayon).
+        let next = if pending.len() == 1 {
+            tapelora_autograd::partner::with_partner(step_token)?
+        } else {
+            step_token()?
+        };
         // Where the bound rarely narrows the search (logits nearly equal everywhere), the
         // estimates are extra reading: stop making them.
         if greedy_head

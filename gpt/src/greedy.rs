@@ -34,6 +34,8 @@
 //! least [`MIN_NEW_TOKENS`] tokens.
 
 use ndarray::{ArrayD, ArrayView1, Axis, IxDyn};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use rayon::prelude::*;
 use tapelora_autograd::{Tape, Tensor};
 
@@ -77,7 +79,7 @@ pub struct GreedyHead {
     column_scales: Vec<f32>,
     row_stats: Vec<RowStats>,
     /// Searches that computed every logit (the bound did not narrow them enough).
-    fallbacks: std::cell::Cell<usize>,
+    fallbacks: AtomicUsize,
 }
 
 impl GreedyHead {
@@ -155,7 +157,7 @@ impl GreedyHead {
             row_scales,
             column_scales,
             row_stats,
-            fallbacks: std::cell::Cell::new(0),
+            fallbacks: AtomicUsize::new(0),
         })
     }
 
@@ -173,7 +175,7 @@ impl GreedyHead {
                 Ok(rows[first_max(&logits)])
             }
             None => {
-                self.fallbacks.set(self.fallbacks.get() + 1);
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
                 Ok(first_max(&self.exact_logits(hidden, None)?))
             }
         }
@@ -182,7 +184,7 @@ impl GreedyHead {
     /// How many searches so far computed every logit after all (each then cost the estimate
     /// pass on top of the full product).
     pub fn fallbacks(&self) -> usize {
-        self.fallbacks.get()
+        self.fallbacks.load(Ordering::Relaxed)
     }
 
     /// The rows the bound cannot rule out, in increasing order; `None` if it cannot be used.
@@ -244,37 +246,57 @@ impl GreedyHead {
         let dim = scaled.len();
         let mut out = vec![0.0f32; self.row_scales.len()];
         let mut margins = vec![0.0f64; self.row_scales.len()];
-        out.par_chunks_mut(ROWS_PER_TASK)
-            .zip(margins.par_chunks_mut(ROWS_PER_TASK))
-            .zip(self.codes.par_chunks(ROWS_PER_TASK * dim))
-            .zip(self.row_scales.par_chunks(ROWS_PER_TASK))
-            .zip(self.row_stats.par_chunks(ROWS_PER_TASK))
-            .for_each(|((((out, margins), rows), scales), stats)| {
-                tapelora_autograd::simd::vectorized(
-                    #[inline(always)]
-                    || {
-                        // Four rows a quarter of the block apart per pass: four sequential
-                        // streams keep more of the memory's bandwidth busy than one.
-                        let q = out.len() / 4;
-                        let row = |i: usize| &rows[i * dim..(i + 1) * dim];
-                        for t in 0..q {
-                            let dots = dot4_i8(
-                                scaled,
-                                [row(t), row(t + q), row(t + 2 * q), row(t + 3 * q)],
-                            );
-                            for (k, dot) in dots.into_iter().enumerate() {
-                                out[t + k * q] = scales[t + k * q] * dot;
-                            }
+        // Block `c` of ROWS_PER_TASK rows: their estimates and margins.
+        let block = |c: usize, out: &mut [f32], margins: &mut [f64]| {
+            let rows = &self.codes[c * ROWS_PER_TASK * dim..][..out.len() * dim];
+            let scales = &self.row_scales[c * ROWS_PER_TASK..][..out.len()];
+            let stats = &self.row_stats[c * ROWS_PER_TASK..][..out.len()];
+            tapelora_autograd::simd::vectorized(
+                #[inline(always)]
+                || {
+                    // Four rows a quarter of the block apart per pass: four sequential
+                    // streams keep more of the memory's bandwidth busy than one.
+                    let q = out.len() / 4;
+                    let row = |i: usize| &rows[i * dim..(i + 1) * dim];
+                    for t in 0..q {
+                        let dots =
+                            dot4_i8(scaled, [row(t), row(t + q), row(t + 2 * q), row(t + 3 * q)]);
+                        for (k, dot) in dots.into_iter().enumerate() {
+                            out[t + k * q] = scales[t + k * q] * dot;
                         }
-                        for (i, o) in out.iter_mut().enumerate().skip(4 * q) {
-                            *o = scales[i] * dot4_i8(scaled, [row(i); 4])[0];
-                        }
-                    },
-                );
-                for (m, r) in margins.iter_mut().zip(stats) {
-                    *m = margin(r);
-                }
+                    }
+                    for (i, o) in out.iter_mut().enumerate().skip(4 * q) {
+                        *o = scales[i] * dot4_i8(scaled, [row(i); 4])[0];
+                    }
+                },
+            );
+            for (m, r) in margins.iter_mut().zip(stats) {
+                *m = margin(r);
+            }
+        };
+        if tapelora_autograd::partner::serving() {
+            // Decoding: the blocks on this thread and its spinning partner.
+            let len = out.len();
+            let blocks = tapelora_autograd::partner::map(len.div_ceil(ROWS_PER_TASK), |c| {
+                let rows = ROWS_PER_TASK.min(len - c * ROWS_PER_TASK);
+                let (mut out, mut margins) = (vec![0.0f32; rows], vec![0.0f64; rows]);
+                block(c, &mut out, &mut margins);
+                (out, margins)
             });
+            for ((o, m), (block_out, block_margins)) in out
+                .chunks_mut(ROWS_PER_TASK)
+                .zip(margins.chunks_mut(ROWS_PER_TASK))
+                .zip(blocks)
+            {
+                o.copy_from_slice(&block_out);
+                m.copy_from_slice(&block_margins);
+            }
+        } else {
+            out.par_chunks_mut(ROWS_PER_TASK)
+                .zip(margins.par_chunks_mut(ROWS_PER_TASK))
+                .enumerate()
+                .for_each(|(c, (out, margins))| block(c, out, margins));
+        }
         (out, margins)
     }
 

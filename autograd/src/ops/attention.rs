@@ -487,7 +487,7 @@ fn one_query_heads<T: Float>(
                 sums,
             )
         };
-        rayon::join(
+        crate::partner::join(
             || heads_of(0..split, scores_low, sums_low),
             || heads_of(split..heads, scores_high, sums_high),
         );
