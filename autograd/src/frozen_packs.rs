@@ -24,7 +24,6 @@
 //!
 //! [`Tape::frozen`]: crate::Tape::frozen
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::Tensor;
@@ -32,8 +31,9 @@ use crate::Tensor;
 /// Most floats the registry accounts for: the registered weights and their panels.
 pub const MOST_FLOATS: usize = 1 << 22;
 
-/// 0: not decided yet (the environment decides); 1: on; 2: off.
-static STATE: AtomicU8 = AtomicU8::new(0);
+/// On unless `TAPELORA_FROZEN_PACKS=0` or [`set_enabled`]`(false)`.
+static SWITCH: crate::env_switch::EnvSwitch =
+    crate::env_switch::EnvSwitch::new("TAPELORA_FROZEN_PACKS");
 
 static REGISTRY: RwLock<Registry> = RwLock::new(Registry {
     frozen: Vec::new(),
@@ -91,27 +91,13 @@ fn reserved(tensor: &Tensor<f32>) -> usize {
 /// Whether frozen weights' panels are kept: on unless `TAPELORA_FROZEN_PACKS=0` or
 /// [`set_enabled`]`(false)`.
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let on = std::env::var_os("TAPELORA_FROZEN_PACKS").is_none_or(|v| v != "0");
-            // Another thread or set_enabled may have decided meanwhile: theirs stands.
-            let _ = STATE.compare_exchange(
-                0,
-                if on { 1 } else { 2 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            STATE.load(Ordering::Relaxed) == 1
-        }
-    }
+    SWITCH.is_on()
 }
 
 /// Turns the keeping of frozen weights' panels on or off for the whole process (off also
 /// releases what is kept).
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    SWITCH.set(on);
     if !on {
         clear();
     }
@@ -201,7 +187,8 @@ pub(crate) unsafe fn panels(
     floats: usize,
     pack: impl FnOnce(*mut f32),
 ) -> Option<Arc<Panels>> {
-    if STATE.load(Ordering::Relaxed) != 1 || key.k == 0 || key.n == 0 {
+    // A registered weight decided the switch already; none registered, nothing to find.
+    if !SWITCH.is_set_on() || key.k == 0 || key.n == 0 {
         return None;
     }
     if key.rsb < 0 || key.csb < 0 {

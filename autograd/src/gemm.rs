@@ -799,26 +799,17 @@ fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<
         } else {
             n
         };
-        let columns = |i: usize, acc: &mut [T]| {
-            let b = b.slice(ndarray::s![.., i * cols..i * cols + acc.len()]);
+        let parts = crate::partner::map(n.div_ceil(cols), |i| {
+            let mut part = vec![T::zero(); cols.min(n - i * cols)];
+            let b = b.slice(ndarray::s![.., i * cols..i * cols + part.len()]);
             crate::simd::vectorized(
                 #[inline(always)]
-                || dot_columns(&a_vec, b, acc),
+                || dot_columns(&a_vec, b, &mut part),
             );
-        };
-        if crate::partner::serving() {
-            let parts = crate::partner::map(n.div_ceil(cols), |i| {
-                let mut part = vec![T::zero(); cols.min(n - i * cols)];
-                columns(i, &mut part);
-                part
-            });
-            for (acc, part) in acc.chunks_mut(cols).zip(parts) {
-                acc.copy_from_slice(&part);
-            }
-        } else {
-            acc.par_chunks_mut(cols)
-                .enumerate()
-                .for_each(|(i, acc)| columns(i, acc));
+            part
+        });
+        for (acc, part) in acc.chunks_mut(cols).zip(parts) {
+            acc.copy_from_slice(&part);
         }
     }
     for (j, acc) in acc.into_iter().enumerate() {

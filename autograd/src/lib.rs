@@ -57,6 +57,7 @@ pub mod attention_avx2;
 pub mod attention_avx512;
 pub mod display;
 pub mod element;
+mod env_switch;
 pub mod error;
 pub mod frozen_packs;
 pub mod gemm;

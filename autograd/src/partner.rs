@@ -179,27 +179,18 @@ pub fn with_partner<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
-/// 0: not decided yet (the environment decides); 1: on; 2: off.
-static STATE: AtomicU8 = AtomicU8::new(0);
+/// On unless `TAPELORA_PARTNER=0` or [`set_enabled`]`(false)`.
+static SWITCH: crate::env_switch::EnvSwitch = crate::env_switch::EnvSwitch::new("TAPELORA_PARTNER");
 
 /// Whether [`with_partner`] keeps a partner: yes unless `TAPELORA_PARTNER=0` or
 /// [`set_enabled`]`(false)` (for timing side by side).
 pub fn enabled() -> bool {
-    if STATE.load(Ordering::Relaxed) == 0 {
-        let on = std::env::var_os("TAPELORA_PARTNER").is_none_or(|v| v != "0");
-        let _ = STATE.compare_exchange(
-            0,
-            if on { 1 } else { 2 },
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-    STATE.load(Ordering::Relaxed) == 1
+    SWITCH.is_on()
 }
 
 /// Turns [`with_partner`]'s partner on or off for the whole process.
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Whether a partner serves this thread (inside [`with_partner`]).

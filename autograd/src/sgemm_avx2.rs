@@ -1615,9 +1615,20 @@ mod tests {
             };
             let a = values(m * kk, 22);
             let mut c = vec![0.0f32; m * nn];
+            let kernel: Kernel = if parallel {
+                |m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc| {
+                    // SAFETY: the caller's, passed on.
+                    let taken = unsafe {
+                        sgemm_parallel(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+                    };
+                    assert!(taken);
+                }
+            } else {
+                sgemm
+            };
             // SAFETY: row-major a and c; b is the k × n weight or its transpose.
             unsafe {
-                let args = (
+                kernel(
                     m,
                     kk,
                     nn,
@@ -1628,42 +1639,11 @@ mod tests {
                     b.as_ptr(),
                     rsb,
                     csb,
+                    0.0,
+                    c.as_mut_ptr(),
+                    nn as isize,
+                    1,
                 );
-                if parallel {
-                    assert!(sgemm_parallel(
-                        args.0,
-                        args.1,
-                        args.2,
-                        args.3,
-                        args.4,
-                        args.5,
-                        args.6,
-                        args.7,
-                        args.8,
-                        args.9,
-                        0.0,
-                        c.as_mut_ptr(),
-                        nn as isize,
-                        1,
-                    ));
-                } else {
-                    sgemm(
-                        args.0,
-                        args.1,
-                        args.2,
-                        args.3,
-                        args.4,
-                        args.5,
-                        args.6,
-                        args.7,
-                        args.8,
-                        args.9,
-                        0.0,
-                        c.as_mut_ptr(),
-                        nn as isize,
-                        1,
-                    );
-                }
             }
             c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         };

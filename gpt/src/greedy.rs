@@ -274,28 +274,21 @@ impl GreedyHead {
                 *m = margin(r);
             }
         };
-        if tapelora_autograd::partner::serving() {
-            // Decoding: the blocks on this thread and its spinning partner.
-            let len = out.len();
-            let blocks = tapelora_autograd::partner::map(len.div_ceil(ROWS_PER_TASK), |c| {
-                let rows = ROWS_PER_TASK.min(len - c * ROWS_PER_TASK);
-                let (mut out, mut margins) = (vec![0.0f32; rows], vec![0.0f64; rows]);
-                block(c, &mut out, &mut margins);
-                (out, margins)
-            });
-            for ((o, m), (block_out, block_margins)) in out
-                .chunks_mut(ROWS_PER_TASK)
-                .zip(margins.chunks_mut(ROWS_PER_TASK))
-                .zip(blocks)
-            {
-                o.copy_from_slice(&block_out);
-                m.copy_from_slice(&block_margins);
-            }
-        } else {
-            out.par_chunks_mut(ROWS_PER_TASK)
-                .zip(margins.par_chunks_mut(ROWS_PER_TASK))
-                .enumerate()
-                .for_each(|(c, (out, margins))| block(c, out, margins));
+        // Through decoding's spinning partner when there is one (`partner::map`).
+        let len = out.len();
+        let blocks = tapelora_autograd::partner::map(len.div_ceil(ROWS_PER_TASK), |c| {
+            let rows = ROWS_PER_TASK.min(len - c * ROWS_PER_TASK);
+            let (mut out, mut margins) = (vec![0.0f32; rows], vec![0.0f64; rows]);
+            block(c, &mut out, &mut margins);
+            (out, margins)
+        });
+        for ((o, m), (block_out, block_margins)) in out
+            .chunks_mut(ROWS_PER_TASK)
+            .zip(margins.chunks_mut(ROWS_PER_TASK))
+            .zip(blocks)
+        {
+            o.copy_from_slice(&block_out);
+            m.copy_from_slice(&block_margins);
         }
         (out, margins)
     }
