@@ -110,13 +110,6 @@ pub fn clear() {
     registry.floats = 0;
 }
 
-/// Weights registered and panels kept now (for tests and reports).
-pub fn kept() -> (usize, usize) {
-    let registry = read();
-    let packs = registry.frozen.iter().map(|f| f.packs.len()).sum();
-    (registry.frozen.len(), packs)
-}
-
 /// Panels kept for this tensor (for tests).
 pub fn packs_of(tensor: &Tensor<f32>) -> usize {
     let start = tensor.as_ptr() as usize;
@@ -150,14 +143,15 @@ pub(crate) fn register(tensor: &Tensor<f32>) -> bool {
         return true;
     }
     let mut registry = write();
-    let dead: usize = registry
-        .frozen
-        .iter()
-        .filter(|f| f.tensor.is_unique())
-        .map(|f| reserved(&f.tensor))
-        .sum();
-    registry.frozen.retain(|f| !f.tensor.is_unique());
-    registry.floats -= dead;
+    let mut released = 0;
+    registry.frozen.retain(|f| {
+        let alive = !f.tensor.is_unique();
+        if !alive {
+            released += reserved(&f.tensor);
+        }
+        alive
+    });
+    registry.floats -= released;
     let cost = reserved(tensor);
     if registry.frozen.iter().any(held) {
         return true;

@@ -244,8 +244,6 @@ impl GreedyHead {
         margin: impl Fn(&RowStats) -> f64 + Sync,
     ) -> (Vec<f32>, Vec<f64>) {
         let dim = scaled.len();
-        let mut out = vec![0.0f32; self.row_scales.len()];
-        let mut margins = vec![0.0f64; self.row_scales.len()];
         // Block `c` of ROWS_PER_TASK rows: their estimates and margins.
         let block = |c: usize, out: &mut [f32], margins: &mut [f64]| {
             let rows = &self.codes[c * ROWS_PER_TASK * dim..][..out.len() * dim];
@@ -275,20 +273,17 @@ impl GreedyHead {
             }
         };
         // Through decoding's spinning partner when there is one (`partner::map`).
-        let len = out.len();
+        let len = self.row_scales.len();
         let blocks = tapelora_autograd::partner::map(len.div_ceil(ROWS_PER_TASK), |c| {
             let rows = ROWS_PER_TASK.min(len - c * ROWS_PER_TASK);
             let (mut out, mut margins) = (vec![0.0f32; rows], vec![0.0f64; rows]);
             block(c, &mut out, &mut margins);
             (out, margins)
         });
-        for ((o, m), (block_out, block_margins)) in out
-            .chunks_mut(ROWS_PER_TASK)
-            .zip(margins.chunks_mut(ROWS_PER_TASK))
-            .zip(blocks)
-        {
-            o.copy_from_slice(&block_out);
-            m.copy_from_slice(&block_margins);
+        let (mut out, mut margins) = (Vec::with_capacity(len), Vec::with_capacity(len));
+        for (block_out, block_margins) in blocks {
+            out.extend(block_out);
+            margins.extend(block_margins);
         }
         (out, margins)
     }
