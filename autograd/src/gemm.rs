@@ -761,11 +761,10 @@ impl<T: Float> Out<T> {
 /// `c ← α·a·b + β·c` for a single row `a` (`1 × k`): one pass over `b` with no packing, the
 /// memory-bound shape of token-by-token generation. `b` is cut into blocks of about
 /// [`GEMV_BLOCK_FLOATS`] that rayon (or, while decoding, [`crate::partner`]) hands out as
-/// threads come free (a fixed 50/50 split made
-/// every product wait for the slower core, and a shared machine always has one): for a
-/// row-major `b` blocks of rows, whose partial sums are added in block order; for a
-/// column-major `b` (a transposed weight) blocks of columns. The blocks depend only on the
-/// shape, so results are the same for every thread count.
+/// threads come free (a fixed 50/50 split made every product wait for the slower core, and a
+/// shared machine always has one): for a row-major `b` blocks of rows, whose partial sums are
+/// added in block order; for a column-major `b` (a transposed weight) blocks of columns. The
+/// blocks depend only on the shape, so results are the same for every thread count.
 fn gemv<T: Float>(alpha: T, a: ArrayView2<T>, b: ArrayView2<T>, beta: T, c: Out<T>) {
     let (k, n) = b.dim();
     let parallel = !gemv_runs_whole(k, n);
