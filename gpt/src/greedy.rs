@@ -14,13 +14,19 @@
 //!   error `e_v = w_v − w̃_v`'s ‖e_v‖₂ and `max_i |e_vi|/c_i` (computed in float64, within
 //!   2⁻⁵² of exact), so `|Σ h_i·e_vi|` is at most
 //!   `S_e = min(‖h‖₂·‖e_v‖₂, ‖h∘c‖₁·max_i |e_vi|/c_i)`;
-//! * the estimate is `ã_v = s_v · Σ (h_i·c_i)·q_vi` in float32. Float32 sums of `C` products
-//!   are within γ_C = C·2⁻²⁴/(1 − C·2⁻²⁴) of exact, for the estimate and for the full product,
-//!   and the two extra roundings (`h_i·c_i`, `s_v·…`) are within 2⁻²⁴ each, so
-//!   `|ã_v − l_v| ≤ S_e + 3γ_C·(S_w + S_e)` with `S_w = min(‖h‖₂·‖w_v‖₂, ‖h‖₁·max|w_v|)`
-//!   (Cauchy–Schwarz, and the bound for a state with a few large entries, as trained models'
-//!   final states have). The margin `m_v` is that, padded by 1 % (for the float64 work of the
-//!   statistics and norms) and a tiny absolute term for underflow;
+//! * the hidden state becomes integers too: `h_i·c_i` (exact in float64) `= σ·h̃_i + δ_i`,
+//!   with a power-of-two step `σ` and `|h̃_i|` within 15 bits (fewer past 4 128 channels,
+//!   so the AVX2 kernel's 32-bit lanes cannot overflow). The estimate is
+//!   `ã_v = s_v·σ·D_v` with `D_v = Σ h̃_i·q_vi` summed exactly in integers (on AVX2 by
+//!   `vpmaddwd`, three instructions per 16 entries where a float32 estimate took eight), and
+//!   `Σ h_i·w̃_vi = s_v·(σ·D_v + Σ δ_i·q_vi)`, the last term at most `s_v·‖δ‖₂·‖q_v‖₂`;
+//! * the float32 sum of `C` products in the full product is within
+//!   γ_C = C·2⁻²⁴/(1 − C·2⁻²⁴) of exact, relative to `Σ |h_i·w_vi| ≤ S_w` with
+//!   `S_w = min(‖h‖₂·‖w_v‖₂, ‖h‖₁·max|w_v|)` (Cauchy–Schwarz, and the bound for a state with
+//!   a few large entries, as trained models' final states have). So
+//!   `|ã_v − l_v| ≤ S_e + s_v·‖δ‖₂·‖q_v‖₂ + γ_C·S_w`; the margin `m_v` takes `3γ_C·(S_w + S_e)`
+//!   for the last term (room for the one float64 rounding of `ã_v`), padded by 1 % (for the
+//!   float64 work of the statistics and norms) and a tiny absolute term for underflow;
 //! * with `τ = max_v (ã_v − m_v)`, every row whose `ã_v + m_v < τ` has `l_v < τ ≤ l_u` for
 //!   the row `u` attaining τ, so it cannot be the argmax; the few rows left (the candidates)
 //!   get their float32 logits from the same product as the full lm_head — the same op on
@@ -65,6 +71,8 @@ struct RowStats {
     e_l2: f64,
     /// `max_i |e_vi| / c_i`.
     e_max_per_column_scale: f64,
+    /// `‖q_v‖₂`, the codes' norm (exact: a sum of squared small integers).
+    q_l2: f64,
 }
 
 /// An int8 copy of a tied lm_head's table.
@@ -188,104 +196,65 @@ impl GreedyHead {
     }
 
     /// The rows the bound cannot rule out, in increasing order; `None` if it cannot be used.
+    ///
+    /// Each block of rows keeps only the rows whose upper end `ã_v + m_v` reaches its own
+    /// floor `max (ã_u − m_u)` over the block (the search's floor is at least that), so no
+    /// vector of every row's bounds is made; the survivors are then held to the search's floor.
     fn candidates(&self, hidden: ArrayView1<f32>) -> Option<Vec<usize>> {
         let h = hidden.as_standard_layout();
-        let h = h.as_slice().expect("standard layout");
-        let (estimates, margins) = self.estimates_and_margins(h)?;
-        let floor = estimates
+        let bounds = self.bounds(h.as_slice().expect("standard layout"))?;
+        let blocks = tapelora_autograd::partner::map(self.blocks(), |c| {
+            let mut rows = Vec::new();
+            let mut floor = f64::NEG_INFINITY;
+            let finite = bounds.block(c, |v, estimate, margin| {
+                let upper = estimate + margin;
+                if estimate - margin > floor {
+                    floor = estimate - margin;
+                    rows.retain(|&(_, u)| u >= floor);
+                }
+                if upper >= floor {
+                    rows.push((v, upper));
+                }
+            });
+            finite.then_some((floor, rows))
+        });
+        let blocks: Vec<(f64, Vec<(usize, f64)>)> = blocks.into_iter().collect::<Option<_>>()?;
+        let floor = blocks.iter().map(|b| b.0).fold(f64::NEG_INFINITY, f64::max);
+        let rows: Vec<usize> = blocks
             .iter()
-            .zip(&margins)
-            .map(|(&e, &m)| f64::from(e) - m)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let rows: Vec<usize> = (0..estimates.len())
-            .filter(|&v| f64::from(estimates[v]) + margins[v] >= floor)
+            .flat_map(|b| &b.1)
+            .filter(|&&(_, upper)| upper >= floor)
+            .map(|&(v, _)| v)
             .collect();
         (rows.len() <= MAX_CANDIDATES).then_some(rows)
     }
 
-    /// Every row's estimate `ã_v` and margin `m_v ≥ |ã_v − l_v|` (see the module docs), or
-    /// `None` for a state or estimate that is not finite (the bound needs finite numbers).
-    fn estimates_and_margins(&self, h: &[f32]) -> Option<(Vec<f32>, Vec<f64>)> {
+    /// Blocks of [`ROWS_PER_TASK`] rows.
+    fn blocks(&self) -> usize {
+        self.row_scales.len().div_ceil(ROWS_PER_TASK)
+    }
+
+    /// What the estimates and margins of a hidden state need (see [`Bounds`]), or `None` for a
+    /// state that is not finite (the bound needs finite numbers).
+    fn bounds(&self, h: &[f32]) -> Option<Bounds<'_>> {
         let dim = self.column_scales.len();
         if h.len() != dim || !h.iter().all(|v| v.is_finite()) {
             return None;
         }
-        let scaled: Vec<f32> = h
-            .iter()
-            .zip(&self.column_scales)
-            .map(|(&x, &c)| x * c)
-            .collect();
-        let h_l1 = h.iter().map(|&v| f64::from(v.abs())).sum::<f64>();
-        let h_l2 = l2_norm_f64(h);
-        let hc_l1 = h
-            .iter()
-            .zip(&self.column_scales)
-            .map(|(&v, &c)| f64::from(v.abs()) * f64::from(c))
-            .sum::<f64>();
         let unit = dim as f64 * f64::from(f32::EPSILON) / 2.0;
-        let gamma = unit / (1.0 - unit);
-        let margin = |r: &RowStats| {
-            let error = (h_l2 * r.e_l2).min(hc_l1 * r.e_max_per_column_scale);
-            let weights = (h_l2 * r.w_l2).min(h_l1 * r.w_max);
-            1.01 * (error + 3.0 * gamma * (weights + error)) + 1e-30
-        };
-        let (estimates, margins) = self.estimates(&scaled, margin);
-        estimates
-            .iter()
-            .all(|e| e.is_finite())
-            .then_some((estimates, margins))
-    }
-
-    /// `ã_v = s_v · Σ_i scaled_i·q_vi` for every row, in float32 (`scaled = h∘c`), and
-    /// `margin` of each row's statistics, in the same parallel pass.
-    fn estimates(
-        &self,
-        scaled: &[f32],
-        margin: impl Fn(&RowStats) -> f64 + Sync,
-    ) -> (Vec<f32>, Vec<f64>) {
-        let dim = scaled.len();
-        // Block `c` of ROWS_PER_TASK rows: their estimates and margins.
-        let block = |c: usize, out: &mut [f32], margins: &mut [f64]| {
-            let rows = &self.codes[c * ROWS_PER_TASK * dim..][..out.len() * dim];
-            let scales = &self.row_scales[c * ROWS_PER_TASK..][..out.len()];
-            let stats = &self.row_stats[c * ROWS_PER_TASK..][..out.len()];
-            tapelora_autograd::simd::vectorized(
-                #[inline(always)]
-                || {
-                    // Four rows a quarter of the block apart per pass: four sequential
-                    // streams keep more of the memory's bandwidth busy than one.
-                    let q = out.len() / 4;
-                    let row = |i: usize| &rows[i * dim..(i + 1) * dim];
-                    for t in 0..q {
-                        let dots =
-                            dot4_i8(scaled, [row(t), row(t + q), row(t + 2 * q), row(t + 3 * q)]);
-                        for (k, dot) in dots.into_iter().enumerate() {
-                            out[t + k * q] = scales[t + k * q] * dot;
-                        }
-                    }
-                    for (i, o) in out.iter_mut().enumerate().skip(4 * q) {
-                        *o = scales[i] * dot4_i8(scaled, [row(i); 4])[0];
-                    }
-                },
-            );
-            for (m, r) in margins.iter_mut().zip(stats) {
-                *m = margin(r);
-            }
-        };
-        // Through decoding's spinning partner when there is one (`partner::map`).
-        let len = self.row_scales.len();
-        let blocks = tapelora_autograd::partner::map(len.div_ceil(ROWS_PER_TASK), |c| {
-            let rows = ROWS_PER_TASK.min(len - c * ROWS_PER_TASK);
-            let (mut out, mut margins) = (vec![0.0f32; rows], vec![0.0f64; rows]);
-            block(c, &mut out, &mut margins);
-            (out, margins)
-        });
-        let (mut out, mut margins) = (Vec::with_capacity(len), Vec::with_capacity(len));
-        for (block_out, block_margins) in blocks {
-            out.extend(block_out);
-            margins.extend(block_margins);
-        }
-        (out, margins)
+        Some(Bounds {
+            head: self,
+            state: QuantizedState::new(h, &self.column_scales),
+            h_l1: h.iter().map(|&v| f64::from(v.abs())).sum::<f64>(),
+            h_l2: l2_norm_f64(h),
+            hc_l1: h
+                .iter()
+                .zip(&self.column_scales)
+                .map(|(&v, &c)| f64::from(v.abs()) * f64::from(c))
+                .sum::<f64>(),
+            gamma: unit / (1.0 - unit),
+            dot4: integer_dot4(),
+        })
     }
 
     /// The full lm_head's logits for `rows` (all rows if `None`): the op the model's tied
@@ -427,6 +396,11 @@ fn quantize_row(
         e_l2: e_squares.iter().sum::<f64>().sqrt(),
         // |e|/c against |e|·fl(1/c), which is within 2⁻²⁴ of it: padded so it stays a bound.
         e_max_per_column_scale: e_max.iter().fold(0.0f64, |m, &x| m.max(x)) * (1.0 + 1e-6),
+        q_l2: (codes
+            .iter()
+            .map(|&q| i64::from(q) * i64::from(q))
+            .sum::<i64>() as f64)
+            .sqrt(),
     };
     Some((scale, stats))
 }
@@ -449,30 +423,190 @@ fn l2_norm_f64(a: &[f32]) -> f64 {
         .sqrt()
 }
 
-/// `h · q` for four rows of codes `q` at once, each in sixteen float32 lanes.
-#[inline(always)]
-fn dot4_i8(h: &[f32], w: [&[i8]; 4]) -> [f32; 4] {
-    let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
-    let (h16, h_tail) = h.as_chunks::<16>();
-    let [w0, w1, w2, w3] = w.map(|w| w.as_chunks::<16>().0);
-    for ((((x, y0), y1), y2), y3) in h16.iter().zip(w0).zip(w1).zip(w2).zip(w3) {
-        for l in 0..16 {
-            a0[l] += x[l] * f32::from(y0[l]);
-            a1[l] += x[l] * f32::from(y1[l]);
-            a2[l] += x[l] * f32::from(y2[l]);
-            a3[l] += x[l] * f32::from(y3[l]);
+/// One hidden state's side of the bound: its integer codes and the norms the margins take.
+struct Bounds<'a> {
+    head: &'a GreedyHead,
+    state: QuantizedState,
+    h_l1: f64,
+    h_l2: f64,
+    /// `‖h∘c‖₁`.
+    hc_l1: f64,
+    /// `γ_C`, the relative error bound of a float32 sum of `C` products.
+    gamma: f64,
+    dot4: IntegerDot4,
+}
+
+impl Bounds<'_> {
+    /// Calls `row(v, ã_v, m_v)` for every row `v` of block `c`, in increasing order:
+    /// `ã_v = s_v·σ·D_v` with `D_v = Σ_i h̃_i·q_vi` summed exactly in integers, and the
+    /// margin `m_v ≥ |ã_v − l_v|` (see the module docs). False if an estimate is not finite.
+    fn block(&self, c: usize, mut row: impl FnMut(usize, f64, f64)) -> bool {
+        let head = self.head;
+        let dim = self.state.codes.len();
+        let first = c * ROWS_PER_TASK;
+        let n = ROWS_PER_TASK.min(head.row_scales.len() - first);
+        let codes = &head.codes[first * dim..][..n * dim];
+        let scales = &head.row_scales[first..][..n];
+        let stats = &head.row_stats[first..][..n];
+        let codes_of = |i: usize| &codes[i * dim..(i + 1) * dim];
+        // Four rows a quarter of the block apart per pass: four sequential streams keep more
+        // of the memory's bandwidth busy than one.
+        let mut dots = vec![0i64; n];
+        let q = n / 4;
+        for t in 0..q {
+            let rows = [t, t + q, t + 2 * q, t + 3 * q];
+            let four = (self.dot4)(&self.state.codes, rows.map(codes_of));
+            for (i, dot) in rows.into_iter().zip(four) {
+                dots[i] = dot;
+            }
+        }
+        for (i, dot) in dots.iter_mut().enumerate().skip(4 * q) {
+            *dot = (self.dot4)(&self.state.codes, [codes_of(i); 4])[0];
+        }
+        // Estimates and margins in one loop of their own, which vectorises.
+        let mut margins = vec![0.0f64; n];
+        let estimates: Vec<f64> = tapelora_autograd::simd::vectorized(
+            #[inline(always)]
+            || {
+                for ((m, &s), r) in margins.iter_mut().zip(scales).zip(stats) {
+                    let error = (self.h_l2 * r.e_l2).min(self.hc_l1 * r.e_max_per_column_scale);
+                    let state_error = f64::from(s) * self.state.error_l2 * r.q_l2;
+                    let weights = (self.h_l2 * r.w_l2).min(self.h_l1 * r.w_max);
+                    *m =
+                        1.01 * (error + state_error + 3.0 * self.gamma * (weights + error)) + 1e-30;
+                }
+                dots.iter()
+                    .zip(scales)
+                    .map(|(&dot, &s)| f64::from(s) * self.state.step * dot as f64)
+                    .collect()
+            },
+        );
+        for (i, (&estimate, &margin)) in estimates.iter().zip(&margins).enumerate() {
+            row(first + i, estimate, margin);
+        }
+        estimates.iter().all(|e| e.is_finite())
+    }
+}
+
+/// The hidden state as integers for the estimate pass: `h_i·c_i ≈ σ·h̃_i`, with a step `σ`
+/// that is a power of two and codes `|h̃_i| ≤` [`state_code_max`]`(C)`.
+struct QuantizedState {
+    /// `h̃`.
+    codes: Vec<i16>,
+    /// `σ`.
+    step: f64,
+    /// `‖h∘c − σ·h̃‖₂` (each term exact in float64, the norm within 2⁻⁵⁰ of exact).
+    error_l2: f64,
+}
+
+impl QuantizedState {
+    fn new(h: &[f32], column_scales: &[f32]) -> Self {
+        // A float32 product has at most 48 significant bits: exact in float64.
+        let scaled: Vec<f64> = h
+            .iter()
+            .zip(column_scales)
+            .map(|(&x, &c)| f64::from(x) * f64::from(c))
+            .collect();
+        let largest = scaled.iter().fold(0.0f64, |m, &x| m.max(x.abs()));
+        let code_max = f64::from(state_code_max(h.len()));
+        // The smallest power of two that keeps every code within ±code_max (dividing by it
+        // is exact, so each code is its value rounded once).
+        let mut step = if largest > 0.0 {
+            2.0f64.powi((largest / code_max).log2().ceil() as i32)
+        } else {
+            1.0
+        };
+        while largest / step > code_max {
+            step *= 2.0;
+        }
+        let codes: Vec<i16> = scaled.iter().map(|&x| (x / step).round() as i16).collect();
+        let error_l2 = scaled
+            .iter()
+            .zip(&codes)
+            .map(|(&x, &q)| {
+                let e = x - step * f64::from(q);
+                e * e
+            })
+            .sum::<f64>()
+            .sqrt();
+        QuantizedState {
+            codes,
+            step,
+            error_l2,
         }
     }
-    let lanes = [a0, a1, a2, a3];
-    std::array::from_fn(|k| {
-        let tail = &w[k][h16.len() * 16..];
-        h_tail
-            .iter()
-            .zip(tail)
-            .fold(lanes[k].iter().sum::<f32>(), |s, (&x, &y)| {
-                s + x * f32::from(y)
-            })
-    })
+}
+
+/// The largest state code for a width `C`: small enough that the AVX2 kernel's 32-bit lanes
+/// cannot overflow. Each lane adds two products per 16 entries, each at most 127 × the code:
+/// `2·⌈C/16⌉·127·code ≤ 2³¹ − 1`; GPT-2's 768 channels get the full 15 bits (32 767).
+fn state_code_max(dim: usize) -> i16 {
+    let products_per_lane = 2 * dim.div_ceil(16).max(1);
+    let limit = i32::MAX as usize / (products_per_lane * CODE_MAX as usize);
+    limit.clamp(1, i16::MAX as usize) as i16
+}
+
+/// `Σ_i h̃_i·q_i` for four rows of codes `q` at once, exactly.
+type IntegerDot4 = fn(&[i16], [&[i8]; 4]) -> [i64; 4];
+
+/// The quickest exact kernel this CPU runs: widened 16-bit multiply-adds on AVX2 (three
+/// instructions per 16 entries, where the float32 estimate took eight: that pass ran at about
+/// two thirds of the table's streaming rate, this one close to it), else plain integers. The
+/// sums are the same integers either way.
+fn integer_dot4() -> IntegerDot4 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        return |h, rows| {
+            // SAFETY: AVX2 was detected just above.
+            unsafe { dot4_i16_i8_avx2(h, rows) }
+        };
+    }
+    dot4_i16_i8
+}
+
+/// The portable kernel: each row's products summed in 64-bit integers.
+fn dot4_i16_i8(h: &[i16], rows: [&[i8]; 4]) -> [i64; 4] {
+    rows.map(|row| dot_i16_i8(h, row))
+}
+
+fn dot_i16_i8(h: &[i16], row: &[i8]) -> i64 {
+    h.iter()
+        .zip(row)
+        .map(|(&x, &q)| i64::from(x) * i64::from(q))
+        .sum()
+}
+
+/// The AVX2 kernel: per 16 entries, the codes widened to 16 bits (`vpmovsxbw`), multiplied by
+/// the state's and added in pairs into eight 32-bit lanes (`vpmaddwd`, which [`state_code_max`]
+/// keeps from overflowing); the lanes and the last `C mod 16` products summed in 64 bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot4_i16_i8_avx2(h: &[i16], rows: [&[i8]; 4]) -> [i64; 4] {
+    use std::arch::x86_64::*;
+    let whole = h.len() / 16 * 16;
+    assert!(
+        rows.iter().all(|r| r.len() >= h.len()),
+        "a row per state entry"
+    );
+    let mut lanes = [_mm256_setzero_si256(); 4];
+    for i in (0..whole).step_by(16) {
+        // SAFETY: i + 16 ≤ whole ≤ h.len() ≤ each row's length.
+        let state = unsafe { _mm256_loadu_si256(h.as_ptr().add(i).cast()) };
+        for (lane, row) in lanes.iter_mut().zip(rows) {
+            let codes = unsafe { _mm_loadu_si128(row.as_ptr().add(i).cast()) };
+            let products = _mm256_madd_epi16(state, _mm256_cvtepi8_epi16(codes));
+            *lane = _mm256_add_epi32(*lane, products);
+        }
+    }
+    let mut sums = [0i64; 4];
+    for ((sum, lane), row) in sums.iter_mut().zip(lanes).zip(rows) {
+        let mut parts = [0i32; 8];
+        // SAFETY: `parts` holds 8 × 32 bits.
+        unsafe { _mm256_storeu_si256(parts.as_mut_ptr().cast(), lane) };
+        *sum = parts.iter().map(|&p| i64::from(p)).sum::<i64>()
+            + dot_i16_i8(&h[whole..], &row[whole..]);
+    }
+    sums
 }
 
 #[cfg(test)]
@@ -654,13 +788,17 @@ mod tests {
                 narrowed += usize::from(rows.len() < vocab / 10);
             }
             // The estimates stay within their margins of the full logits.
-            let (estimates, margins) = head
-                .estimates_and_margins(hidden.as_slice().unwrap())
-                .unwrap();
-            for (v, (&estimate, &margin)) in estimates.iter().zip(&margins).enumerate() {
-                let gap = (f64::from(estimate) - f64::from(logits[v])).abs();
-                assert!(gap <= margin, "row {v}: {gap} > {margin}");
+            let bounds = head.bounds(hidden.as_slice().unwrap()).unwrap();
+            let mut seen = 0;
+            for c in 0..head.blocks() {
+                assert!(bounds.block(c, |v, estimate, margin| {
+                    assert_eq!(v, seen);
+                    seen += 1;
+                    let gap = (estimate - f64::from(logits[v])).abs();
+                    assert!(gap <= margin, "row {v}: {gap} > {margin}");
+                }));
             }
+            assert_eq!(seen, vocab);
         }
         assert!(
             narrowed >= 150,
@@ -703,6 +841,66 @@ mod tests {
             narrowed >= 90,
             "few candidates in most searches: {narrowed} of 100"
         );
+    }
+
+    #[test]
+    fn the_integer_kernels_agree_exactly_even_at_the_largest_codes() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        // Tails of 0, 1, 15 and 2 entries; 4 128 is the widest state with 15-bit codes, and
+        // 5 000 needs smaller ones (the 32-bit lanes would overflow otherwise).
+        for dim in [16, 17, 31, 50, 768, 4128, 5000] {
+            let code = state_code_max(dim);
+            assert_eq!(code == i16::MAX, dim <= 4128, "{dim}");
+            // The worst case: every product as large as it can be, all of one sign.
+            let h = vec![code; dim];
+            let largest = vec![127i8; dim];
+            let lowest = vec![-127i8; dim];
+            let random: Vec<Vec<i8>> = (0..2)
+                .map(|_| (0..dim).map(|_| rng.random_range(-127..=127)).collect())
+                .collect();
+            let rows = [&largest[..], &lowest[..], &random[0][..], &random[1][..]];
+            let want = rows.map(|row| dot_i16_i8(&h, row));
+            assert_eq!(want[0], dim as i64 * 127 * i64::from(code));
+            assert_eq!(integer_dot4()(&h, rows), want, "{dim}");
+            let mixed: Vec<i16> = (0..dim).map(|_| rng.random_range(-code..=code)).collect();
+            let want = rows.map(|row| dot_i16_i8(&mixed, row));
+            assert_eq!(integer_dot4()(&mixed, rows), want, "{dim}");
+        }
+    }
+
+    #[test]
+    fn the_state_codes_use_their_range_and_record_their_error() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(22);
+        for (dim, spread) in [(64, 1.0f32), (768, 1e-20), (5000, 3e4)] {
+            // A few large channels, as trained final states have, and some exact zeros.
+            let h: Vec<f32> = (0..dim)
+                .map(|i| match i % 97 {
+                    0 => 50.0 * spread,
+                    1 => 0.0,
+                    _ => spread * rng.random_range(-1.0f32..1.0),
+                })
+                .collect();
+            let scales: Vec<f32> = (0..dim).map(|_| rng.random_range(0.01f32..2.0)).collect();
+            let state = QuantizedState::new(&h, &scales);
+            let code_max = state_code_max(dim);
+            assert_eq!(state.step.log2().fract(), 0.0, "σ is a power of two");
+            assert!(state.codes.iter().all(|q| q.abs() <= code_max));
+            // The smallest such step: half of it would not fit the largest entry.
+            let largest = state.codes.iter().map(|q| q.abs()).max().unwrap();
+            assert!(
+                2 * i32::from(largest) > i32::from(code_max),
+                "{dim}: {largest}"
+            );
+            let mut squares = 0.0f64;
+            for ((&x, &c), &q) in h.iter().zip(&scales).zip(&state.codes) {
+                let error = f64::from(x) * f64::from(c) - state.step * f64::from(q);
+                assert!(error.abs() <= state.step / 2.0);
+                squares += error * error;
+            }
+            assert!((squares.sqrt() - state.error_l2).abs() <= 1e-12 * state.error_l2);
+        }
+        let zeros = QuantizedState::new(&[0.0; 8], &[1.0; 8]);
+        assert!(zeros.codes.iter().all(|&q| q == 0) && zeros.error_l2 == 0.0);
     }
 
     #[test]
