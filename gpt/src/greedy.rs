@@ -351,37 +351,13 @@ fn quantize_row(
         *level = shifted - ROUND;
         *code = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i8;
     }
-    // Then the error of each entry, exactly, in float64, in four lanes: each running sum and
-    // maximum fits one register (with eight lanes they spilled to the stack, and the copy
-    // took 1.2–1.3× as long). Maxima by comparison: `f64::max`'s NaN rule costs a compare and
-    // blend per lane, and nothing here is NaN.
-    const L: usize = 4;
-    let (mut w_squares, mut e_squares) = ([0.0f64; L], [0.0f64; L]);
-    let (mut w_max, mut e_max) = ([0.0f64; L], [0.0f64; L]);
+    // Then the error of each entry, exactly, in float64, in four lanes.
     let scale64 = f64::from(scale);
-    let (w4, w_tail) = row.as_chunks::<L>();
-    let (c4, c_tail) = column_scales.as_chunks::<L>();
-    let (inv4, inv_tail) = inverse_columns.as_chunks::<L>();
-    let (q4, q_tail) = levels.as_chunks::<L>();
-    for (((w, c), inv), q) in w4.iter().zip(c4).zip(inv4).zip(q4) {
-        for l in 0..L {
-            let (w, q) = (f64::from(w[l]), f64::from(q[l]));
-            let e = w - scale64 * f64::from(c[l]) * q;
-            let e_per_c = e.abs() * f64::from(inv[l]);
-            w_squares[l] += w * w;
-            e_squares[l] += e * e;
-            w_max[l] = if w.abs() > w_max[l] {
-                w.abs()
-            } else {
-                w_max[l]
-            };
-            e_max[l] = if e_per_c > e_max[l] {
-                e_per_c
-            } else {
-                e_max[l]
-            };
-        }
-    }
+    let [mut w_squares, mut e_squares, mut w_max, mut e_max] =
+        error_lanes(row, column_scales, inverse_columns, levels, scale64);
+    let tail = row.len() / ERROR_LANES * ERROR_LANES;
+    let (w_tail, c_tail) = (&row[tail..], &column_scales[tail..]);
+    let (inv_tail, q_tail) = (&inverse_columns[tail..], &levels[tail..]);
     for (((&w, &c), &inv), &q) in w_tail.iter().zip(c_tail).zip(inv_tail).zip(q_tail) {
         let (w, q) = (f64::from(w), f64::from(q));
         let e = w - scale64 * f64::from(c) * q;
@@ -403,6 +379,119 @@ fn quantize_row(
             .sqrt(),
     };
     Some((scale, stats))
+}
+
+/// Lanes of [`error_lanes`]: entry `i` goes to lane `i mod 4`.
+const ERROR_LANES: usize = 4;
+
+/// Per lane, over the first `4·⌊C/4⌋` entries of a row: `Σ w²`, `Σ e²`, `max |w|` and
+/// `max |e|·fl(1/c)`, with `e = w − s·c·q` in float64. The AVX2 kernel and the portable loop
+/// take the same steps in the same order, so they give the same bits.
+type ErrorLanes = [[f64; ERROR_LANES]; 4];
+
+#[inline(always)]
+fn error_lanes(
+    row: &[f32],
+    column_scales: &[f32],
+    inverse_columns: &[f32],
+    levels: &[f32],
+    scale: f64,
+) -> ErrorLanes {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected just above.
+        return unsafe { error_lanes_avx2(row, column_scales, inverse_columns, levels, scale) };
+    }
+    error_lanes_portable(row, column_scales, inverse_columns, levels, scale)
+}
+
+/// The portable [`error_lanes`]. Maxima by comparison: `f64::max`'s NaN rule costs a compare
+/// and blend per lane, and nothing here is NaN.
+#[inline(always)]
+fn error_lanes_portable(
+    row: &[f32],
+    column_scales: &[f32],
+    inverse_columns: &[f32],
+    levels: &[f32],
+    scale: f64,
+) -> ErrorLanes {
+    const L: usize = ERROR_LANES;
+    let (mut w_squares, mut e_squares) = ([0.0f64; L], [0.0f64; L]);
+    let (mut w_max, mut e_max) = ([0.0f64; L], [0.0f64; L]);
+    let w4 = row.as_chunks::<L>().0;
+    let c4 = column_scales.as_chunks::<L>().0;
+    let inv4 = inverse_columns.as_chunks::<L>().0;
+    let q4 = levels.as_chunks::<L>().0;
+    for (((w, c), inv), q) in w4.iter().zip(c4).zip(inv4).zip(q4) {
+        for l in 0..L {
+            let (w, q) = (f64::from(w[l]), f64::from(q[l]));
+            let e = w - scale * f64::from(c[l]) * q;
+            let e_per_c = e.abs() * f64::from(inv[l]);
+            w_squares[l] += w * w;
+            e_squares[l] += e * e;
+            w_max[l] = if w.abs() > w_max[l] {
+                w.abs()
+            } else {
+                w_max[l]
+            };
+            e_max[l] = if e_per_c > e_max[l] {
+                e_per_c
+            } else {
+                e_max[l]
+            };
+        }
+    }
+    [w_squares, e_squares, w_max, e_max]
+}
+
+/// [`error_lanes`] on AVX2: four entries per step in one register each way. LLVM had turned
+/// the portable loop into scalar conversions and shuffles, and building GPT-2's copy took
+/// 55–65 ms on two threads, most of it here.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline(never)] // its own registers: inlined into the row's loop, a running sum spilled
+unsafe fn error_lanes_avx2(
+    row: &[f32],
+    column_scales: &[f32],
+    inverse_columns: &[f32],
+    levels: &[f32],
+    scale: f64,
+) -> ErrorLanes {
+    use std::arch::x86_64::*;
+    let n = row.len() / ERROR_LANES * ERROR_LANES;
+    assert!(
+        [column_scales, inverse_columns, levels]
+            .iter()
+            .all(|x| x.len() >= n),
+        "a scale and a level per entry"
+    );
+    let load = |x: &[f32], i: usize| {
+        // SAFETY: i + 4 ≤ n ≤ x.len() (asserted above).
+        _mm256_cvtps_pd(unsafe { _mm_loadu_ps(x.as_ptr().add(i)) })
+    };
+    let scale = _mm256_set1_pd(scale);
+    let magnitude = _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX));
+    let (mut w_squares, mut e_squares) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let (mut w_max, mut e_max) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    for i in (0..n).step_by(ERROR_LANES) {
+        let (w, q) = (load(row, i), load(levels, i));
+        let e = _mm256_sub_pd(
+            w,
+            _mm256_mul_pd(_mm256_mul_pd(scale, load(column_scales, i)), q),
+        );
+        let e_per_c = _mm256_mul_pd(_mm256_and_pd(e, magnitude), load(inverse_columns, i));
+        w_squares = _mm256_add_pd(w_squares, _mm256_mul_pd(w, w));
+        e_squares = _mm256_add_pd(e_squares, _mm256_mul_pd(e, e));
+        // `maxpd(a, b)` is `a > b ? a : b`, the portable loop's comparison.
+        w_max = _mm256_max_pd(_mm256_and_pd(w, magnitude), w_max);
+        e_max = _mm256_max_pd(e_per_c, e_max);
+    }
+    let mut out = [[0.0f64; ERROR_LANES]; 4];
+    for (out, lanes) in out.iter_mut().zip([w_squares, e_squares, w_max, e_max]) {
+        // SAFETY: `out` holds four float64 values.
+        unsafe { _mm256_storeu_pd(out.as_mut_ptr(), lanes) };
+    }
+    out
 }
 
 /// ‖a‖₂, the squares summed in eight float64 lanes (none underflows).
@@ -841,6 +930,36 @@ mod tests {
             narrowed >= 90,
             "few candidates in most searches: {narrowed} of 100"
         );
+    }
+
+    #[test]
+    fn the_error_statistics_kernels_give_the_same_bits() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+        for dim in [4, 50, 768] {
+            let spread = |rng: &mut rand_chacha::ChaCha8Rng| 10f32.powi(rng.random_range(-30..30));
+            let row: Vec<f32> = (0..dim)
+                .map(|_| spread(&mut rng) * rng.random_range(-1.0f32..1.0))
+                .collect();
+            let columns: Vec<f32> = (0..dim).map(|_| spread(&mut rng)).collect();
+            let inverse: Vec<f32> = columns.iter().map(|&c| 1.0 / c).collect();
+            let levels: Vec<f32> = (0..dim)
+                .map(|_| rng.random_range(-127..=127) as f32)
+                .collect();
+            let scale = f64::from(spread(&mut rng));
+            let bits = |lanes: ErrorLanes| lanes.map(|l| l.map(f64::to_bits));
+            let portable = error_lanes_portable(&row, &columns, &inverse, &levels, scale);
+            assert_eq!(
+                bits(error_lanes(&row, &columns, &inverse, &levels, scale)),
+                bits(portable),
+                "{dim}"
+            );
+            // And the lanes are what they say: entry i in lane i mod 4.
+            let w_max = (0..dim / 4 * 4)
+                .filter(|i| i % 4 == 1)
+                .map(|i| f64::from(row[i].abs()))
+                .fold(0.0f64, f64::max);
+            assert_eq!(portable[2][1], w_max);
+        }
     }
 
     #[test]
