@@ -555,9 +555,11 @@ impl ModelBench {
         Ok(())
     }
 
-    /// Full and LoRA training steps alternated in one process, one of each per round: the
-    /// LoRA step's time as a share of the full step's (median of the per-round ratios, so the
-    /// machine's drift cancels) beside the share of GEMM FLOPs it keeps.
+    /// Full and LoRA training steps alternated in one process, one timed step of each per
+    /// round, each after an untimed step of its own kind (as training runs them; timed right
+    /// after the other kind, the LoRA step found its frozen panels evicted and read 0.013–0.017
+    /// higher): the LoRA step's time as a share of the full step's (median of the per-round
+    /// ratios, so the machine's drift cancels) beside the share of GEMM FLOPs it keeps.
     pub fn lora_vs_full(&self) -> Result<(), String> {
         let (mut full, mut lora) = (self.trainer(false)?, self.trainer(true)?);
         full.step(false, false)?; // warm-up
@@ -573,7 +575,11 @@ impl ModelBench {
                 *flops += tapelora_autograd::gemm::gemm_flops() - flops0;
                 Ok(start.elapsed().as_secs_f64())
             };
+            // Each timed step follows an untimed one of its own kind, as in training: a step
+            // timed right after the other kind's starts with that one's data in the caches.
+            full.step(false, false)?;
             let full_secs = time(&mut full, &mut full_flops)?;
+            lora.step(false, false)?;
             let lora_secs = time(&mut lora, &mut lora_flops)?;
             ratios.push(lora_secs / full_secs);
         }
