@@ -562,8 +562,6 @@ impl ModelBench {
     /// ratios, so the machine's drift cancels) beside the share of GEMM FLOPs it keeps.
     pub fn lora_vs_full(&self) -> Result<(), String> {
         let (mut full, mut lora) = (self.trainer(false)?, self.trainer(true)?);
-        full.step(false, false)?; // warm-up
-        lora.step(false, false)?;
         let rounds = full.steps.max(3);
         let mut ratios = Vec::with_capacity(rounds);
         let (mut full_flops, mut lora_flops) = (0u64, 0u64);
@@ -575,8 +573,7 @@ impl ModelBench {
                 *flops += tapelora_autograd::gemm::gemm_flops() - flops0;
                 Ok(start.elapsed().as_secs_f64())
             };
-            // Each timed step follows an untimed one of its own kind, as in training: a step
-            // timed right after the other kind's starts with that one's data in the caches.
+            // The untimed steps also warm each trainer up before its first timed one.
             full.step(false, false)?;
             let full_secs = time(&mut full, &mut full_flops)?;
             lora.step(false, false)?;
