@@ -244,22 +244,20 @@ pub fn peak_rss_mib() -> f64 {
 
 /// Bytes per second at which all threads read `buffers` once (blocks of 1 MiB handed out by
 /// rayon, each summed as 16 streams side by side: the quickest way we found to read memory
-/// here), the best of three passes.
-fn streaming_rate(buffers: &[&[f32]]) -> f64 {
+/// here), in each of three passes.
+fn streaming_rates(buffers: &[&[f32]]) -> [f64; 3] {
     use rayon::prelude::*;
     let bytes = 4.0 * buffers.iter().map(|b| b.len()).sum::<usize>() as f64;
-    (0..3)
-        .map(|_| {
-            let start = Instant::now();
-            let sum: f32 = buffers
-                .par_iter()
-                .flat_map(|b| b.par_chunks(1 << 18))
-                .map(tapelora_autograd::simd::sum_as_streams)
-                .sum();
-            std::hint::black_box(sum);
-            bytes / start.elapsed().as_secs_f64()
-        })
-        .fold(0.0, f64::max)
+    std::array::from_fn(|_| {
+        let start = Instant::now();
+        let sum: f32 = buffers
+            .par_iter()
+            .flat_map(|b| b.par_chunks(1 << 18))
+            .map(tapelora_autograd::simd::sum_as_streams)
+            .sum();
+        std::hint::black_box(sum);
+        bytes / start.elapsed().as_secs_f64()
+    })
 }
 
 /// `x` with `decimals` digits for a JSON line, or `null` when it is not a finite number (JSON
@@ -632,21 +630,27 @@ impl ModelBench {
             bytes_per_token +=
                 head.bytes_per_step() as f64 - 4.0 * model.wte.weight.value.len() as f64;
         }
-        let mut stream_rates = vec![streaming_rate(&weights)];
+        let mut stream_rates = streaming_rates(&weights).to_vec();
         let start = Instant::now();
         let out =
             tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?;
         let tps = out.len() as f64 / start.elapsed().as_secs_f64();
         let rss = peak_rss_mib();
-        stream_rates.push(streaming_rate(&weights));
-        let bandwidth = stream_rates.iter().copied().fold(0.0, f64::max);
-        let ceiling = bandwidth / bytes_per_token;
+        stream_rates.extend(streaming_rates(&weights));
+        stream_rates.sort_by(f64::total_cmp);
+        // The best sample bounds what the memory can give, but on a shared machine one pass
+        // can stand well above the others; the median is the rate a whole run usually sees.
+        let (bandwidth, usual) = (
+            stream_rates[stream_rates.len() - 1],
+            stream_rates[stream_rates.len() / 2],
+        );
+        let (ceiling, usual_ceiling) = (bandwidth / bytes_per_token, usual / bytes_per_token);
         if !self.json {
             println!("{} generation: batch 1, 16-token prompt, {} new tokens, greedy, KV cache: {tps:.1} tokens/s", self.config, out.len());
-            println!("  each token reads {:.0} MB of weights; reading them runs at {:.1} GB/s here (best of the samples before and after) → at most {ceiling:.1} tokens/s; reached {:.0}%", bytes_per_token / 1e6, bandwidth / 1e9, 100.0 * tps / ceiling);
+            println!("  each token reads {:.0} MB of weights; reading them runs at {:.1} GB/s here at best ({:.1} GB/s median of six samples before and after) → at most {ceiling:.1} tokens/s ({usual_ceiling:.1} at the median rate); reached {:.0}% ({:.0}%)", bytes_per_token / 1e6, bandwidth / 1e9, usual / 1e9, 100.0 * tps / ceiling, 100.0 * tps / usual_ceiling);
         }
         println!(
-            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {rss:.1}, \"weights_gb_per_sec\": {:.2}, \"bandwidth_bound_tokens_per_sec\": {ceiling:.2}}}",
+            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {rss:.1}, \"weights_gb_per_sec\": {:.2}, \"bandwidth_bound_tokens_per_sec\": {ceiling:.2}, \"median_bandwidth_bound_tokens_per_sec\": {usual_ceiling:.2}}}",
             bandwidth / 1e9
         );
         Ok(())
