@@ -229,6 +229,33 @@ pub fn matmul(sizes: &[usize], reps: usize, json: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The machine's CPU time so far, in clock ticks: all of it and the part the hypervisor
+/// gave to other guests while this one wanted to run (`steal`, the eighth field of
+/// `/proc/stat`'s `cpu` line). `None` where the file is not Linux's.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((fields.iter().sum(), *fields.get(7)?))
+}
+
+/// The share of the machine's CPU time stolen by other guests between two [`cpu_ticks`]
+/// readings (NaN when either is missing or no tick passed): on a shared virtual machine a
+/// slow run can be the memory or the hypervisor, and this tells which.
+fn steal_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
+    match (before, after) {
+        (Some((total0, steal0)), Some((total1, steal1))) if total1 > total0 => {
+            steal1.saturating_sub(steal0) as f64 / (total1 - total0) as f64
+        }
+        _ => f64::NAN,
+    }
+}
+
 /// Peak resident memory of this process (VmHWM), in MiB.
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -631,10 +658,12 @@ impl ModelBench {
                 head.bytes_per_step() as f64 - 4.0 * model.wte.weight.value.len() as f64;
         }
         let mut stream_rates = streaming_rates(&weights).to_vec();
+        let ticks = cpu_ticks();
         let start = Instant::now();
         let out =
             tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?;
         let tps = out.len() as f64 / start.elapsed().as_secs_f64();
+        let steal = steal_share(ticks, cpu_ticks());
         let rss = peak_rss_mib();
         stream_rates.extend(streaming_rates(&weights));
         stream_rates.sort_by(f64::total_cmp);
@@ -647,11 +676,12 @@ impl ModelBench {
         let (ceiling, usual_ceiling) = (bandwidth / bytes_per_token, usual / bytes_per_token);
         if !self.json {
             println!("{} generation: batch 1, 16-token prompt, {} new tokens, greedy, KV cache: {tps:.1} tokens/s", self.config, out.len());
-            println!("  each token reads {:.0} MB of weights; reading them runs at {:.1} GB/s here at best ({:.1} GB/s median of six samples before and after) → at most {ceiling:.1} tokens/s ({usual_ceiling:.1} at the median rate); reached {:.0}% ({:.0}%)", bytes_per_token / 1e6, bandwidth / 1e9, usual / 1e9, 100.0 * tps / ceiling, 100.0 * tps / usual_ceiling);
+            println!("  each token reads {:.0} MB of weights; reading them runs at {:.1} GB/s here at best ({:.1} GB/s median of six samples before and after) → at most {ceiling:.1} tokens/s ({usual_ceiling:.1} at the median rate); reached {:.0}% ({:.0}%); CPU time stolen by other guests during the run: {:.1}%", bytes_per_token / 1e6, bandwidth / 1e9, usual / 1e9, 100.0 * tps / ceiling, 100.0 * tps / usual_ceiling, 100.0 * steal);
         }
         println!(
-            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {rss:.1}, \"weights_gb_per_sec\": {:.2}, \"bandwidth_bound_tokens_per_sec\": {ceiling:.2}, \"median_bandwidth_bound_tokens_per_sec\": {usual_ceiling:.2}}}",
-            bandwidth / 1e9
+            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {rss:.1}, \"weights_gb_per_sec\": {:.2}, \"bandwidth_bound_tokens_per_sec\": {ceiling:.2}, \"median_bandwidth_bound_tokens_per_sec\": {usual_ceiling:.2}, \"cpu_steal\": {}}}",
+            bandwidth / 1e9,
+            json_number(steal, 4)
         );
         Ok(())
     }
@@ -778,5 +808,20 @@ impl Trainer {
             .step(&mut model.parameters_mut(), &grads, 1e-4)
             .map_err(|e| e.to_string())?;
         Ok((tape_profile, start.elapsed().as_secs_f64()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_share_is_the_stolen_part_of_the_ticks_between_readings() {
+        assert_eq!(steal_share(Some((1000, 10)), Some((1200, 60))), 0.25);
+        assert!(steal_share(None, Some((1200, 60))).is_nan());
+        assert!(steal_share(Some((1000, 10)), Some((1000, 10))).is_nan());
+        if let Some((total, steal)) = cpu_ticks() {
+            assert!(steal <= total);
+        }
     }
 }
