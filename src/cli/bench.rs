@@ -246,7 +246,7 @@ fn cpu_ticks() -> Option<(u64, u64)> {
 
 /// The share of the machine's CPU time stolen by other guests between two [`cpu_ticks`]
 /// readings (NaN when either is missing or no tick passed): on a shared virtual machine a
-/// slow run can be the memory or the hypervisor, and this tells which.
+/// slow run can be the memory or the hypervisor, and this helps tell which.
 fn steal_share(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
     match (before, after) {
         (Some((total0, steal0)), Some((total1, steal1))) if total1 > total0 => {
@@ -669,9 +669,10 @@ impl ModelBench {
         stream_rates.sort_by(f64::total_cmp);
         // The best sample bounds what the memory can give, but on a shared machine one pass
         // can stand well above the others; the median is the rate a whole run usually sees.
+        let half = stream_rates.len() / 2;
         let (bandwidth, usual) = (
             stream_rates[stream_rates.len() - 1],
-            stream_rates[stream_rates.len() / 2],
+            (stream_rates[half - 1] + stream_rates[half]) / 2.0,
         );
         let (ceiling, usual_ceiling) = (bandwidth / bytes_per_token, usual / bytes_per_token);
         if !self.json {
