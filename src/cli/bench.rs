@@ -666,13 +666,11 @@ impl ModelBench {
         let steal = steal_share(ticks, cpu_ticks());
         let rss = peak_rss_mib();
         stream_rates.extend(streaming_rates(&weights));
-        stream_rates.sort_by(f64::total_cmp);
         // The best sample bounds what the memory can give, but on a shared machine one pass
         // can stand well above the others; the median is the rate a whole run usually sees.
-        let half = stream_rates.len() / 2;
         let (bandwidth, usual) = (
-            stream_rates[stream_rates.len() - 1],
-            (stream_rates[half - 1] + stream_rates[half]) / 2.0,
+            stream_rates.iter().copied().fold(0.0, f64::max),
+            PeakSamples::median(&stream_rates).unwrap_or(f64::NAN),
         );
         let (ceiling, usual_ceiling) = (bandwidth / bytes_per_token, usual / bytes_per_token);
         if !self.json {
