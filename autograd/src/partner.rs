@@ -17,11 +17,17 @@
 //! owner withdraws it and does not wait. The owner never runs the partner's loop itself (a
 //! thread waiting in rayon could otherwise pick the spawned loop off its own queue and spin
 //! for ever): the loop returns at once on the owner's thread.
+//!
+//! A partner pays only while both threads have their CPUs. [`alone`] runs the same sections on
+//! the calling thread only, with the same values, and a [`Pacer`] chooses between the two for
+//! each call of a loop by timing them (a quicker trial of the other way switches it), so that
+//! decoding on a machine where something else holds one CPU runs alone.
 
 use std::cell::{Cell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -155,7 +161,7 @@ impl Shared {
 /// `f` should be decoding steps, whose sections all are.
 pub fn with_partner<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // With more threads a section should use them all, which one partner would not.
-    if rayon::current_num_threads() != 2 || serving() || !enabled() {
+    if rayon::current_num_threads() != 2 || serving() || is_alone() || !enabled() {
         return f();
     }
     let shared = Shared::new();
@@ -181,6 +187,173 @@ pub fn with_partner<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     })
 }
 
+thread_local! {
+    /// Set inside [`alone`].
+    static ALONE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with its [`map`] and [`join`] sections on this thread only, in index order, and
+/// no partner kept by [`with_partner`] inside it. Sections compute the same values either way.
+pub fn alone<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALONE.with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(ALONE.with(|a| a.replace(true)));
+    f()
+}
+
+/// Whether this thread is inside [`alone`].
+pub fn is_alone() -> bool {
+    ALONE.with(|a| a.get())
+}
+
+/// Chooses, call by call, between [`with_partner`] and [`alone`] for a loop of like calls
+/// (decoding's one-token steps), by timing them: now and then one call runs the other way (a
+/// trial), and the loop switches when the trial was quicker than the median of the last calls
+/// run the current way.
+///
+/// A partner only pays while both threads get their CPUs. With another process keeping one
+/// of two vCPUs busy (Zen 3), GPT-2's one-token steps took 22.8 ms with the partner, whose
+/// spinning and descheduled blocks cost the owner, against 15.0 ms alone; on the quiet
+/// machine 11.5 against 15.3. Trials come after [`Pacer::FIRST_TRIAL`] calls, then four
+/// times further apart each time the current way stays quicker (up to
+/// [`Pacer::MAX_INTERVAL`]), so a quiet machine pays for three slow calls in a run of 128;
+/// and at once when the current way has slowed by a quarter since the last decision. Both
+/// ways compute the same values ([`alone`]).
+#[derive(Clone, Debug)]
+pub struct Pacer {
+    with_partner: bool,
+    /// The last calls' seconds, run the current way (most recent last).
+    recent: Vec<f64>,
+    /// The median of `recent` when the way was last confirmed or chosen.
+    baseline: Option<f64>,
+    calls: usize,
+    next_trial: usize,
+    interval: usize,
+    switches: usize,
+    trials: usize,
+}
+
+impl Default for Pacer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pacer {
+    /// Calls before the first trial, and after a switch before the next.
+    pub const FIRST_TRIAL: usize = 4;
+    /// Most calls between two trials while the current way holds its speed.
+    pub const MAX_INTERVAL: usize = 256;
+    /// Calls of the current way whose median a trial is held to.
+    const RECENT: usize = 3;
+    /// How much slower than its baseline the current way may get before a trial comes early.
+    const SLOWDOWN: f64 = 1.25;
+
+    /// Starts with the partner (when one can be kept: see [`with_partner`]).
+    pub fn new() -> Self {
+        Pacer {
+            with_partner: true,
+            recent: Vec::with_capacity(Self::RECENT),
+            baseline: None,
+            calls: 0,
+            next_trial: Self::FIRST_TRIAL,
+            interval: Self::FIRST_TRIAL,
+            switches: 0,
+            trials: 0,
+        }
+    }
+
+    /// Runs `f` the way chosen for this call and times it.
+    pub fn run<R: Send>(&mut self, f: impl FnOnce() -> R + Send) -> R {
+        // Where no partner would be kept both ways are the same: nothing to choose.
+        if rayon::current_num_threads() != 2
+            || serving()
+            || is_alone()
+            || !enabled()
+            || !PACER.is_on()
+        {
+            return with_partner(f);
+        }
+        let trial = self.trial_due();
+        let start = Instant::now();
+        let result = if self.with_partner != trial {
+            with_partner(f)
+        } else {
+            alone(f)
+        };
+        self.record(trial, start.elapsed().as_secs_f64());
+        result
+    }
+
+    fn trial_due(&self) -> bool {
+        let slowed = self.recent.len() == Self::RECENT
+            && self
+                .baseline
+                .is_some_and(|base| median(&self.recent) > Self::SLOWDOWN * base);
+        !self.recent.is_empty() && (self.calls >= self.next_trial || slowed)
+    }
+
+    /// Books one call's time: `trial` if it ran the other way.
+    fn record(&mut self, trial: bool, secs: f64) {
+        self.calls += 1;
+        if !trial {
+            if self.recent.len() == Self::RECENT {
+                self.recent.remove(0);
+            }
+            self.recent.push(secs);
+            if self.baseline.is_none() && self.recent.len() == Self::RECENT {
+                self.baseline = Some(median(&self.recent));
+            }
+            return;
+        }
+        self.trials += 1;
+        if secs < median(&self.recent) {
+            self.with_partner = !self.with_partner;
+            self.switches += 1;
+            self.recent.clear();
+            self.recent.push(secs);
+            self.baseline = None;
+            self.interval = Self::FIRST_TRIAL;
+        } else {
+            self.baseline = Some(median(&self.recent));
+            self.interval = (4 * self.interval).min(Self::MAX_INTERVAL);
+        }
+        self.next_trial = self.calls + self.interval;
+    }
+
+    /// Whether calls that are not trials run with the partner now.
+    pub fn with_partner(&self) -> bool {
+        self.with_partner
+    }
+
+    /// How many calls ran the other way, and how many times that changed the way.
+    pub fn trials(&self) -> usize {
+        self.trials
+    }
+
+    pub fn switches(&self) -> usize {
+        self.switches
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// On unless `TAPELORA_PACER=0` or [`set_pacer_enabled`]`(false)`.
+static PACER: crate::env_switch::EnvSwitch = crate::env_switch::EnvSwitch::new("TAPELORA_PACER");
+
+/// Turns [`Pacer`]'s choosing on or off for the whole process (off: always [`with_partner`]).
+pub fn set_pacer_enabled(on: bool) {
+    PACER.set(on);
+}
+
 /// On unless `TAPELORA_PARTNER=0` or [`set_enabled`]`(false)`.
 static SWITCH: crate::env_switch::EnvSwitch = crate::env_switch::EnvSwitch::new("TAPELORA_PARTNER");
 
@@ -203,6 +376,9 @@ pub fn serving() -> bool {
 /// `f(i)` for every `i < n`, in index order in the result, on both threads: with the
 /// partner inside [`with_partner`], else as rayon's `par_iter`.
 pub fn map<R: Send>(n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    if is_alone() {
+        return (0..n).map(&f).collect();
+    }
     let shared = SERVING.with(|s| s.get());
     if shared.is_null() || n < 2 {
         return (0..n).into_par_iter().map(&f).collect();
@@ -240,6 +416,9 @@ pub fn join<A: Send, B: Send>(
     a: impl FnOnce() -> A + Send,
     b: impl FnOnce() -> B + Send,
 ) -> (A, B) {
+    if is_alone() {
+        return (a(), b());
+    }
     if !serving() {
         return rayon::join(a, b);
     }
@@ -306,6 +485,83 @@ mod tests {
             }
         }
         assert!(!serving(), "the slot is cleared after");
+    }
+
+    /// Feeds a pacer `calls` calls whose time is `partner` or `alone` seconds by the way each
+    /// ran; returns the ways, `P` or `a`.
+    fn pace(pacer: &mut Pacer, calls: usize, partner: f64, alone: f64) -> String {
+        (0..calls)
+            .map(|_| {
+                let trial = pacer.trial_due();
+                let with_partner = pacer.with_partner != trial;
+                pacer.record(trial, if with_partner { partner } else { alone });
+                if with_partner {
+                    'P'
+                } else {
+                    'a'
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_pacer_keeps_the_quicker_way_and_tries_the_other_ever_more_rarely() {
+        let mut pacer = Pacer::new();
+        let ways = pace(&mut pacer, 128, 0.0115, 0.0153);
+        let trials: Vec<usize> = ways.match_indices('a').map(|(i, _)| i).collect();
+        assert_eq!(trials, vec![4, 21, 86], "{ways}");
+        assert_eq!((pacer.trials(), pacer.switches()), (3, 0));
+        assert!(pacer.with_partner());
+
+        // The partner's CPU gets taken: once the median of its last three calls has slowed by
+        // more than a quarter a trial comes at once, alone wins, and the partner's scheduled
+        // trial four calls later loses.
+        let ways = pace(&mut pacer, 8, 0.0228, 0.0150);
+        assert_eq!(ways, "PPaaaaaP");
+        assert!(!pacer.with_partner());
+        assert_eq!(pacer.switches(), 1);
+
+        // The machine quiets down: alone does not slow, so the scheduled trial, sixteen calls
+        // after the last, finds it.
+        let ways = pace(&mut pacer, 20, 0.0115, 0.0153);
+        assert_eq!(ways, "aaaaaaaaaaaaaaaaPPPP");
+        assert!(pacer.with_partner());
+        assert_eq!(pacer.switches(), 2);
+    }
+
+    #[test]
+    fn paced_calls_compute_the_same_values_either_way() {
+        let pool = pool(2);
+        let expected: Vec<Vec<usize>> = (0..40)
+            .map(|round| (0..9).map(|i| i * round).collect())
+            .collect();
+        let got = pool.install(|| {
+            let mut pacer = Pacer::new();
+            (0..40)
+                .map(|round| {
+                    pacer.run(|| {
+                        let (left, right) = join(|| round, || 2 * round);
+                        assert_eq!((left, right), (round, 2 * round));
+                        map(9, |i| i * round)
+                    })
+                })
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(got, expected);
+        // Alone, every index runs on the calling thread.
+        let threads = pool.install(|| {
+            alone(|| {
+                let seen = Mutex::new(std::collections::HashSet::new());
+                with_partner(|| {
+                    map(16, |_| {
+                        seen.lock().unwrap().insert(std::thread::current().id());
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                    })
+                });
+                seen.into_inner().unwrap().len()
+            })
+        });
+        assert_eq!(threads, 1);
     }
 
     #[test]

@@ -125,6 +125,7 @@ pub fn generate(model: &Gpt, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec
     // Tokens already in the cache are tokens[fed_from .. fed_from + cache.len()].
     let mut pending: Vec<u32> = tokens[tokens.len().saturating_sub(context)..].to_vec();
     let mut greedy_head = greedy_head_for(model, cfg);
+    let mut pacer = tapelora_autograd::partner::Pacer::new();
     for step in 1..=cfg.max_new_tokens {
         if !cfg.use_cache {
             cache = KvCache::new(&model.config, 1);
@@ -154,10 +155,10 @@ pub fn generate(model: &Gpt, prompt: &[u32], cfg: &SamplingConfig) -> Result<Vec
             } as u32)
         };
         // A one-token step is ≈ 60 short parallel sections: the pool's other thread spins
-        // through it instead of falling asleep between them (a prompt's products are large
-        // enough for rayon).
+        // through it instead of falling asleep between them, unless one thread alone has
+        // been quicker lately (a prompt's products are large enough for rayon).
         let next = if pending.len() == 1 {
-            tapelora_autograd::partner::with_partner(step_token)?
+            pacer.run(step_token)?
         } else {
             step_token()?
         };
