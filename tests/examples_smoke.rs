@@ -142,7 +142,7 @@ fn model_benchmarks_print_their_json_line() {
     for (mode, key) in [
         ("full", "\"mfu\""),
         ("lora", "\"peak_rss_mib\""),
-        ("generate", "\"tokens_per_sec\""),
+        ("generate", "\"alone_share\""),
         ("infer", "\"merged_ms\""),
         ("lora-vs-full", "\"gemm_flop_share\""),
     ] {

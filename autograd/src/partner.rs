@@ -279,12 +279,10 @@ impl Pacer {
             return with_partner(f);
         }
         let trial = self.trial_due();
+        let partner = self.with_partner != trial;
+        PACED_CALLS[usize::from(!partner)].fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        let result = if self.with_partner != trial {
-            with_partner(f)
-        } else {
-            alone(f)
-        };
+        let result = if partner { with_partner(f) } else { alone(f) };
         self.record(trial, start.elapsed().as_secs_f64());
         result
     }
@@ -338,6 +336,17 @@ impl Pacer {
     pub fn switches(&self) -> usize {
         self.switches
     }
+}
+
+/// Calls every [`Pacer`] of the process has run with the partner and alone.
+static PACED_CALLS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// How many calls the process's [`Pacer`]s have run so far: (with the partner, alone).
+pub fn paced_calls() -> (usize, usize) {
+    (
+        PACED_CALLS[0].load(Ordering::Relaxed),
+        PACED_CALLS[1].load(Ordering::Relaxed),
+    )
 }
 
 fn median(values: &[f64]) -> f64 {

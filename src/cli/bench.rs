@@ -658,12 +658,19 @@ impl ModelBench {
                 head.bytes_per_step() as f64 - 4.0 * model.wte.weight.value.len() as f64;
         }
         let mut stream_rates = streaming_rates(&weights).to_vec();
-        let ticks = cpu_ticks();
+        let (ticks, paced) = (cpu_ticks(), tapelora_autograd::partner::paced_calls());
         let start = Instant::now();
         let out =
             tapelora_gpt::generate::generate(&model, &prompt, &cfg).map_err(|e| e.to_string())?;
         let tps = out.len() as f64 / start.elapsed().as_secs_f64();
         let steal = steal_share(ticks, cpu_ticks());
+        // One-token steps the pacer ran on one thread, trials included (NaN with no pacing:
+        // a pool of other than two threads, or `TAPELORA_PARTNER=0`/`TAPELORA_PACER=0`).
+        let alone_share = {
+            let now = tapelora_autograd::partner::paced_calls();
+            let (partner, alone) = (now.0 - paced.0, now.1 - paced.1);
+            alone as f64 / (partner + alone) as f64
+        };
         let rss = peak_rss_mib();
         stream_rates.extend(streaming_rates(&weights));
         // The best sample bounds what the memory can give, but on a shared machine one pass
@@ -675,12 +682,13 @@ impl ModelBench {
         let (ceiling, usual_ceiling) = (bandwidth / bytes_per_token, usual / bytes_per_token);
         if !self.json {
             println!("{} generation: batch 1, 16-token prompt, {} new tokens, greedy, KV cache: {tps:.1} tokens/s", self.config, out.len());
-            println!("  each token reads {:.0} MB of weights; reading them runs at {:.1} GB/s here at best ({:.1} GB/s median of six samples before and after) → at most {ceiling:.1} tokens/s ({usual_ceiling:.1} at the median rate); reached {:.0}% ({:.0}%); CPU time stolen by other guests during the run: {:.1}%", bytes_per_token / 1e6, bandwidth / 1e9, usual / 1e9, 100.0 * tps / ceiling, 100.0 * tps / usual_ceiling, 100.0 * steal);
+            println!("  each token reads {:.0} MB of weights; reading them runs at {:.1} GB/s here at best ({:.1} GB/s median of six samples before and after) → at most {ceiling:.1} tokens/s ({usual_ceiling:.1} at the median rate); reached {:.0}% ({:.0}%); CPU time stolen by other guests during the run: {:.1}%; {}", bytes_per_token / 1e6, bandwidth / 1e9, usual / 1e9, 100.0 * tps / ceiling, 100.0 * tps / usual_ceiling, 100.0 * steal, if alone_share.is_nan() { "one-token steps not paced".to_string() } else { format!("one-token steps run on one thread alone: {:.0}%", 100.0 * alone_share) });
         }
         println!(
-            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {rss:.1}, \"weights_gb_per_sec\": {:.2}, \"bandwidth_bound_tokens_per_sec\": {ceiling:.2}, \"median_bandwidth_bound_tokens_per_sec\": {usual_ceiling:.2}, \"cpu_steal\": {}}}",
+            "{{\"tokens_per_sec\": {tps:.2}, \"peak_rss_mib\": {rss:.1}, \"weights_gb_per_sec\": {:.2}, \"bandwidth_bound_tokens_per_sec\": {ceiling:.2}, \"median_bandwidth_bound_tokens_per_sec\": {usual_ceiling:.2}, \"cpu_steal\": {}, \"alone_share\": {}}}",
             bandwidth / 1e9,
-            json_number(steal, 4)
+            json_number(steal, 4),
+            json_number(alone_share, 3)
         );
         Ok(())
     }
