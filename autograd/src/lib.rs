@@ -16,7 +16,7 @@
 //! | [`frozen_packs`] | frozen weights' GEMM panels packed once and kept across products and steps (registered by [`Tape::frozen`], read by `sgemm_avx2`; copy on write keeps them from going stale) |
 //! | [`attention_avx512`] | one attention head of a short sequence (T ≤ 384) in f32 from register tiles; for T ≤ 64 its scores, softmax and ∂S stay in registers (nanogpt-cpu's heads) |
 //! | [`attention_avx2`] | the same on AVX2 (T ≤ 256): 6 × 16 register tiles for every product of a head, causal tiles stopping at the keys their rows see; scores and ∂P through the row in L1, the general path's softmax and ∂S rows |
-//! | [`partner`] | a spinning second thread for decoding's short parallel sections ([`partner::with_partner`]; its `map` and `join` are rayon's elsewhere) |
+//! | [`partner`] | a spinning second thread for decoding's short parallel sections ([`partner::with_partner`]; its `map` and `join` are rayon's elsewhere), the same sections on one thread ([`partner::alone`]), and a [`partner::Pacer`] that picks between the two by timing |
 //! | [`simd`] | run-time choice of AVX-512 / AVX2 builds for the elementwise loops |
 //! | [`element`] | the [`Float`] trait: `f32` for training, `f64` for checking |
 //! | [`error`] | [`AutogradError`], typed errors naming the op and shapes |

@@ -324,15 +324,16 @@ impl Pacer {
     }
 
     /// Whether calls that are not trials run with the partner now.
-    pub fn with_partner(&self) -> bool {
+    pub fn uses_partner(&self) -> bool {
         self.with_partner
     }
 
-    /// How many calls ran the other way, and how many times that changed the way.
+    /// How many calls ran the other way.
     pub fn trials(&self) -> usize {
         self.trials
     }
 
+    /// How many trials changed the way.
     pub fn switches(&self) -> usize {
         self.switches
     }
@@ -520,21 +521,21 @@ mod tests {
         let trials: Vec<usize> = ways.match_indices('a').map(|(i, _)| i).collect();
         assert_eq!(trials, vec![4, 21, 86], "{ways}");
         assert_eq!((pacer.trials(), pacer.switches()), (3, 0));
-        assert!(pacer.with_partner());
+        assert!(pacer.uses_partner());
 
         // The partner's CPU gets taken: once the median of its last three calls has slowed by
         // more than a quarter a trial comes at once, alone wins, and the partner's scheduled
         // trial four calls later loses.
         let ways = pace(&mut pacer, 8, 0.0228, 0.0150);
         assert_eq!(ways, "PPaaaaaP");
-        assert!(!pacer.with_partner());
+        assert!(!pacer.uses_partner());
         assert_eq!(pacer.switches(), 1);
 
         // The machine quiets down: alone does not slow, so the scheduled trial, sixteen calls
         // after the last, finds it.
         let ways = pace(&mut pacer, 20, 0.0115, 0.0153);
         assert_eq!(ways, "aaaaaaaaaaaaaaaaPPPP");
-        assert!(pacer.with_partner());
+        assert!(pacer.uses_partner());
         assert_eq!(pacer.switches(), 2);
     }
 

@@ -255,6 +255,28 @@ mod tests {
     }
 
     #[test]
+    fn one_token_steps_give_the_same_tokens_alone_as_paced() {
+        // Wide enough that the one-token steps' GEMVs run in blocks, shared with the partner
+        // whenever the pacer keeps it (2 threads).
+        let cfg = GptConfig::small(2, 256, 64, 500);
+        let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(13)).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for temperature in [0.0, 0.8] {
+            let cfg = SamplingConfig {
+                max_new_tokens: 40,
+                temperature,
+                ..Default::default()
+            };
+            let run = || generate(&model, &[5, 400, 7], &cfg).unwrap();
+            let (paced, alone) = pool.install(|| (run(), tapelora_autograd::partner::alone(run)));
+            assert_eq!(paced, alone, "temperature {temperature}");
+        }
+    }
+
+    #[test]
     fn cached_and_uncached_generation_agree_even_past_the_context() {
         let cfg = GptConfig::small(2, 8, 10, 13);
         let model = Gpt::new(cfg, &mut rand_chacha::ChaCha8Rng::seed_from_u64(5)).unwrap();
