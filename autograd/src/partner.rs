@@ -160,8 +160,7 @@ impl Shared {
 /// `f` that are not [`map`] or [`join`] run on this thread only (the other is spinning), so
 /// `f` should be decoding steps, whose sections all are.
 pub fn with_partner<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    // With more threads a section should use them all, which one partner would not.
-    if rayon::current_num_threads() != 2 || serving() || is_alone() || !enabled() {
+    if !keeps_partner() {
         return f();
     }
     let shared = Shared::new();
@@ -185,6 +184,12 @@ pub fn with_partner<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         let _serving = Serving(shared, SERVING.with(|s| s.replace(shared)));
         f()
     })
+}
+
+/// Whether [`with_partner`] would keep a partner on this thread now.
+fn keeps_partner() -> bool {
+    // With more threads a section should use them all, which one partner would not.
+    rayon::current_num_threads() == 2 && !serving() && !is_alone() && enabled()
 }
 
 thread_local! {
@@ -273,12 +278,7 @@ impl Pacer {
     /// Runs `f` the way chosen for this call and times it.
     pub fn run<R: Send>(&mut self, f: impl FnOnce() -> R + Send) -> R {
         // Where no partner would be kept both ways are the same: nothing to choose.
-        if rayon::current_num_threads() != 2
-            || serving()
-            || is_alone()
-            || !enabled()
-            || !PACER.is_on()
-        {
+        if !keeps_partner() || !PACER.is_on() {
             return with_partner(f);
         }
         let trial = self.trial_due();
