@@ -300,6 +300,12 @@ fn json_number(x: f64, decimals: usize) -> String {
 /// Timed training steps per block between two samples of the machine's peak.
 const STEPS_PER_PROBE: usize = 5;
 
+/// Steps at least this long get a sample of the machine's peak before each one, with no
+/// untimed step after it: GPT-2's 3-second steps came in one block, so its MFU rested on two
+/// samples of ≈ 50 ms each, and one table printed 114 % when both fell in a slow spell. A
+/// probe's few MiB in the caches cost nothing against a step of this length.
+const PROBE_EVERY_STEP_FROM_SECS: f64 = 0.5;
+
 /// The machine's peak as this process sees it, sampled between blocks of timed steps so that
 /// the peak and the steps share the shared machine's slow and fast spells (a peak taken once,
 /// before or after, made the MFU of a run swing past 100 %).
@@ -530,21 +536,28 @@ impl ModelBench {
         // first block, building the model) leaves other data in the caches, and a step timed
         // right after a probe was 1.09× slower on nanogpt-cpu's full step (1.02× LoRA). The
         // quickest timed step shows the code's speed when the shared machine left it alone.
+        // Steps of `PROBE_EVERY_STEP_FROM_SECS` or more (GPT-2's) get a sample before each.
         let mut best_secs = f64::INFINITY;
         let (mut step_secs, mut step_flops) = (0.0, 0);
         let mut peaks = PeakSamples::new();
-        for first in (0..steps).step_by(STEPS_PER_PROBE) {
-            peaks.sample();
-            step(&mut trainer, false)?;
-            for _ in first..(first + STEPS_PER_PROBE).min(steps) {
-                let flops0 = tapelora_autograd::gemm::gemm_flops();
-                let step_start = Instant::now();
-                step(&mut trainer, true)?;
-                let secs = step_start.elapsed().as_secs_f64();
-                step_flops += tapelora_autograd::gemm::gemm_flops() - flops0;
-                best_secs = best_secs.min(secs);
-                step_secs += secs;
+        peaks.sample();
+        let untimed_start = Instant::now();
+        step(&mut trainer, false)?;
+        let long_steps = untimed_start.elapsed().as_secs_f64() >= PROBE_EVERY_STEP_FROM_SECS;
+        for index in 0..steps {
+            if long_steps && index > 0 {
+                peaks.sample();
+            } else if index > 0 && index % STEPS_PER_PROBE == 0 {
+                peaks.sample();
+                step(&mut trainer, false)?;
             }
+            let flops0 = tapelora_autograd::gemm::gemm_flops();
+            let step_start = Instant::now();
+            step(&mut trainer, true)?;
+            let secs = step_start.elapsed().as_secs_f64();
+            step_flops += tapelora_autograd::gemm::gemm_flops() - flops0;
+            best_secs = best_secs.min(secs);
+            step_secs += secs;
         }
         peaks.sample();
         let secs = step_secs / steps as f64;
@@ -573,8 +586,8 @@ impl ModelBench {
                 }
                 n => format!("{n} groups of sequences side by side"),
             };
-            println!("{} {} step (batch {batch} × block {block}, {recorded}, {} trainable of {} parameters, {} steps, each block of {STEPS_PER_PROBE} after an untimed one):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, trainer.lm.model.num_trainable_params(), trainer.lm.model.num_params(), steps);
-            println!("  {ms:.1} ms/step (quickest {:.1}), {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; MFU {:.1}% of the sgemm peak ({:.1} GFLOP/s), {:.1}% of the FMA peak ({:.1} GFLOP/s), both sampled between blocks of steps; peak RSS {rss:.0} MiB", best_secs * 1e3, flops / 1e9, flops / secs / 1e9, 100.0 * mfu, peak / 1e9, 100.0 * mfu_fma, fma_peak.unwrap_or(f64::NAN) / 1e9);
+            println!("{} {} step (batch {batch} × block {block}, {recorded}, {} trainable of {} parameters, {} steps, {}):", self.config, if lora { format!("LoRA r={} (q,v)", self.rank) } else { "full".into() }, trainer.lm.model.num_trainable_params(), trainer.lm.model.num_params(), steps, if long_steps { "the peak sampled before each".to_string() } else { format!("each block of {STEPS_PER_PROBE} after an untimed one") });
+            println!("  {ms:.1} ms/step (quickest {:.1}), {tps:.0} tokens/s, matmul {:.2} GFLOP/step at {:.1} GFLOP/s; MFU {:.1}% of the sgemm peak ({:.1} GFLOP/s), {:.1}% of the FMA peak ({:.1} GFLOP/s), both sampled between {}; peak RSS {rss:.0} MiB", best_secs * 1e3, flops / 1e9, flops / secs / 1e9, 100.0 * mfu, peak / 1e9, 100.0 * mfu_fma, fma_peak.unwrap_or(f64::NAN) / 1e9, if long_steps { "steps" } else { "blocks of steps" });
         }
         println!("{{\"ms_per_step\": {ms:.3}, \"best_ms_per_step\": {:.3}, \"tokens_per_sec\": {tps:.1}, \"peak_rss_mib\": {rss:.1}, \"mfu\": {mfu:.4}, \"mfu_fma\": {}}}", best_secs * 1e3, json_number(mfu_fma, 4));
         Ok(())
