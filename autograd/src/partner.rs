@@ -20,7 +20,8 @@
 //!
 //! A partner pays only while both threads have their CPUs. [`alone`] runs the same sections on
 //! the calling thread only, with the same values, and a [`Pacer`] chooses between the two for
-//! each call of a loop by timing them (two quicker trials of the other way in a row switch it), so that
+//! each call of a loop by timing them (three trials of the other way in a row, each quicker than
+//! the current way's mean, switch it), so that
 //! decoding on a machine where something else holds one CPU runs alone.
 
 use std::cell::{Cell, UnsafeCell};
@@ -217,7 +218,7 @@ pub fn is_alone() -> bool {
 
 /// Chooses, call by call, between [`with_partner`] and [`alone`] for a loop of like calls
 /// (decoding's one-token steps), by timing them: now and then one call runs the other way (a
-/// trial), and the loop switches when two trials in a row were quicker than the median of the
+/// trial), and the loop switches when three trials in a row were quicker than the mean of the
 /// last calls run the current way.
 ///
 /// A partner only pays while both threads get their CPUs. With another process keeping one
@@ -231,12 +232,15 @@ pub fn is_alone() -> bool {
 #[derive(Clone, Debug)]
 pub struct Pacer {
     with_partner: bool,
-    /// The last calls' seconds, run the current way (most recent last).
+    /// The last calls' seconds, run the current way (most recent last, at most
+    /// [`Pacer::WINDOW`]).
     recent: Vec<f64>,
-    /// The median of `recent` when the way was last confirmed or chosen.
+    /// The median of the last [`Pacer::RECENT`] calls when the way was last confirmed or
+    /// chosen.
     baseline: Option<f64>,
-    /// A trial's time that beat the current way, until the next trial confirms it.
-    won: Option<f64>,
+    /// Times of the trials in a row that beat the current way, until there are
+    /// [`Pacer::CONFIRMING`].
+    won: Vec<f64>,
     calls: usize,
     next_trial: usize,
     interval: usize,
@@ -255,8 +259,16 @@ impl Pacer {
     pub const FIRST_TRIAL: usize = 4;
     /// Most calls between two trials while the current way holds its speed.
     pub const MAX_INTERVAL: usize = 256;
-    /// Calls of the current way whose median a trial is held to.
+    /// Last calls of the current way whose median is watched for a slowdown.
     const RECENT: usize = 3;
+    /// Last calls of the current way whose mean a trial is held to (the mean, because the
+    /// loop's speed is the mean's: a partner that loses its CPU now and then has calls of
+    /// 18 to 29 ms whose median hides the slow tail).
+    const WINDOW: usize = 8;
+    /// Trials in a row quicker than the current way that switch it: two let a partner whose
+    /// calls took 16, 16, 30, 16, 16, 30 ms win back from 17 ms alone whenever two quick
+    /// calls fell together; every three in a row hold a slow one.
+    const CONFIRMING: usize = 3;
     /// How much slower than its baseline the current way may get before a trial comes early.
     const SLOWDOWN: f64 = 1.25;
 
@@ -266,7 +278,7 @@ impl Pacer {
             with_partner: true,
             recent: Vec::with_capacity(Self::RECENT),
             baseline: None,
-            won: None,
+            won: Vec::with_capacity(Self::CONFIRMING),
             calls: 0,
             next_trial: Self::FIRST_TRIAL,
             interval: Self::FIRST_TRIAL,
@@ -291,43 +303,69 @@ impl Pacer {
     }
 
     fn trial_due(&self) -> bool {
-        let slowed = self.recent.len() == Self::RECENT
+        !self.won.is_empty()
+            || (!self.recent.is_empty() && (self.calls >= self.next_trial || self.slowed()))
+    }
+
+    /// The last [`Pacer::RECENT`] calls of the current way.
+    fn last_calls(&self) -> &[f64] {
+        &self.recent[self.recent.len().saturating_sub(Self::RECENT)..]
+    }
+
+    /// Whether the median of the last calls has slowed by more than [`Pacer::SLOWDOWN`]
+    /// since the last decision.
+    fn slowed(&self) -> bool {
+        let last = self.last_calls();
+        last.len() == Self::RECENT
             && self
                 .baseline
-                .is_some_and(|base| median(&self.recent) > Self::SLOWDOWN * base);
-        self.won.is_some() || (!self.recent.is_empty() && (self.calls >= self.next_trial || slowed))
+                .is_some_and(|base| median(last) > Self::SLOWDOWN * base)
+    }
+
+    /// What a trial has to beat: the mean of the current way's last calls, without the
+    /// slowest once there are six or more (one page fault should not switch the way).
+    fn typical(&self) -> f64 {
+        let mut calls = self.recent.clone();
+        if calls.len() >= 6 {
+            calls.sort_by(f64::total_cmp);
+            calls.pop();
+        }
+        calls.iter().sum::<f64>() / calls.len() as f64
     }
 
     /// Books one call's time: `trial` if it ran the other way.
     fn record(&mut self, trial: bool, secs: f64) {
         self.calls += 1;
         if !trial {
-            if self.recent.len() == Self::RECENT {
+            if self.recent.len() == Self::WINDOW {
                 self.recent.remove(0);
             }
             self.recent.push(secs);
             if self.baseline.is_none() && self.recent.len() == Self::RECENT {
-                self.baseline = Some(median(&self.recent));
+                self.baseline = Some(median(self.last_calls()));
             }
             return;
         }
         self.trials += 1;
-        if secs < median(&self.recent) {
-            let Some(first) = self.won.take() else {
-                // One quick call of a way whose calls vary (a partner that has its CPU now
-                // and then) is not enough: the next call tries again.
-                self.won = Some(secs);
+        if self.slowed() {
+            // The current way's speed has changed: its older calls no longer tell.
+            self.recent.drain(..self.recent.len() - Self::RECENT);
+        }
+        if secs < self.typical() {
+            self.won.push(secs);
+            if self.won.len() < Self::CONFIRMING {
+                // A few quick calls of a way whose calls vary (a partner that has its CPU
+                // now and then) are not enough: the next call tries again.
                 return;
-            };
+            }
             self.with_partner = !self.with_partner;
             self.switches += 1;
-            self.recent.clear();
-            self.recent.extend([first, secs]);
+            self.recent = std::mem::take(&mut self.won);
             self.baseline = None;
             self.interval = Self::FIRST_TRIAL;
         } else {
-            self.won = None;
-            self.baseline = Some(median(&self.recent));
+            self.won.clear();
+            self.baseline = Some(median(self.last_calls()));
             self.interval = (4 * self.interval).min(Self::MAX_INTERVAL);
         }
         self.next_trial = self.calls + self.interval;
@@ -534,15 +572,15 @@ mod tests {
         assert!(pacer.uses_partner());
 
         // The partner's CPU gets taken: once the median of its last three calls has slowed by
-        // more than a quarter a trial comes at once, alone wins it and the confirming one, and
-        // the partner's scheduled trial four calls later loses.
-        let ways = pace(&mut pacer, 9, 0.0228, 0.0150);
-        assert_eq!(ways, "PPaaaaaaP");
+        // more than a quarter a trial comes at once, alone wins it and the two confirming
+        // ones, and the partner's scheduled trial four calls later loses.
+        let ways = pace(&mut pacer, 10, 0.0228, 0.0150);
+        assert_eq!(ways, "PPaaaaaaaP");
         assert!(!pacer.uses_partner());
         assert_eq!(pacer.switches(), 1);
 
         // The machine quiets down: alone does not slow, so the scheduled trial, sixteen calls
-        // after the last, finds it (and the next call confirms).
+        // after the last, finds it (and the next two calls confirm).
         let ways = pace(&mut pacer, 20, 0.0115, 0.0153);
         assert_eq!(ways, "aaaaaaaaaaaaaaaaPPPP");
         assert!(pacer.uses_partner());
@@ -569,6 +607,32 @@ mod tests {
         }
         assert_eq!(pacer.switches(), 0, "{ways}");
         assert!(!pacer.uses_partner());
+    }
+
+    #[test]
+    fn a_partner_with_a_slow_tail_loses_to_alone_by_its_mean() {
+        // A partner that loses its CPU now and then (a memory-streaming process held to half
+        // a vCPU beside it): 16 ms twice, then 30 ms, over and over — a median of 16 but a
+        // mean of 20.7 — against 17 ms alone. Held to the median, every trial of alone lost.
+        // Three trials of the partner in a row always hold a slow call.
+        let mut pacer = Pacer::new();
+        let mut partner_calls = [0.016, 0.016, 0.030].into_iter().cycle();
+        let mut ways = String::new();
+        for _ in 0..200 {
+            let trial = pacer.trial_due();
+            let partner = pacer.with_partner != trial;
+            let secs = if partner {
+                partner_calls.next().expect("cycles")
+            } else {
+                0.017
+            };
+            pacer.record(trial, secs);
+            ways.push(if partner { 'P' } else { 'a' });
+        }
+        let alone = ways.matches('a').count();
+        // Only the first calls and the trials of the partner run with it (188 of 200 alone;
+        // with two trials to switch, 106, the ways swapping every six calls).
+        assert!(alone >= 180, "{alone} of 200 alone: {ways}");
     }
 
     #[test]
