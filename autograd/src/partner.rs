@@ -276,7 +276,7 @@ impl Pacer {
     pub fn new() -> Self {
         Pacer {
             with_partner: true,
-            recent: Vec::with_capacity(Self::RECENT),
+            recent: Vec::with_capacity(Self::WINDOW),
             baseline: None,
             won: Vec::with_capacity(Self::CONFIRMING),
             calls: 0,
