@@ -226,7 +226,8 @@ pub fn is_alone() -> bool {
 /// spinning and descheduled blocks cost the owner, against 15.0 ms alone; on the quiet
 /// machine 11.5 against 15.3. Trials come after [`Pacer::FIRST_TRIAL`] calls, then four
 /// times further apart each time the current way stays quicker (up to
-/// [`Pacer::MAX_INTERVAL`]), so a quiet machine pays for three slow calls in a run of 128;
+/// [`Pacer::MAX_INTERVAL`], or [`Pacer::MAX_INTERVAL_ALONE`] while alone), so a quiet machine
+/// pays for three slow calls in a run of 128;
 /// and at once when the current way has slowed by a quarter since the last decision. Both
 /// ways compute the same values ([`alone`]).
 #[derive(Clone, Debug)]
@@ -259,6 +260,11 @@ impl Pacer {
     pub const FIRST_TRIAL: usize = 4;
     /// Most calls between two trials while the current way holds its speed.
     pub const MAX_INTERVAL: usize = 256;
+    /// Most calls between two trials of the partner while running alone. A partner that
+    /// slows is seen at once (its calls slow), but alone's calls do not quicken when the
+    /// other CPU comes free, so only trials can tell; one costs a few ms where the partner
+    /// is still the slower way.
+    pub const MAX_INTERVAL_ALONE: usize = 16;
     /// Last calls of the current way whose median is watched for a slowdown.
     const RECENT: usize = 3;
     /// Last calls of the current way whose mean a trial is held to (the mean, because the
@@ -366,7 +372,12 @@ impl Pacer {
         } else {
             self.won.clear();
             self.baseline = Some(median(self.last_calls()));
-            self.interval = (4 * self.interval).min(Self::MAX_INTERVAL);
+            let most = if self.with_partner {
+                Self::MAX_INTERVAL
+            } else {
+                Self::MAX_INTERVAL_ALONE
+            };
+            self.interval = (4 * self.interval).min(most);
         }
         self.next_trial = self.calls + self.interval;
     }
@@ -588,6 +599,24 @@ mod tests {
     }
 
     #[test]
+    fn alone_tries_the_partner_at_least_every_sixteen_calls() {
+        // Alone since its first trials; the partner stays slower, but only trials can tell
+        // when it stops being so.
+        let mut pacer = Pacer::new();
+        let ways = pace(&mut pacer, 300, 0.0228, 0.0150);
+        let trials: Vec<usize> = ways.match_indices('P').map(|(i, _)| i).skip(4).collect();
+        let gaps: Vec<usize> = trials.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(!pacer.uses_partner(), "{ways}");
+        // Switched after call 6; the first trial four calls on, then one every sixteen
+        // (without the cap: 64 and 256 calls apart).
+        assert_eq!(trials[0], 11, "{ways}");
+        assert!(
+            gaps.len() >= 16 && gaps.iter().all(|&gap| gap == 17),
+            "{ways}"
+        );
+    }
+
+    #[test]
     fn one_quick_trial_of_a_way_whose_calls_vary_does_not_switch() {
         // A partner that has its CPU only now and then: its calls take 11 or 24 ms, alone 15.
         let mut pacer = Pacer::new();
@@ -630,9 +659,10 @@ mod tests {
             ways.push(if partner { 'P' } else { 'a' });
         }
         let alone = ways.matches('a').count();
-        // Only the first calls and the trials of the partner run with it (188 of 200 alone;
-        // with two trials to switch, 106, the ways swapping every six calls).
-        assert!(alone >= 180, "{alone} of 200 alone: {ways}");
+        // Only the first calls and the trials of the partner, one to three calls every
+        // sixteen, run with it (167 of 200 alone; with two trials to switch, 106, the ways
+        // swapping every six calls).
+        assert!(alone >= 160, "{alone} of 200 alone: {ways}");
     }
 
     #[test]
