@@ -20,9 +20,9 @@
 //!
 //! A partner pays only while both threads have their CPUs. [`alone`] runs the same sections on
 //! the calling thread only, with the same values, and a [`Pacer`] chooses between the two for
-//! each call of a loop by timing them (three trials of the other way in a row, each quicker than
-//! the current way's mean, switch it), so that
-//! decoding on a machine where something else holds one CPU runs alone.
+//! each call of a loop by timing them (three trials of the other way in a row, each quicker
+//! than the current way's mean, switch it), so that decoding on a machine where something
+//! else holds one CPU runs alone.
 
 use std::cell::{Cell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
@@ -367,7 +367,9 @@ impl Pacer {
             self.with_partner = !self.with_partner;
             self.switches += 1;
             self.recent = std::mem::take(&mut self.won);
-            self.baseline = None;
+            // The three trials are the new way's first calls: its slowdowns are watched from
+            // here (left unset, the baseline waited for a length `recent` had already passed).
+            self.baseline = Some(median(&self.recent));
             self.interval = Self::FIRST_TRIAL;
         } else {
             self.won.clear();
@@ -585,10 +587,13 @@ mod tests {
         // The partner's CPU gets taken: once the median of its last three calls has slowed by
         // more than a quarter a trial comes at once, alone wins it and the two confirming
         // ones, and the partner's scheduled trial four calls later loses.
-        let ways = pace(&mut pacer, 10, 0.0228, 0.0150);
-        assert_eq!(ways, "PPaaaaaaaP");
+        let ways = pace(&mut pacer, 6, 0.0228, 0.0150);
+        assert_eq!(ways, "PPaaaa");
         assert!(!pacer.uses_partner());
         assert_eq!(pacer.switches(), 1);
+        // The winning trials set the new way's baseline: alone's slowdowns are watched at once.
+        assert_eq!(pacer.baseline, Some(0.0150));
+        assert_eq!(pace(&mut pacer, 4, 0.0228, 0.0150), "aaaP");
 
         // The machine quiets down: alone does not slow, so the scheduled trial, sixteen calls
         // after the last, finds it (and the next two calls confirm).
